@@ -1,0 +1,1 @@
+"""cqjax: compiler-style post-training quantization for JAX."""
