@@ -1,0 +1,115 @@
+"""Jitted scoring kernels shared by perplexity, multiple choice and similarity.
+
+A *forward* is ``forward(tokens: int32[B, T], mask: bool[B, T]) -> float32 logits[B, T, V]``:
+pure, jittable, right-padded rows, ``mask`` True on real tokens, positions from 0 in each row.
+
+Every kernel takes ``(tokens, mask, score)`` where ``score[b, t]`` marks the tokens whose
+log-probability counts: token ``t`` is predicted by the logits at ``t - 1``, so ``score[:, 0]``
+must be False. Reductions use ``jnp.where`` (never a multiply by the mask), so garbage or NaN
+logits at padded positions cannot leak into the sums. Log-softmax, KL and argmax run inside
+jit, and only per-row sums leave the device: at most one batch of ``[B, T, V]`` logits per
+model exists at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Forward = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _shifted_logprobs(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Returns (log-softmax of logits[:, :-1] in f32, log P(tokens[:, 1:]))."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    target = jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+    return logp, target
+
+
+def _target_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """log P(tokens[:, 1:]) without materializing a second [B, T, V] array."""
+    lg = logits[:, :-1].astype(jnp.float32)
+    lse = jax.nn.logsumexp(lg, axis=-1)
+    picked = jnp.take_along_axis(lg, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - lse
+
+
+class LogLikelihoodScorer:
+    """Sums of token log-likelihoods per row, jitted once per input shape.
+
+    Build one per model and reuse it across perplexity and multiple-choice calls so each
+    shape bucket compiles once.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> fwd = lambda t, m: jnp.zeros(t.shape + (5,))
+      >>> s = LogLikelihoodScorer(fwd)
+      >>> tok = np.array([[1, 2, 3, 0]], np.int32); m = np.array([[1, 1, 1, 0]], bool)
+      >>> sc = np.array([[0, 1, 1, 0]], bool)
+      >>> float(s(tok, m, sc)[0])  # two tokens at log(1/5) each
+      -3.218875...
+    """
+
+    def __init__(self, forward: Forward):
+        self.forward = forward
+
+        def step(tokens, mask, score):
+            lp = _target_logprobs(forward(tokens, mask), tokens)
+            return jnp.sum(jnp.where(score[:, 1:], lp, 0.0), axis=1)
+
+        self._step = jax.jit(step)
+
+    def __call__(self, tokens: np.ndarray, mask: np.ndarray, score: np.ndarray) -> np.ndarray:
+        """Returns float64[B]: the sum of log P over the scored tokens of each row."""
+        out = self._step(jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool), jnp.asarray(score, bool))
+        return np.asarray(out, np.float64)
+
+
+def as_scorer(forward_or_scorer: Forward | LogLikelihoodScorer) -> LogLikelihoodScorer:
+    """Wraps a forward in a :class:`LogLikelihoodScorer` unless it already is one."""
+    if isinstance(forward_or_scorer, LogLikelihoodScorer):
+        return forward_or_scorer
+    return LogLikelihoodScorer(forward_or_scorer)
+
+
+SIMILARITY_FIELDS = ("kl", "top1", "logp_model", "logp_ref")
+
+
+class SimilarityScorer:
+    """Per-row sums comparing a model to a reference on the same tokens, in one jitted step.
+
+    Returns, summed over the scored positions of each row (the distribution at ``t - 1`` that
+    predicts token ``t``):
+
+    ==============  ==========================================================
+    ``kl``          KL(ref || model) = sum_v p_ref (log p_ref - log p_model), nats
+    ``top1``        count of positions where argmax(ref) == argmax(model)
+    ``logp_model``  log P_model(token)
+    ``logp_ref``    log P_ref(token)
+    ==============  ==========================================================
+    """
+
+    def __init__(self, forward: Forward, ref_forward: Forward):
+        self.forward, self.ref_forward = forward, ref_forward
+
+        def step(tokens, mask, score):
+            lr, tr = _shifted_logprobs(ref_forward(tokens, mask), tokens)
+            lm, tm = _shifted_logprobs(forward(tokens, mask), tokens)
+            # Guard vocab entries with p_ref == 0 (logits of -inf): 0 * (-inf - x) would be NaN.
+            kl_terms = jnp.where(jnp.isneginf(lr), 0.0, jnp.exp(lr) * (lr - lm))
+            kl = jnp.sum(kl_terms, axis=-1)
+            top1 = (jnp.argmax(lr, axis=-1) == jnp.argmax(lm, axis=-1)).astype(jnp.float32)
+            sc = score[:, 1:]
+            red = lambda x: jnp.sum(jnp.where(sc, x, 0.0), axis=1)  # noqa: E731
+            return jnp.stack([red(kl), red(top1), red(tm), red(tr)], axis=0)
+
+        self._step = jax.jit(step)
+
+    def __call__(self, tokens: np.ndarray, mask: np.ndarray, score: np.ndarray) -> dict[str, np.ndarray]:
+        """Returns ``{field: float64[B]}`` for the fields in :data:`SIMILARITY_FIELDS`."""
+        out = np.asarray(self._step(jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool),
+                                    jnp.asarray(score, bool)), np.float64)
+        return dict(zip(SIMILARITY_FIELDS, out))
