@@ -1,0 +1,167 @@
+"""Import a Hugging Face checkpoint directory into the IR, and build the Flax model from an IR.
+
+A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or sharded
+``model-0000k-of-0000n.safetensors`` files with ``model.safetensors.index.json``. Tensors are
+not read at import: the IR holds :class:`cqjax.ir.LazyTensor` leaves over memory maps, so a
+model larger than memory can be converted tensor by tensor.
+
+>>> ir = import_checkpoint(path)          # doctest: +SKIP
+>>> model = to_model(ir)                  # doctest: +SKIP
+>>> logits = model(tokens, mask)          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import cqjax.models.families  # noqa: F401  (registers the built-in families)
+from cqjax.errors import CheckpointError
+from cqjax.io.safetensors_lazy import SafetensorsFile
+from cqjax.ir import IR, LazyTensor, TensorMeta, materialize
+from cqjax.models import registry
+
+TRANSPOSED_ROLES = ("linear", "lm_head", "router")
+
+
+def resolve(path_or_id: str | Path) -> Path:
+    """A local checkpoint directory, downloading a hub id only where the network allows it."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: expected a checkpoint directory (config.json + *.safetensors)")
+        return path
+    if str(path_or_id).count("/") != 1 or str(path_or_id).startswith((".", "/", "~")):
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path_or_id), allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
+    except Exception as e:  # noqa: BLE001  (any hub/network failure gets the same advice)
+        raise CheckpointError(
+            f"{path_or_id}: not a local directory and the Hugging Face hub could not be reached "
+            f"({type(e).__name__}: {e}). Download the checkpoint elsewhere and point model.path at "
+            "the local directory (config.json + *.safetensors + tokenizer files).") from e
+
+
+def read_config(directory: Path) -> dict:
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: missing (a checkpoint directory needs config.json)")
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path}: not valid JSON: {e}") from e
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise CheckpointError(f"{config_path}: config key 'model_type' is required")
+    return raw
+
+
+def open_shards(directory: Path) -> dict[str, SafetensorsFile]:
+    """``{tensor name: file}`` over all shards; errors name the missing or broken shard."""
+    index_path = directory / "model.safetensors.index.json"
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index_path}: malformed shard index ({e})") from e
+        files = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (directory / shard).is_file():
+                names = [n for n, s in weight_map.items() if s == shard]
+                raise CheckpointError(f"{directory / shard}: shard listed in {index_path.name} is missing "
+                                      f"(holds {len(names)} tensors, e.g. {names[0]!r})")
+            files[shard] = SafetensorsFile(directory / shard)
+        out = {}
+        for name, shard in weight_map.items():
+            if name not in files[shard].entries:
+                raise CheckpointError(f"{directory / shard}: tensor {name!r} listed in {index_path.name} "
+                                      "is not in the shard")
+            out[name] = files[shard]
+        return out
+    shards = sorted(directory.glob("*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"{directory}: no *.safetensors files (only safetensors are read; "
+                              "pickle-based .bin/.pt checkpoints are never loaded)")
+    out = {}
+    for shard in shards:
+        f = SafetensorsFile(shard)
+        for name in f.entries:
+            out[name] = f
+    return out
+
+
+def abstract_model(family: registry.Family, cfg: Any) -> nnx.Module:
+    return nnx.eval_shape(lambda: family.build(cfg))
+
+
+def param_roles(model: nnx.Module) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{IR path: (shape, role)}`` of a (possibly abstract) model."""
+    _, state = nnx.split(model)
+    out = {}
+    for key, var in nnx.to_flat_state(state):
+        meta = var.get_metadata()
+        out["/".join(map(str, key))] = (tuple(var.get_value().shape), meta.get("role", "other"))
+    return out
+
+
+def import_checkpoint(path_or_id: str | Path) -> IR:
+    """Reads a checkpoint directory into an IR of lazy tensors.
+
+    Raises:
+      CheckpointError / ConfigError: naming the file, tensor or config key that is wrong.
+    """
+    directory = resolve(path_or_id)
+    raw = read_config(directory)
+    family = registry.for_model_type(raw["model_type"], str(directory / "config.json"))
+    cfg = family.parse_config(raw, str(directory / "config.json"))
+    tensors = open_shards(directory)
+    params, meta, used = {}, {}, set()
+    for path, (shape, role) in param_roles(abstract_model(family, cfg)).items():
+        name = family.hf_name(path, cfg)
+        if name not in tensors:
+            raise CheckpointError(f"{directory}: tensor {name!r} (for {path}) is missing from the checkpoint")
+        f = tensors[name]
+        transpose = role in TRANSPOSED_ROLES and len(shape) == 2
+        expected = tuple(reversed(shape)) if transpose else shape
+        if f.shape(name) != expected:
+            raise CheckpointError(f"{f.path}: tensor {name!r} has shape {list(f.shape(name))}, "
+                                  f"expected {list(expected)} from config.json")
+        params[path] = LazyTensor(
+            shape=shape, dtype=f.dtype(name).name, source=f"{f.path.name}:{name}",
+            reader=(lambda f=f, name=name: f.read(name)), transform=np.transpose if transpose else None)
+        meta[path] = TensorMeta(role=role, hf_name=name, shape=shape, dtype=f.dtype(name).name)
+        used.add(name)
+    unused = sorted(n for n in set(tensors) - used if not family.ignorable(n, cfg))
+    if unused:
+        raise CheckpointError(f"{directory}: {len(unused)} checkpoint tensors are not used by the "
+                              f"{family.name} model, e.g. {unused[:3]}")
+    return IR(family=family.name, config=cfg, params=params, meta=meta)
+
+
+def to_model(ir: IR, dtype=jnp.float32) -> nnx.Module:
+    """Builds the Flax model of an IR, loading lazy leaves (float leaves cast to ``dtype``)."""
+    family = registry.FAMILIES[ir.family]
+    graphdef, state = nnx.split(abstract_model(family, ir.config))
+    for key, var in nnx.to_flat_state(state):
+        path = "/".join(map(str, key))
+        if path not in ir.params:
+            raise CheckpointError(f"IR has no leaf for model parameter {path}")
+        leaf = materialize(ir.params[path])
+        if isinstance(leaf, (np.ndarray, jax.Array)) and jnp.issubdtype(leaf.dtype, jnp.floating):
+            leaf = jnp.asarray(leaf, dtype)
+        var.set_value(leaf)
+    return nnx.merge(graphdef, state)
+
+
+def load(path_or_id: str | Path, dtype=jnp.float32) -> tuple[nnx.Module, IR]:
+    """Imports a checkpoint and builds its Flax model: ``model, ir = load(dir)``."""
+    ir = import_checkpoint(path_or_id)
+    return to_model(ir, dtype), ir

@@ -1,0 +1,1 @@
+"""Flax NNX model families and the registry the importer uses."""

@@ -1,0 +1,197 @@
+"""A decoder-only transformer that covers the llama, qwen2, qwen3 and gemma3 families.
+
+Families differ only in the switches of :class:`DecoderConfig` (see the table there); each
+family's importer (:mod:`cqjax.models.families`) translates a Hugging Face config into one.
+
+Parameter paths (the IR paths) follow transformers' module names, with ``kernel`` for linear
+weights stored ``[in, out]``, ``embedding`` for tables and ``scale`` for norm weights, e.g.
+``layers/0/self_attn/q_proj/kernel``, ``embed_tokens/embedding``, ``norm/scale``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cqjax.models import layers
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecoderConfig:
+    """Everything the decoder needs, normalized from a family's Hugging Face config.
+
+    =====================  =========================================================  ==========
+    switch                 effect                                                     used by
+    =====================  =========================================================  ==========
+    ``norm_offset``        RMSNorm multiplies by ``offset + weight``                  gemma: 1
+    ``qkv_bias``           biases on q/k/v projections                                qwen2
+    ``o_bias``             bias on the output projection                              llama opt.
+    ``qk_norm``            RMSNorm over head_dim on q and k before RoPE               qwen3, gemma3
+    ``sandwich_norms``     extra norms after attention and around the MLP             gemma3
+    ``embed_scale``        token embeddings multiplied by this                        gemma: √d
+    ``query_scale``        attention logits multiplied by this                        all
+    ``attn_softcap``       ``tanh`` soft-capping of attention logits                  gemma2-style
+    ``final_softcap``      ``tanh`` soft-capping of output logits                     gemma2-style
+    ``layer_types``        per layer: full or sliding-window attention                qwen, gemma
+    ``rope``               per layer type: transformers ``rope_parameters``           all
+    =====================  =========================================================  ==========
+    """
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    act: str
+    norm_offset: float = 0.0
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sandwich_norms: bool = False
+    embed_scale: float | None = None
+    query_scale: float
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    layer_types: tuple[str, ...]
+    sliding_window: int | None = None
+    rope: Mapping[str, Mapping[str, Any]] | tuple
+    tie_word_embeddings: bool
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        # Stored as nested tuples so the config is hashable (it is static model structure).
+        object.__setattr__(self, "rope", tuple(
+            (t, tuple(sorted(dict(p).items()))) for t, p in dict(self.rope).items()))
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        for t in self.layer_types:
+            if t not in LAYER_TYPES:
+                raise ValueError(f"layer type {t!r} is not supported; supported: {LAYER_TYPES}")
+            if t not in dict(self.rope):
+                raise ValueError(f"no rope parameters for layer type {t!r}")
+        if self.act not in layers.ACTIVATIONS:
+            raise ValueError(f"activation {self.act!r} is not supported; supported: {tuple(layers.ACTIVATIONS)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+
+    def rope_for(self, layer_type: str) -> dict[str, Any]:
+        """The transformers ``rope_parameters`` entry of one layer type."""
+        return dict(dict(self.rope)[layer_type])
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, layer_type: str, dtype=jnp.float32):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = layers.Linear(d, cfg.num_heads * hd, bias=cfg.qkv_bias, dtype=dtype)
+        self.k_proj = layers.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype)
+        self.v_proj = layers.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype)
+        self.o_proj = layers.Linear(cfg.num_heads * hd, d, bias=cfg.o_bias, dtype=dtype)
+        if cfg.qk_norm:
+            self.q_norm = layers.RMSNorm(hd, eps=cfg.rms_norm_eps, offset=cfg.norm_offset, dtype=dtype)
+            self.k_norm = layers.RMSNorm(hd, eps=cfg.rms_norm_eps, offset=cfg.norm_offset, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.inv_freq = tuple(layers.rope_inv_freq(cfg.rope_for(layer_type), hd).tolist())
+        self.window = cfg.sliding_window if layer_type == "sliding_attention" else None
+        self.scale, self.softcap = cfg.query_scale, cfg.attn_softcap
+
+    def __call__(self, x, positions, valid, cache=None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
+        q, k = layers.apply_rope(q, positions, inv_freq), layers.apply_rope(k, positions, inv_freq)
+        k_pos, k_valid = positions, valid
+        if cache is not None:
+            k, v, k_pos, k_valid, cache = cache.update(k, v, positions, valid)
+        mask = layers.attention_mask(positions, k_pos, k_valid, self.window)
+        out = layers.dot_product_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
+        return self.o_proj(out.reshape(b, t, -1)), cache
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, layer_type: str, dtype=jnp.float32):
+        norm = lambda: layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, offset=cfg.norm_offset, dtype=dtype)
+        self.input_layernorm = norm()
+        self.self_attn = Attention(cfg, layer_type, dtype)
+        self.post_attention_layernorm = norm()
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+        self.sandwich = cfg.sandwich_norms
+        self.mlp = layers.GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.act,
+                                   bias=cfg.mlp_bias, dtype=dtype)
+
+    def __call__(self, x, positions, valid, cache=None):
+        h, cache = self.self_attn(self.input_layernorm(x), positions, valid, cache)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), cache
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class CausalLM(nnx.Module):
+    """The decoder with its token embedding and output head.
+
+    Call with ``tokens [B, T]`` and a boolean ``mask [B, T]`` (True on real tokens); positions
+    default to ``0..T-1`` on every row (transformers' default). Returns float32 logits
+    ``[B, T, vocab]``.
+    """
+
+    def __init__(self, cfg: DecoderConfig, dtype=jnp.float32):
+        self.config = cfg
+        self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, t, dtype) for t in cfg.layer_types])
+        self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, offset=cfg.norm_offset, dtype=dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else layers.Linear(
+            cfg.hidden_size, cfg.vocab_size, role="lm_head", dtype=dtype)
+        self.dtype = dtype
+
+    def hidden_states(self, tokens, mask=None, positions=None, caches=None):
+        """Final-norm hidden states ``[B, T, D]`` (and the updated caches if given)."""
+        cfg = self.config
+        if mask is None:
+            mask = jnp.ones(tokens.shape, bool)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        x = self.embed_tokens(tokens, self.dtype)
+        if cfg.embed_scale is not None:
+            x = x * jnp.asarray(cfg.embed_scale, self.dtype)
+        new_caches = []
+        for i, layer in enumerate(self.layers):
+            x, c = layer(x, positions, mask.astype(bool), None if caches is None else caches[i])
+            new_caches.append(c)
+        return self.norm(x), (None if caches is None else new_caches)
+
+    def logits(self, h):
+        cfg = self.config
+        out = self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        out = out.astype(jnp.float32)
+        if cfg.final_softcap is not None:
+            out = jnp.tanh(out / cfg.final_softcap) * cfg.final_softcap
+        return out
+
+    def __call__(self, tokens, mask=None, positions=None):
+        h, _ = self.hidden_states(tokens, mask, positions)
+        return self.logits(h)
