@@ -1,0 +1,129 @@
+"""A malformed checkpoint fails at import with an error naming the file, tensor or key."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from cqjax.errors import CheckpointError, ConfigError
+from cqjax.io import hf
+
+CONFIG = dict(model_type="llama", vocab_size=11, hidden_size=8, intermediate_size=12,
+              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+              tie_word_embeddings=True, rms_norm_eps=1e-6)
+
+
+def tensors(cfg=CONFIG):
+    d, f, v, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], 4
+    rng = np.random.default_rng(0)
+    shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,),
+              "model.layers.0.input_layernorm.weight": (d,),
+              "model.layers.0.post_attention_layernorm.weight": (d,),
+              "model.layers.0.self_attn.q_proj.weight": (d, d),
+              "model.layers.0.self_attn.k_proj.weight": (kv, d),
+              "model.layers.0.self_attn.v_proj.weight": (kv, d),
+              "model.layers.0.self_attn.o_proj.weight": (d, d),
+              "model.layers.0.mlp.gate_proj.weight": (f, d), "model.layers.0.mlp.up_proj.weight": (f, d),
+              "model.layers.0.mlp.down_proj.weight": (d, f)}
+    return {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+
+
+def write(path, config=CONFIG, weights=None, sharded=False):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    weights = tensors() if weights is None else weights
+    if not sharded:
+        save_file(weights, path / "model.safetensors")
+        return path
+    names = sorted(weights)
+    shards = {"model-00001-of-00002.safetensors": names[:5], "model-00002-of-00002.safetensors": names[5:]}
+    for shard, keys in shards.items():
+        save_file({k: weights[k] for k in keys}, path / shard)
+    index = {"weight_map": {k: s for s, keys in shards.items() for k in keys}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return path
+
+
+def test_valid_checkpoint_imports_lazily(tmp_path):
+    ir = hf.import_checkpoint(write(tmp_path / "ok", sharded=True))
+    assert len(ir.params) == 11
+    model = hf.to_model(ir)
+    assert np.asarray(model(np.zeros((1, 3), np.int32))).shape == (1, 3, 11)
+
+
+def test_missing_config(tmp_path):
+    path = write(tmp_path / "c")
+    (path / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json"):
+        hf.import_checkpoint(path)
+
+
+def test_missing_shard_names_the_file(tmp_path):
+    path = write(tmp_path / "s", sharded=True)
+    (path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors.*missing"):
+        hf.import_checkpoint(path)
+
+
+def test_missing_tensor_names_it(tmp_path):
+    weights = tensors()
+    del weights["model.layers.0.mlp.up_proj.weight"]
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.up_proj\.weight"):
+        hf.import_checkpoint(write(tmp_path / "t", weights=weights))
+
+
+def test_wrong_shape_names_tensor_and_file(tmp_path):
+    weights = tensors()
+    weights["model.layers.0.self_attn.k_proj.weight"] = np.zeros((5, 8), np.float32)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \[5, 8\], expected \[4, 8\]"):
+        hf.import_checkpoint(write(tmp_path / "w", weights=weights))
+
+
+def test_unknown_config_key_names_it(tmp_path):
+    with pytest.raises(ConfigError, match="'use_magic_attention'"):
+        hf.import_checkpoint(write(tmp_path / "k", config={**CONFIG, "use_magic_attention": True}))
+
+
+def test_unsupported_value_names_key(tmp_path):
+    with pytest.raises(ConfigError, match="'hidden_act' = 'relu'"):
+        hf.import_checkpoint(write(tmp_path / "v", config={**CONFIG, "hidden_act": "relu"}))
+
+
+def test_unsupported_architecture(tmp_path):
+    with pytest.raises(CheckpointError, match="model_type='mamba'.*supported"):
+        hf.import_checkpoint(write(tmp_path / "a", config={**CONFIG, "model_type": "mamba"}))
+
+
+@pytest.mark.parametrize("keep", [4, 60, -100])
+def test_truncated_safetensors(tmp_path, keep):
+    path = write(tmp_path / "tr")
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[:keep])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated"):
+        hf.import_checkpoint(path)
+
+
+def test_unused_tensor_is_reported(tmp_path):
+    weights = {**tensors(), "model.vision_tower.patch.weight": np.zeros((2, 2), np.float32)}
+    with pytest.raises(CheckpointError, match="vision_tower"):
+        hf.import_checkpoint(write(tmp_path / "u", weights=weights))
+
+
+def test_pickle_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "p"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(CONFIG))
+    (path / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(CheckpointError, match="no \\*.safetensors.*pickle"):
+        hf.import_checkpoint(path)
+
+
+def test_hub_id_without_network_explains(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="model.path"):
+        hf.import_checkpoint("no-such-org/no-such-model")
