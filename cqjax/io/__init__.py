@@ -1,0 +1,1 @@
+"""Importers and exporters: checkpoints in (Hugging Face safetensors, GGUF) and artifacts out."""
