@@ -1,0 +1,113 @@
+"""Run a model: a jitted forward for evaluation, and generation with a KV cache.
+
+>>> forward = forward_fn(model)                          # doctest: +SKIP
+>>> logits = forward(tokens, mask)                       # [B, T, V], compiled once per shape
+>>> ids = generate(model, prompt_ids, max_new_tokens=32) # doctest: +SKIP  (greedy)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+
+def forward_fn(model: nnx.Module) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """A jitted ``forward(tokens int32[B, T], mask bool[B, T]) -> float32 logits[B, T, V]``."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, tokens, mask):
+        return nnx.merge(graphdef, state)(tokens, mask)
+
+    return lambda tokens, mask: run(state, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool))
+
+
+@struct.dataclass
+class KVCache:
+    """One attention layer's keys and values for ``size`` positions.
+
+    ``pos`` holds each slot's token position and ``valid`` whether the slot holds a real
+    token; the attention mask is built from them, so empty slots are never attended.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def empty(cls, batch: int, size: int, kv_heads: int, head_dim: int, dtype=jnp.float32) -> KVCache:
+        return cls(k=jnp.zeros((batch, size, kv_heads, head_dim), dtype),
+                   v=jnp.zeros((batch, size, kv_heads, head_dim), dtype),
+                   pos=jnp.zeros((batch, size), jnp.int32), valid=jnp.zeros((batch, size), bool),
+                   index=jnp.zeros((), jnp.int32))
+
+    def update(self, k, v, positions, valid):
+        """Writes ``T`` new entries at ``index``; returns all keys/values/positions/validity."""
+        i = self.index
+        upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), i, axis=1)
+        new = KVCache(k=upd(self.k, k), v=upd(self.v, v), pos=upd(self.pos, positions),
+                      valid=upd(self.valid, valid), index=i + k.shape[1])
+        return new.k, new.v, new.pos, new.valid, new
+
+
+def empty_caches(model: nnx.Module, batch: int, size: int) -> list[KVCache]:
+    """One empty cache per layer, sized from each layer's attention module."""
+    caches = []
+    for layer in model.layers:
+        attn = layer.self_attn
+        caches.append(KVCache.empty(batch, size, attn.num_kv_heads, attn.head_dim))
+    return caches
+
+
+def generate(model: nnx.Module, prompt: Sequence[int] | np.ndarray, *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
+             eos_token_id: int | Sequence[int] | None = None) -> np.ndarray:
+    """Generates continuations of ``prompt`` (``[T]`` or ``[B, T]`` token ids, equal lengths).
+
+    Args:
+      temperature: 0 for greedy decoding, else sampling from ``softmax(logits / temperature)``.
+      top_k: sample only among the ``top_k`` most likely tokens.
+      eos_token_id: stop when every row has produced one of these.
+
+    Returns:
+      ``[B, T + n]`` token ids (``n <= max_new_tokens``), prompt included.
+    """
+    ids = np.atleast_2d(np.asarray(prompt, np.int32))
+    b, t = ids.shape
+    graphdef, state = nnx.split(model)
+    caches = empty_caches(model, b, t + max_new_tokens)
+    eos = set(np.atleast_1d(eos_token_id).tolist()) if eos_token_id is not None else set()
+
+    @jax.jit
+    def step(state, caches, tokens, positions, key):
+        m = nnx.merge(graphdef, state)
+        h, caches = m.hidden_states(tokens, jnp.ones(tokens.shape, bool), positions, caches)
+        logits = m.logits(h[:, -1])
+        if temperature <= 0:
+            return jnp.argmax(logits, -1).astype(jnp.int32), caches
+        logits = logits / temperature
+        if top_k is not None:
+            kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        return jax.random.categorical(key, logits).astype(jnp.int32), caches
+
+    key = jax.random.PRNGKey(seed)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    out = [ids]
+    tokens = jnp.asarray(ids)
+    for n in range(max_new_tokens):
+        key, sub = jax.random.split(key)
+        nxt, caches = step(state, caches, tokens, positions, sub)
+        nxt = np.asarray(nxt)
+        out.append(nxt[:, None])
+        if eos and all(int(x) in eos for x in nxt):
+            break
+        tokens = jnp.asarray(nxt[:, None])
+        positions = jnp.full((b, 1), t + n, jnp.int32)
+    return np.concatenate(out, axis=1)
