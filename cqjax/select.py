@@ -200,8 +200,6 @@ def _freeze(filter: Filter) -> Filter:
     return filter
 
 
-_NO_MATCH = object()
-
 
 @dataclasses.dataclass(frozen=True, init=False)
 class Rules:
