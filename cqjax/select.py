@@ -200,7 +200,6 @@ def _freeze(filter: Filter) -> Filter:
     return filter
 
 
-
 @dataclasses.dataclass(frozen=True, init=False)
 class Rules:
     """An ordered list of ``(filter, value)`` pairs; for each path the first match wins.
