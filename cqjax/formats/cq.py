@@ -1,0 +1,239 @@
+"""The CQ packed format: block plan along K and the bit layout of packed codes.
+
+This module is the single Python source of truth for the CQ layout; the C++ header
+``xla_ext/include/cqjax/formats.h`` mirrors it and ``tests/golden/cq_pack_v1.json`` pins
+the bytes for both.
+
+A weight is a matrix ``w [rows, K]``; every row is quantized along its length K (linear
+layer: rows = output features, K = input features; embedding: rows = tokens, K = hidden).
+
+Block plan (:func:`block_plan`, defaults ``block=128, min_block=16``)
+====================================================================
+As many full ``block`` as fit, then the tail decomposed greedily into smaller powers of two
+down to ``min_block``; a last remainder ``< min_block`` becomes one more ``min_block`` block
+padded with zeros. ``Kpad = sum(blocks)``, ``padding = Kpad - K`` (always ``< min_block``).
+
+=====  ==============================  =====  =======
+K      blocks                          Kpad   padding
+=====  ==============================  =====  =======
+576    128, 128, 128, 128, 64          576    0
+640    128 x 5                         640    0
+100    64, 32, 16                      112    12
+8      16                              16     8
+=====  ==============================  =====  =======
+
+Packed codes, ``LAYOUT_VERSION = 1`` (:func:`pack_codes`)
+========================================================
+Codes are uint8 in ``[0, 2**bits)``, one per padded coordinate, ``codes [rows, Kpad]``.
+
+=========  ==========================================================================
+item       layout
+=========  ==========================================================================
+rows       row-major: row r occupies bytes ``[r*row_bytes, (r+1)*row_bytes)``
+row_bytes  ``Kpad * bits / 8``; ``Kpad`` must be a multiple of 8 (plans give 16)
+1/2/4 bit  codes in K order, little-endian within a byte: code k lives in bits
+           ``(k % per_byte)*bits .. +bits`` of byte ``k // per_byte``, ``per_byte = 8/bits``
+3 bit      two planes, each packed as above: first the low 2 bits of every code
+           (2-bit plane, ``Kpad/4`` bytes), then the high bit (1-bit plane, ``Kpad/8`` bytes);
+           code = low | (high << 2)
+8 bit      identity: byte k = code k
+=========  ==========================================================================
+
+Example (2 bits): codes ``[1, 2, 3, 0]`` pack to the byte ``0b00_11_10_01 = 0x39``.
+
+Per (row, block) a float16 norm (or scale) is stored beside the codes, ``[rows, nblocks]``;
+codebooks are per block size and counted separately (see :func:`stored_bytes`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+LAYOUT_VERSION = 1
+SUPPORTED_BITS: tuple[int, ...] = (1, 2, 3, 4, 8)
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def block_plan(K: int, block: int = 128, min_block: int = 16) -> tuple[int, ...]:
+    """Block sizes along K (see the table in the module docstring).
+
+    Args:
+      K: the length of each row (input features), ``K >= 1``.
+      block: the main block size, a power of two.
+      min_block: the smallest block, a power of two ``<= block``; a remainder shorter than
+        this is padded up to it.
+
+    Returns:
+      The block sizes in K order; all are powers of two and ``sum(blocks) - K < min_block``.
+
+    >>> block_plan(576)
+    (128, 128, 128, 128, 64)
+    >>> block_plan(100)
+    (64, 32, 16)
+    """
+    if not (_is_pow2(block) and _is_pow2(min_block) and min_block <= block):
+        raise ValueError(
+            f"block_plan: block={block} and min_block={min_block} must be powers of two "
+            "with min_block <= block"
+        )
+    if K < 1:
+        raise ValueError(f"block_plan: K must be >= 1, got {K}")
+    blocks = [block] * (K // block)
+    tail = K % block
+    size = block // 2
+    while size >= min_block:
+        if tail >= size:
+            blocks.append(size)
+            tail -= size
+        size //= 2
+    if tail:
+        blocks.append(min_block)
+    return tuple(blocks)
+
+
+def block_offsets(blocks: Sequence[int]) -> np.ndarray:
+    """Start offsets of each block along the padded K axis, plus the end: ``[nblocks + 1]``."""
+    return np.concatenate([[0], np.cumsum(np.asarray(blocks, dtype=np.int64))]).astype(np.int64)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"CQ layout: bits must be one of {SUPPORTED_BITS}, got {bits}")
+
+
+def row_bytes(Kpad: int, bits: int) -> int:
+    """Bytes of one packed row: ``Kpad * bits / 8``; ``Kpad`` must be a multiple of 8."""
+    _check_bits(bits)
+    if Kpad <= 0 or Kpad % 8:
+        raise ValueError(f"CQ layout: Kpad must be a positive multiple of 8, got {Kpad}")
+    return Kpad * bits // 8
+
+
+def stored_bytes(rows: int, K: int, bits: int, blocks: Sequence[int]) -> int:
+    """Bytes a CQ weight stores: packed codes plus one float16 norm per (row, block).
+
+    Codebooks (one per distinct block size, ``2**bits`` float32 each) and rotation data are
+    shared and counted by the caller.
+
+    Args:
+      rows: number of rows.
+      K: the unpadded row length (checked against ``blocks``).
+      bits: bits per code.
+      blocks: the block plan for K.
+
+    Returns:
+      ``rows * (row_bytes(sum(blocks), bits) + 2 * len(blocks))``.
+    """
+    Kpad = int(sum(blocks))
+    if Kpad < K:
+        raise ValueError(f"stored_bytes: blocks {tuple(blocks)} cover {Kpad} < K={K}")
+    return rows * (row_bytes(Kpad, bits) + 2 * len(blocks))
+
+
+def _pack_plane(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack a [rows, Kpad] plane at 1, 2 or 4 bits, little-endian within each byte."""
+    per = 8 // bits
+    rows, Kpad = codes.shape
+    c = codes.reshape(rows, Kpad // per, per).astype(np.uint8)
+    out = np.zeros((rows, Kpad // per), dtype=np.uint8)
+    for j in range(per):
+        out |= (c[:, :, j] << np.uint8(j * bits)).astype(np.uint8)
+    return out
+
+
+def _unpack_plane(packed: np.ndarray, bits: int) -> np.ndarray:
+    per = 8 // bits
+    shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
+    vals = (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+    return vals.reshape(*packed.shape[:-1], packed.shape[-1] * per).astype(np.uint8)
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack codes ``uint8 [rows, Kpad]`` into ``uint8 [rows, row_bytes]`` (layout v1).
+
+    Args:
+      codes: integer codes in ``[0, 2**bits)``, shape ``[rows, Kpad]``, Kpad % 8 == 0.
+      bits: 1, 2, 3, 4 or 8.
+
+    Returns:
+      The packed bytes, ``[rows, Kpad * bits // 8]``.
+
+    >>> pack_codes(np.array([[1, 2, 3, 0, 0, 0, 0, 0]], np.uint8), 2).tolist()
+    [[57, 0]]
+    """
+    codes = np.asarray(codes)
+    if codes.ndim != 2:
+        raise ValueError(f"pack_codes: codes must be [rows, Kpad], got shape {codes.shape}")
+    row_bytes(codes.shape[1], bits)  # validates bits and Kpad
+    if codes.size and (codes.min() < 0 or codes.max() >= (1 << bits)):
+        raise ValueError(
+            f"pack_codes: codes must lie in [0, {1 << bits}) for bits={bits}, "
+            f"got range [{codes.min()}, {codes.max()}]"
+        )
+    codes = codes.astype(np.uint8)
+    if bits == 8:
+        return codes.copy()
+    if bits == 3:
+        return np.concatenate([_pack_plane(codes & 3, 2), _pack_plane(codes >> 2, 1)], axis=1)
+    return _pack_plane(codes, bits)
+
+
+def unpack_codes(packed: np.ndarray, bits: int, Kpad: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: ``uint8 [rows, row_bytes] -> uint8 [rows, Kpad]``."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    nb = row_bytes(Kpad, bits)
+    if packed.ndim != 2 or packed.shape[1] != nb:
+        raise ValueError(
+            f"unpack_codes: expected packed [rows, {nb}] for Kpad={Kpad}, bits={bits}, "
+            f"got shape {packed.shape}"
+        )
+    if bits == 8:
+        return packed.copy()
+    if bits == 3:
+        low = _unpack_plane(packed[:, : Kpad // 4], 2)
+        high = _unpack_plane(packed[:, Kpad // 4 :], 1)
+        return (low | (high << np.uint8(2))).astype(np.uint8)
+    return _unpack_plane(packed, bits)
+
+
+def _unpack_plane_jnp(packed, bits: int):
+    import jax.numpy as jnp
+
+    per = 8 // bits
+    shifts = jnp.arange(per, dtype=jnp.uint8) * jnp.uint8(bits)
+    vals = (packed[..., None] >> shifts) & jnp.uint8((1 << bits) - 1)
+    return vals.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+
+
+def unpack_codes_jnp(packed, bits: int, Kpad: int):
+    """JAX version of :func:`unpack_codes`, jittable (``bits`` and ``Kpad`` static).
+
+    Args:
+      packed: ``uint8 [..., row_bytes]`` (any leading dims).
+      bits: 1, 2, 3, 4 or 8.
+      Kpad: the padded row length.
+
+    Returns:
+      ``uint8 [..., Kpad]`` codes, bit-identical to :func:`unpack_codes`.
+    """
+    import jax.numpy as jnp
+
+    nb = row_bytes(Kpad, bits)
+    packed = jnp.asarray(packed)
+    if packed.dtype != jnp.uint8 or packed.shape[-1] != nb:
+        raise ValueError(
+            f"unpack_codes_jnp: expected uint8 [..., {nb}] for Kpad={Kpad}, bits={bits}, "
+            f"got {packed.dtype} {packed.shape}"
+        )
+    if bits == 8:
+        return packed
+    if bits == 3:
+        low = _unpack_plane_jnp(packed[..., : Kpad // 4], 2)
+        high = _unpack_plane_jnp(packed[..., Kpad // 4 :], 1)
+        return low | (high << jnp.uint8(2))
+    return _unpack_plane_jnp(packed, bits)
