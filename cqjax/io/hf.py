@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 import cqjax.models.families  # noqa: F401  (registers the built-in families)
+import cqjax.models.gemma4  # noqa: F401
 from cqjax.errors import CheckpointError
 from cqjax.io.safetensors_lazy import SafetensorsFile
 from cqjax.ir import IR, LazyTensor, TensorMeta, materialize
@@ -98,6 +99,10 @@ def open_shards(directory: Path) -> dict[str, SafetensorsFile]:
     return out
 
 
+def _swap_last_axes(array: np.ndarray) -> np.ndarray:
+    return np.swapaxes(array, -1, -2)
+
+
 def abstract_model(family: registry.Family, cfg: Any) -> nnx.Module:
     return nnx.eval_shape(lambda: family.build(cfg))
 
@@ -129,14 +134,15 @@ def import_checkpoint(path_or_id: str | Path) -> IR:
         if name not in tensors:
             raise CheckpointError(f"{directory}: tensor {name!r} (for {path}) is missing from the checkpoint")
         f = tensors[name]
-        transpose = role in TRANSPOSED_ROLES and len(shape) == 2
-        expected = tuple(reversed(shape)) if transpose else shape
+        # Kernels are [..., in, out]; checkpoints store [..., out, in] (3-D: stacked experts).
+        transpose = role in TRANSPOSED_ROLES and len(shape) >= 2
+        expected = (*shape[:-2], shape[-1], shape[-2]) if transpose else shape
         if f.shape(name) != expected:
             raise CheckpointError(f"{f.path}: tensor {name!r} has shape {list(f.shape(name))}, "
                                   f"expected {list(expected)} from config.json")
         params[path] = LazyTensor(
             shape=shape, dtype=f.dtype(name).name, source=f"{f.path.name}:{name}",
-            reader=(lambda f=f, name=name: f.read(name)), transform=np.transpose if transpose else None)
+            reader=(lambda f=f, name=name: f.read(name)), transform=_swap_last_axes if transpose else None)
         meta[path] = TensorMeta(role=role, hf_name=name, shape=shape, dtype=f.dtype(name).name)
         used.add(name)
     unused = sorted(n for n in set(tensors) - used if not family.ignorable(n, cfg))

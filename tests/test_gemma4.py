@@ -1,0 +1,143 @@
+"""Gemma 4 text models: our Flax forward against transformers' torch forward, and config errors.
+
+Each case writes a tiny random ``Gemma4ForCausalLM`` (fp32, random norm weights, layer scalars
+and router scales, so that a wrong offset or a skipped scalar cannot hide), imports it and
+compares logits on right-padded sequences (real tokens only).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from test_parity import batch, torch_logits, write_checkpoint  # noqa: E402
+
+from cqjax.errors import ConfigError  # noqa: E402
+from cqjax.io import hf  # noqa: E402
+
+S, F = "sliding_attention", "full_attention"
+BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, sliding_window=5, max_position_embeddings=128,
+            vocab_size_per_layer_input=97, hidden_size_per_layer_input=8, initializer_range=0.1)
+WIDE_FULL = {"head_dim": 32, "num_key_value_heads": 1}
+
+
+def config(**kw):
+    return transformers.Gemma4TextConfig(**{**BASE, **kw})
+
+
+CASES = {
+    # PLE; sliding/full layers, full layers with their own head_dim and kv heads; proportional RoPE
+    "ple-sliding-full": lambda: config(
+        num_hidden_layers=4, layer_types=[S, F, S, F], per_layer_config={1: WIDE_FULL, 3: WIDE_FULL}),
+    # layers 3 (sliding) and 4 (full) reuse the keys/values of layers 2 and 1
+    "kv-shared": lambda: config(
+        num_hidden_layers=5, layer_types=[S, F, S, S, F], num_kv_shared_layers=2,
+        per_layer_config={1: WIDE_FULL, 4: WIDE_FULL}),
+    "kv-shared-double-wide-mlp": lambda: config(
+        num_hidden_layers=4, layer_types=[S, F, S, F], num_kv_shared_layers=2, use_double_wide_mlp=True),
+    # the legacy global_* keys; k == v on full layers
+    "k-eq-v": lambda: config(
+        num_hidden_layers=3, layer_types=[S, F, F], attention_k_eq_v=True, global_head_dim=24,
+        num_global_key_value_heads=1),
+    "moe": lambda: config(
+        num_hidden_layers=2, layer_types=[S, F], enable_moe_block=True, num_experts=5, top_k_experts=2,
+        moe_intermediate_size=24, per_layer_config={}),
+    # no PLE, untied head, biases, softcapped logits, scaled proportional RoPE
+    "softcap-untied-noPLE": lambda: config(
+        num_hidden_layers=3, layer_types=[S, S, F], hidden_size_per_layer_input=0, tie_word_embeddings=False,
+        attention_bias=True, final_logit_softcapping=3.0, per_layer_config={2: {"head_dim": 32}},
+        rope_parameters={S: {"rope_type": "default", "rope_theta": 100.0},
+                         F: {"rope_type": "proportional", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
+                             "factor": 4.0}}),
+}
+
+
+def write_gemma4(cfg, directory, seed=0):
+    """A random checkpoint whose scalars and router scales are not all ones."""
+    model = write_checkpoint(cfg, directory, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("layer_scalar", "per_expert_scale")):
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+            elif name.endswith("router.scale"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=gen))
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_transformers(name, tmp_path):
+    ref = write_gemma4(CASES[name](), tmp_path)
+    model, ir = hf.load(tmp_path)
+    tokens, mask = batch(BASE["vocab_size"])
+    ours = np.asarray(model(tokens, mask))
+    theirs = torch_logits(ref, tokens, mask)
+    assert ours.shape == theirs.shape
+    diff = np.abs(ours - theirs)[mask]
+    assert diff.max() < 1e-4, f"{name}: max abs logit diff {diff.max():.2e}"
+
+
+def test_ir_layout_and_roles(tmp_path):
+    write_gemma4(CASES["moe"](), tmp_path)
+    ir = hf.import_checkpoint(tmp_path)
+    roles = {p: m.role for p, m in ir.meta.items()}
+    assert roles["embed_tokens_per_layer/embedding"] == "per_layer_embedding"
+    assert ir.meta["embed_tokens_per_layer/embedding"].shape == (97, 2 * 8)
+    assert roles["layers/0/router/proj/kernel"] == "router"
+    assert ir.meta["layers/0/router/proj/kernel"].shape == (64, 5)  # [in, out]
+    assert ir.meta["layers/1/experts/gate_up_proj"].shape == (5, 64, 48)  # [E, in, out]
+    assert ir.meta["layers/1/experts/down_proj"].shape == (5, 24, 64)
+    assert roles["layers/1/experts/gate_up_proj"] == "linear"
+    assert ir.meta["layers/0/router/scale"].hf_name == "model.layers.0.router.scale"
+    assert ir.meta["layers/0/layer_scalar"].hf_name == "model.layers.0.layer_scalar"
+    assert roles["layers/0/self_attn/k_norm/scale"] == "norm"
+    assert "lm_head/kernel" not in roles  # tied
+
+
+def test_kv_shared_layers_have_no_kv_weights(tmp_path):
+    write_gemma4(CASES["kv-shared"](), tmp_path)
+    ir = hf.import_checkpoint(tmp_path)
+    assert "layers/2/self_attn/k_proj/kernel" in ir.params
+    assert not any(p.startswith(("layers/3/self_attn/k", "layers/3/self_attn/v")) for p in ir.params)
+    assert ir.meta["layers/4/self_attn/q_proj/kernel"].shape == (64, 4 * 32)
+
+
+def _raw_config(tmp_path, **changes):
+    transformers.Gemma4TextConfig(**BASE, num_hidden_layers=2).save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw.update(changes)
+    return raw
+
+
+@pytest.mark.parametrize("changes, key", [
+    ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+    ({"use_bidirectional_attention": "vision"}, "use_bidirectional_attention"),
+    ({"per_layer_config": {"1": {"intermediate_size": 8}}}, "per_layer_config[1].intermediate_size"),
+    ({"rope_parameters": {F: {"rope_type": "yarn", "rope_theta": 1.0, "factor": 2.0}}}, "rope_type"),
+    ({"enable_moe_block": True}, "num_experts"),
+    ({"model_type": "gemma4"}, "text model"),
+])
+def test_unsupported_config_raises_naming_the_key(tmp_path, changes, key):
+    from cqjax.models.gemma4 import parse_gemma4
+
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        parse_gemma4(_raw_config(tmp_path, **changes), "config.json")
+
+
+def test_unknown_key_fails_import(tmp_path):
+    write_gemma4(config(num_hidden_layers=2, layer_types=[S, F]), tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["frobnicate_heads"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="frobnicate_heads"):
+        hf.import_checkpoint(tmp_path)
