@@ -90,12 +90,13 @@ _KNOWN_KEYS: dict[str, frozenset[str]] = {
         "context_length", "embedding_length", "block_count", "feed_forward_length",
         "attention.head_count", "attention.head_count_kv", "attention.layer_norm_rms_epsilon",
         "attention.key_length", "attention.value_length", "attention.sliding_window",
-        "rope.dimension_count", "rope.freq_base", "rope.scaling.type", "rope.scaling.factor",
-        "vocab_size",
+        "attention.sliding_window_pattern", "rope.dimension_count", "rope.freq_base",
+        "rope.freq_base_swa", "rope.scaling.type", "rope.scaling.factor", "vocab_size",
     }),
 }
 
-# llama.cpp hard-codes these for gemma3 (src/llama-model.cpp, LLM_ARCH_GEMMA3).
+# llama.cpp's defaults for gemma3 when the file has no attention.sliding_window_pattern /
+# rope.freq_base_swa (src/llama-model.cpp, LLM_ARCH_GEMMA3).
 _GEMMA3_SLIDING_WINDOW_PATTERN = 6  # every 6th layer is global attention
 _GEMMA3_ROPE_THETA_LOCAL = 10_000.0
 
@@ -230,10 +231,17 @@ def hf_config_from_metadata(meta: Mapping[str, Any], tensor_names: set[str], *, 
     else:  # gemma3
         # llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B model (hidden/heads).
         scalar = hidden // n_head if (hidden, n_layers) == (5376, 62) else head_dim
-        layer_types = [
-            "full_attention" if (i + 1) % _GEMMA3_SLIDING_WINDOW_PATTERN == 0 else "sliding_attention"
-            for i in range(n_layers)
-        ]
+        pattern = get("attention.sliding_window_pattern", _GEMMA3_SLIDING_WINDOW_PATTERN)
+        if isinstance(pattern, list):  # one bool per layer: True = sliding window
+            if len(pattern) != n_layers:
+                raise GGUFConversionError(
+                    f"{source}: {arch}.attention.sliding_window_pattern has {len(pattern)} entries for {n_layers} layers"
+                )
+            is_swa = [bool(x) for x in pattern]
+        else:  # every pattern-th layer is global (llama.cpp's set_swa_pattern)
+            is_swa = [int(pattern) > 0 and (i + 1) % int(pattern) != 0 for i in range(n_layers)]
+        layer_types = ["sliding_attention" if swa else "full_attention" for swa in is_swa]
+        local_theta = float(get("rope.freq_base_swa", _GEMMA3_ROPE_THETA_LOCAL))
         cfg.update(
             architectures=["Gemma3ForCausalLM"],
             model_type="gemma3_text",
@@ -242,7 +250,7 @@ def hf_config_from_metadata(meta: Mapping[str, Any], tensor_names: set[str], *, 
             sliding_window=int(get("attention.sliding_window")),
             layer_types=layer_types,
             rope_parameters={
-                "sliding_attention": {"rope_type": "default", "rope_theta": _GEMMA3_ROPE_THETA_LOCAL},
+                "sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
                 "full_attention": full_rope,
             },
             final_logit_softcapping=None,
