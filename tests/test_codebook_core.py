@@ -123,9 +123,12 @@ def test_codebooks_by_size_or_by_block_agree():
         quantize_rows(w[:, :100], blocks, by_size)
 
 
-def test_float16_overflow_is_reported():
+def test_float16_overflow_and_non_finite_are_reported():
     w = np.full((1, 16), 3e4, np.float32)
     with pytest.raises(ValueError, match="overflows float16"):
+        quantize_rows(w, (16,), [analytic_codebook(16, 2)])
+    w[0, 3] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
         quantize_rows(w, (16,), [analytic_codebook(16, 2)])
 
 

@@ -191,11 +191,14 @@ def quantize_rows(
       ``(codes uint8 [rows, Kpad], norms float16 [rows, nblocks])``.
 
     Raises:
-      ValueError: on bad shapes, an unknown gain, or a norm that overflows float16.
+      ValueError: on bad shapes, an unknown gain, non-finite input, or a norm that overflows
+        float16.
     """
     if gain not in GAINS:
         raise ValueError(f"quantize_rows: gain must be one of {GAINS}, got {gain!r}")
     w_rot = _check_rows(w_rot, blocks, "quantize_rows")
+    if not np.all(np.isfinite(w_rot)):
+        raise ValueError("quantize_rows: w_rot has non-finite values")
     cbs = _per_block(codebooks, blocks)
     rows = w_rot.shape[0]
     codes = np.empty((rows, w_rot.shape[1]), dtype=np.uint8)
