@@ -14,16 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from cqjax.eval.scoring import from_nnx
+
 
 def forward_fn(model: nnx.Module) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """A jitted ``forward(tokens int32[B, T], mask bool[B, T]) -> float32 logits[B, T, V]``."""
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def run(state, tokens, mask):
-        return nnx.merge(graphdef, state)(tokens, mask)
-
-    return lambda tokens, mask: run(state, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool))
+    bound = from_nnx(model)
+    run = jax.jit(bound.fn)
+    return lambda tokens, mask: run(bound.params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool))
 
 
 @struct.dataclass
