@@ -18,7 +18,8 @@ def test_miss_then_hit(tmp_path):
         return {"value": 19.83, "n": 3}
 
     assert cache.cached(key, compute, directory=tmp_path) == {"value": 19.83, "n": 3}
-    assert cache.cached(dict(reversed(list(key.items()))), compute, directory=tmp_path) == {"value": 19.83, "n": 3}
+    reordered = dict(reversed(list(key.items())))
+    assert cache.cached(reordered, compute, directory=tmp_path) == {"value": 19.83, "n": 3}
     assert len(calls) == 1
     files = list(tmp_path.iterdir())
     assert len(files) == 1 and files[0].name.startswith("smollm2_135m-perplexity-")

@@ -70,7 +70,8 @@ def test_trailing_space_moves_to_continuation(tok):
 
 def test_left_truncation_keeps_bos_and_continuation(tok):
     table = bigram_table(len(tok), seed=4)
-    doc = mc.MCDoc(0, " ".join(["The quick brown fox jumps over the lazy dog."] * 6), (" cellular telephone",), 0)
+    long_context = " ".join(["The quick brown fox jumps over the lazy dog."] * 6)
+    doc = mc.MCDoc(0, long_context, (" cellular telephone",), 0)
     data = _task(tok, [doc], buckets=(16,))
     assert data.packed.truncated == 1 and len(data.packed.rows[0]) == 16
     assert data.packed.rows[0][0] == tok.bos_token_id
@@ -120,7 +121,8 @@ def test_default_sizes_reach_1000_docs():
 
 def test_zero_shot_from_doc_matches_rc_0shot_file(monkeypatch):
     file_docs = mc.load_docs("arc_easy_val", limit=None)
-    monkeypatch.setitem(mc.TASKS, "arc_easy_val_rebuilt", mc.TaskSpec("arc_easy", "rc_0shot", True, "validation"))
+    spec = mc.TaskSpec("arc_easy", "rc_0shot", True, "validation")
+    monkeypatch.setitem(mc.TASKS, "arc_easy_val_rebuilt", spec)
     rebuilt = mc.load_docs("arc_easy_val_rebuilt", limit=None)
     assert len(file_docs) == 570 and file_docs == rebuilt
 
@@ -129,7 +131,8 @@ def test_prepare_task_protocol_deterministic(tok):
     a = mc.prepare_task(tok, "piqa", limit=20, buckets=(64, 128, 256))
     b = mc.prepare_task(tok, "piqa", limit=20, buckets=(64, 128, 256))
     assert a.protocol == b.protocol
-    assert a.protocol["docs"] == 20 and a.protocol["requests_n"] == 40 and a.protocol["source"] == "piqa/rc_0shot"
+    assert a.protocol["docs"] == 20 and a.protocol["requests_n"] == 40
+    assert a.protocol["source"] == "piqa/rc_0shot"
     c = mc.prepare_task(tok, "piqa", limit=21, buckets=(64, 128, 256))
     assert c.protocol["tokens_sha256"] != a.protocol["tokens_sha256"]
 

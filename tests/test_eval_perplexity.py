@@ -134,7 +134,8 @@ def test_protocol_is_deterministic_and_describes_the_run(tok):
     p = a.protocol
     assert p["text"] == {"source": "test", "chars": len(TEXT.text), "sha256": TEXT.sha256}
     assert p["tokenizer"] == {"name": "tiny-bpe", "vocab_size": len(tok), "bos_token_id": tok.bos_token_id}
-    assert (p["context"], p["stride"], p["bos"], p["max_tokens"], p["scored_tokens"]) == (16, 15, True, 50, 50)
+    got = (p["context"], p["stride"], p["bos"], p["max_tokens"], p["scored_tokens"])
+    assert got == (16, 15, True, 50, 50)
     assert p["windows"] == 4
     c = prepare_windows(tok, TEXT, context=16, max_tokens=51)
     assert c.protocol["tokens_sha256"] != p["tokens_sha256"]

@@ -38,7 +38,8 @@ def test_evaluate_model_json_and_cache(tmp_path, capsys):
     fwd = bigram_forward(bigram_table(len(tok)))
     out = evaluate_model(fwd, data, model_id="fake", cache_directory=tmp_path)
     json.dumps(out)
-    assert out["perplexity"]["tokens"] == 200 and out["perplexity"]["protocol"]["text"]["source"] == "wikipedia"
+    assert out["perplexity"]["tokens"] == 200
+    assert out["perplexity"]["protocol"]["text"]["source"] == "wikipedia"
     assert out["arc_easy"]["n"] == 8 and out["piqa"]["n"] == 8
     assert {"acc", "acc_per_char", "stderr", "n"} <= set(out["piqa"])
     assert len(list(tmp_path.glob("*.json"))) == 3

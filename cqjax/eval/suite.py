@@ -18,7 +18,7 @@ from typing import Any
 from cqjax.eval import cache as _cache
 from cqjax.eval.multiple_choice import DEFAULT_BUCKETS, MCTaskData, evaluate_task, prepare_task
 from cqjax.eval.perplexity import perplexity
-from cqjax.eval.scoring import Forward, LogLikelihoodScorer
+from cqjax.eval.scoring import BoundForward, Forward, LogLikelihoodScorer
 from cqjax.eval.similarity import similarity
 from cqjax.eval.windows import Windows, prepare_windows
 
@@ -33,7 +33,9 @@ class EvalConfig:
       context: perplexity window length in tokens, BOS included.
       stride: scored tokens per window; None = ``context - 1`` (non-overlapping with BOS).
       max_tokens: perplexity tokens to score; None = the whole text.
-      batch_size: perplexity/similarity windows per forward call.
+      batch_size: perplexity windows per forward call.
+      similarity_batch_size: windows per step of the similarity pass (two models' logits
+        live at once: keep it 1 for large vocabularies).
       tasks: multiple-choice tasks (names in ``cqjax.eval.multiple_choice.TASKS``).
       limit: documents per task (first in file order); None = all.
       buckets: padded lengths for multiple-choice rows.
@@ -47,7 +49,8 @@ class EvalConfig:
     context: int = 512
     stride: int | None = None
     max_tokens: int | None = 65_536
-    batch_size: int = 1
+    batch_size: int = 4
+    similarity_batch_size: int = 1
     tasks: tuple[str, ...] = ("arc_easy", "piqa", "hellaswag")
     limit: int | None = 1000
     buckets: tuple[int, ...] = DEFAULT_BUCKETS
@@ -82,8 +85,8 @@ def _log(msg: str, enabled: bool) -> None:
         print(f"[cqjax.eval] {msg}", file=sys.stderr, flush=True)
 
 
-def evaluate_model(forward: Forward, data: EvalData, *, model_id: str | None = None,
-                   reference: Forward | None = None, use_cache: bool = True,
+def evaluate_model(forward: Forward | BoundForward, data: EvalData, *, model_id: str | None = None,
+                   reference: Forward | BoundForward | None = None, use_cache: bool = True,
                    cache_directory: str | os.PathLike | None = None,
                    refresh: bool = False) -> dict[str, Any]:
     """Evaluates one model and returns a JSON-serializable dict.
@@ -121,7 +124,7 @@ def evaluate_model(forward: Forward, data: EvalData, *, model_id: str | None = N
 
     if data.windows is not None:
         if reference is not None:
-            sim = similarity(forward, reference, data.windows, batch_size=cfg.batch_size,
+            sim = similarity(forward, reference, data.windows, batch_size=cfg.similarity_batch_size,
                              progress=cfg.progress)
             out["similarity"] = sim.to_dict()
             out["perplexity"] = {"value": sim.perplexity, "perplexity": sim.perplexity,
