@@ -11,6 +11,29 @@ Public API (all take a ``forward(tokens int32[B, T], mask bool[B, T]) -> logits[
 :func:`load_text`                          perplexity texts (``wikipedia``, a file)
 :func:`bind` / :func:`from_nnx`            pass weights to jit as arguments, not constants
 =========================================  ===================================================
+
+Default protocol (:class:`EvalConfig`):
+
+==============  ==============================================================================
+perplexity      BoolQ Wikipedia passages (1.72 M chars), tokenized once without special tokens;
+                windows of 512 = [BOS] + 511 text tokens, non-overlapping, every text token
+                scored once; 65,536 scored tokens (128 full windows + 1 partial); batch 4
+similarity      the same windows; mean KL(ref || model) per token, top-1 agreement, both
+                perplexities; batch 1
+tasks           ARC-Easy (test split, 0-shot), PIQA and HellaSwag (validation, ``rc_0shot``):
+                first 1,000 docs each; acc and acc_per_char with binomial stderr; rows
+                ``[BOS] + context + continuation`` (tokenized separately) padded to buckets
+                32..512, ``2048 // T`` rows per batch
+cache           ``$CQJAX_CACHE/eval`` (default ``~/.cache/cqjax/eval``), only with ``model_id``
+==============  ==============================================================================
+
+Large models: pass weights with :func:`bind` or :func:`from_nnx` (``jax.jit`` would otherwise
+bake closed-over weights into the program as constants).
+
+Example:
+  >>> data = prepare(tokenizer, EvalConfig(limit=200))                  # doctest: +SKIP
+  >>> base = evaluate_model(from_nnx(float_model), data, model_id="smollm2-135m-f32")
+  >>> quant = evaluate_model(from_nnx(q_model), data, reference=from_nnx(float_model))
 """
 
 from __future__ import annotations

