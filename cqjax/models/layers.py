@@ -50,7 +50,7 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(_zeros((out_features,), dtype), role="bias") if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = matmul(x, self.kernel[...])
+        y = matmul(x, self.kernel.get_value())
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
@@ -64,11 +64,11 @@ class Embed(nnx.Module):
         self.embedding = nnx.Param(_zeros((num_embeddings, features), dtype), role=role)
 
     def __call__(self, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
-        return embed_lookup(self.embedding[...], ids, dtype)
+        return embed_lookup(self.embedding.get_value(), ids, dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """``x @ table.T``: logits of a tied output head."""
-        table = self.embedding[...]
+        table = self.embedding.get_value()
         if hasattr(table, "attend"):
             return table.attend(x)
         return jnp.einsum("...d,vd->...v", x, table.astype(x.dtype))

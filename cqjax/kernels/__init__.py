@@ -1,0 +1,1 @@
+"""Reference (pure-JAX) ops on quantized leaves; the CPU FFI kernels join them here."""

@@ -1,0 +1,169 @@
+"""Quantized leaves: packed weights that the model's matmuls and lookups dispatch on.
+
+A quantized leaf stands where a float array stood in the model (a linear ``kernel [K, N]``, an
+embedding ``table [V, D]``) and answers the three questions the model asks
+(:func:`cqjax.models.layers.matmul` / ``embed_lookup`` / ``Embed.attend``):
+
+=================  ===========================================  ==============================
+method             computes                                     how (pure JAX, any backend)
+=================  ===========================================  ==============================
+``matmul(x)``      ``x @ W`` for a kernel ``W [K, N]``          rotate ``x``, decode, matmul
+``take_rows(ids)`` ``T[ids]`` for a table ``T [V, D]``          decode only the gathered rows
+``attend(x)``      ``x @ T.T`` (tied output head)               rotate ``x``, decode, matmul
+=================  ===========================================  ==============================
+
+Both formats store **rows**: for a kernel the rows are its output columns (``W.T``), for a
+table its rows. ``transposed`` says which, so ``logical_shape`` is the float leaf's shape.
+The rotation is applied to the activation (``(R x)·(R w) = x·w``); no float copy of the weight
+is stored, only a transient decode inside jit.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from cqjax.formats import cq as fmt
+from cqjax.passes import rotate_core
+
+
+def _expand(per_block: jax.Array, blocks: tuple[int, ...]) -> jax.Array:
+    """``[..., nblocks]`` → ``[..., Kpad]`` by repeating each block's value over its width."""
+    return jnp.repeat(per_block, np.asarray(blocks), axis=-1, total_repeat_length=sum(blocks))
+
+
+class _RowsMixin:
+    """matmul / take_rows / attend from ``decode_rows`` (+ optional rotation hooks)."""
+
+    def rotate_activation(self, x):
+        return x
+
+    def unrotate_rows(self, rows):
+        return rows
+
+    @property
+    def logical_shape(self) -> tuple[int, int]:
+        rows = self.codes.shape[0]
+        return (self.K, rows) if self.transposed else (rows, self.K)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.logical_shape
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def dequantize(self) -> jax.Array:
+        """The float leaf this stands for (``[K, N]`` or ``[V, D]``), for references and tests."""
+        rows = self.unrotate_rows(self.decode_rows(self.codes, self.norms_or_scales()))[..., : self.K]
+        return rows.T if self.transposed else rows
+
+    def _dot_rows(self, x):
+        xr = self.rotate_activation(x.astype(jnp.float32))
+        w = self.decode_rows(self.codes, self.norms_or_scales())
+        return jnp.einsum("...k,nk->...n", xr, w)
+
+    def matmul(self, x):
+        assert self.transposed, "matmul is for kernels [K, N]; use attend for tables"
+        return self._dot_rows(x).astype(x.dtype)
+
+    def attend(self, x):
+        return self._dot_rows(x).astype(x.dtype)
+
+    def take_rows(self, ids):
+        rows = self.decode_rows(jnp.take(self.codes, ids, axis=0), jnp.take(self.norms_or_scales(), ids, axis=0))
+        return self.unrotate_rows(rows)[..., : self.K]
+
+
+@struct.dataclass
+class CQArray(_RowsMixin):
+    """Rotation + per-(row, block) fp16 norm + Lloyd–Max codebook, bit-packed (layout v1).
+
+    Attributes:
+      codes: uint8 ``[rows, row_bytes]`` packed as :mod:`cqjax.formats.cq` documents.
+      norms: float16 ``[rows, nblocks]``.
+      codebooks: float16 ``[nblocks, 2**bits]`` (one per block; blocks of one size share values).
+      s1, s2, perm: the rotation (:class:`cqjax.passes.rotate_core.Rotation`) arrays ``[Kpad]``.
+    """
+
+    codes: jax.Array
+    norms: jax.Array
+    codebooks: jax.Array
+    s1: jax.Array
+    s2: jax.Array
+    perm: jax.Array
+    bits: int = struct.field(pytree_node=False)
+    blocks: tuple[int, ...] = struct.field(pytree_node=False)
+    K: int = struct.field(pytree_node=False)
+    transposed: bool = struct.field(pytree_node=False)
+    seed: int = struct.field(pytree_node=False, default=0)
+    format: str = struct.field(pytree_node=False, default="cq")
+
+    def norms_or_scales(self):
+        return self.norms
+
+    def decode_rows(self, codes, norms):
+        kpad = sum(self.blocks)
+        idx = fmt.unpack_codes_jnp(codes, self.bits, kpad).astype(jnp.int32)
+        block_id = np.repeat(np.arange(len(self.blocks)), self.blocks)
+        flat = self.codebooks.astype(jnp.float32).reshape(-1)
+        levels = flat[jnp.asarray(block_id * (1 << self.bits)) + idx]
+        return levels * _expand(norms.astype(jnp.float32), self.blocks)
+
+    def rotate_activation(self, x):
+        return rotate_core.rotate_jnp(x, (self.s1, self.s2, self.perm), self.blocks)
+
+    def unrotate_rows(self, rows):
+        return rotate_core.unrotate_jnp(rows, (self.s1, self.s2, self.perm), self.blocks)
+
+    def stored_bytes(self) -> int:
+        """Codes + norms + the distinct codebooks (one per block size) + rotation signs/perm are
+        derived from the seed, so they are not counted."""
+        distinct = len(set(self.blocks))
+        return int(self.codes.size + 2 * self.norms.size + 2 * distinct * (1 << self.bits))
+
+
+@struct.dataclass
+class RTNArray(_RowsMixin):
+    """Round-to-nearest uniform codes with an fp16 scale and zero per (row, block).
+
+    Attributes:
+      codes: uint8 ``[rows, row_bytes]`` packed like CQ codes over ``Kpad = ceil8(K)``.
+      scales, zeros: float16 ``[rows, nblocks]``; ``w = code * scale + zero``.
+    """
+
+    codes: jax.Array
+    scales: jax.Array
+    zeros: jax.Array
+    bits: int = struct.field(pytree_node=False)
+    blocks: tuple[int, ...] = struct.field(pytree_node=False)
+    K: int = struct.field(pytree_node=False)
+    transposed: bool = struct.field(pytree_node=False)
+    format: str = struct.field(pytree_node=False, default="rtn")
+
+    def norms_or_scales(self):
+        return jnp.stack([self.scales, self.zeros], axis=-1)
+
+    def decode_rows(self, codes, scale_zero):
+        kpad = rtn_kpad(self.K)
+        q = fmt.unpack_codes_jnp(codes, self.bits, kpad)[..., : self.K].astype(jnp.float32)
+        sz = scale_zero.astype(jnp.float32)
+        return q * _expand(sz[..., 0], self.blocks) + _expand(sz[..., 1], self.blocks)
+
+    def stored_bytes(self) -> int:
+        return int(self.codes.size + 2 * self.scales.size + 2 * self.zeros.size)
+
+
+def rtn_kpad(K: int) -> int:
+    """RTN codes are packed over K rounded up to a multiple of 8 (the packer's unit)."""
+    return -(-K // 8) * 8
+
+
+QARRAY_TYPES = (CQArray, RTNArray)
+
+
+def is_quantized(leaf) -> bool:
+    return isinstance(leaf, QARRAY_TYPES)
