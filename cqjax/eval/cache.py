@@ -18,10 +18,11 @@ import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from cqjax.io.atomic import write_json
 
 
 def cache_dir() -> Path:
@@ -65,18 +66,7 @@ def load(key: dict[str, Any], directory: str | os.PathLike | None = None) -> Any
 def store(key: dict[str, Any], result: Any, directory: str | os.PathLike | None = None) -> Path:
     """Writes ``result`` for ``key`` atomically and returns the file path."""
     path = key_path(key, directory)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    blob = json.dumps({"key": key, "result": result}, sort_keys=True, indent=1, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(blob)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_json(path, {"key": key, "result": result}, indent=1, sort_keys=True)
 
 
 def cached(key: dict[str, Any], compute: Callable[[], Any], *,

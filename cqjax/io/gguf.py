@@ -26,7 +26,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from cqjax.io.atomic import write_json
 
 #: Bumped whenever the conversion output changes; recorded in ``cqjax_import.json``.
 CONVERTER_VERSION = 1
@@ -332,11 +333,6 @@ def _check_shapes(tensors: Mapping[str, np.ndarray], cfg: Mapping[str, Any], sou
 
 
 # ----------------------------------------------------------------------------- writing
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
 
 def write_tokenizer(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> None:
     """Write ``tokenizer.json`` / ``tokenizer_config.json`` (+ chat template) for a GGUF file.
@@ -409,10 +405,10 @@ def gguf_to_hf(
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del tensors
-        _write_json(tmp / "config.json", config)
+        write_json(tmp / "config.json", config, sort_keys=True)
         if tokenizer:
             write_tokenizer(gguf_path, tmp)
-        _write_json(tmp / "cqjax_import.json", {
+        write_json(tmp / "cqjax_import.json", sort_keys=True, obj={
             "source": gguf_path.name,
             "source_bytes": gguf_path.stat().st_size,
             "converter": "cqjax.io.gguf",

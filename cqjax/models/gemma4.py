@@ -41,7 +41,7 @@ from flax import nnx
 from cqjax.errors import ConfigError
 from cqjax.models import layers, registry
 from cqjax.models.families import check_keys, expect
-from cqjax.models.transformer import LAYER_TYPES
+from cqjax.models.transformer import LAYER_TYPES, OutputHead
 
 # transformers' Gemma4TextConfig defaults, used for keys a config.json leaves out.
 DEFAULTS: dict[str, Any] = dict(
@@ -388,7 +388,7 @@ class DecoderLayer(nnx.Module):
         return x * self.layer_scalar[...].astype(x.dtype), cache, kv
 
 
-class Gemma4ForCausalLM(nnx.Module):
+class Gemma4ForCausalLM(OutputHead, nnx.Module):
     """The Gemma 4 text model with the interface of :class:`cqjax.models.transformer.CausalLM`.
 
     Call with ``tokens [B, T]`` and a boolean ``mask [B, T]`` (True on real tokens); returns
@@ -443,17 +443,6 @@ class Gemma4ForCausalLM(nnx.Module):
             new_caches.append(cache)
         return self.norm(x), (None if caches is None else new_caches)
 
-    def logits(self, h):
-        cfg = self.config
-        out = self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
-        out = out.astype(jnp.float32)
-        if cfg.final_softcap is not None:
-            out = jnp.tanh(out / cfg.final_softcap) * cfg.final_softcap
-        return out
-
-    def __call__(self, tokens, mask=None, positions=None):
-        h, _ = self.hidden_states(tokens, mask, positions)
-        return self.logits(h)
 
 
 # ---------------------------------------------------------------------------------------------

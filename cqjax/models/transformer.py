@@ -14,7 +14,6 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -151,7 +150,24 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
-class CausalLM(nnx.Module):
+class OutputHead:
+    """``logits`` and ``__call__`` of a causal LM with ``embed_tokens``, ``lm_head`` (None when
+    tied), ``config.final_softcap`` and a ``hidden_states`` method."""
+
+    def logits(self, h):
+        cfg = self.config
+        out = self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        out = out.astype(jnp.float32)
+        if cfg.final_softcap is not None:
+            out = jnp.tanh(out / cfg.final_softcap) * cfg.final_softcap
+        return out
+
+    def __call__(self, tokens, mask=None, positions=None):
+        h, _ = self.hidden_states(tokens, mask, positions)
+        return self.logits(h)
+
+
+class CausalLM(OutputHead, nnx.Module):
     """The decoder with its token embedding and output head.
 
     Call with ``tokens [B, T]`` and a boolean ``mask [B, T]`` (True on real tokens); positions
@@ -184,14 +200,3 @@ class CausalLM(nnx.Module):
             new_caches.append(c)
         return self.norm(x), (None if caches is None else new_caches)
 
-    def logits(self, h):
-        cfg = self.config
-        out = self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
-        out = out.astype(jnp.float32)
-        if cfg.final_softcap is not None:
-            out = jnp.tanh(out / cfg.final_softcap) * cfg.final_softcap
-        return out
-
-    def __call__(self, tokens, mask=None, positions=None):
-        h, _ = self.hidden_states(tokens, mask, positions)
-        return self.logits(h)
