@@ -1,0 +1,434 @@
+"""The quantized-model artifact: one directory, written atomically, read without executing code.
+
+=========================  ===================================================================
+file                       content
+=========================  ===================================================================
+``manifest.json``          format name/version, the model family and its config, one entry
+                           per IR path (see below)
+``weights.safetensors``    every stored array: a float leaf under its IR path, a quantized
+                           leaf's arrays under ``<path>::<field>`` (``::codes``, ``::norms``,
+                           ``::codebooks``, ``::s1``, ``::s2``, ``::perm``; RTN: ``::codes``,
+                           ``::scales``, ``::zeros``)
+``tokenizer/``             tokenizer files (and ``config.json``) copied from the source
+                           checkpoint, when it had them
+=========================  ===================================================================
+
+Manifest entry of one tensor (``manifest["tensors"][i]``):
+
+===================  ==========================================================================
+key                  meaning
+===================  ==========================================================================
+path, role, tower,   the IR path and its :class:`cqjax.ir.TensorMeta` fields (``shape`` is the
+hf_name, shape,      logical shape; ``dtype`` the source dtype)
+dtype
+kind                 ``"float"``, ``"cq"`` or ``"rtn"`` (the leaf's ``format``)
+bits, blocks, block  bit width, block plan and nominal block size (null for floats)
+seed, K, transposed  the quantized leaf's static fields (``static`` holds all of them)
+layout_version       :data:`cqjax.formats.cq.LAYOUT_VERSION` of the packed codes
+bytes                bytes this tensor takes in ``weights.safetensors``
+arrays               ``{field: {name, dtype, shape, encoding, leaf_dtype, leaf_shape}}``
+info                 ``meta.info`` (tagged JSON, so tuples and non-finite floats round-trip)
+===================  ==========================================================================
+
+Array encodings (everything else is ``raw``: the leaf's array as is):
+
+==============  ===========================================================================
+encoding        stored as
+==============  ===========================================================================
+``signs``       an int8 ±1 vector as ``np.packbits(s < 0)`` (1 bit per entry)
+``block_local``  a block-local permutation as ``perm - block_start``, uint8 if every block is
+                ≤ 256 wide, else uint16
+==============  ===========================================================================
+
+Loading rebuilds the IR bit for bit (float leaves as lazy tensors over the weights file,
+quantized leaves as :class:`~cqjax.kernels.qarrays.CQArray` / ``RTNArray`` of jnp arrays);
+:func:`cqjax.io.hf.to_model` then builds the model.
+
+>>> save(qir, "out/smollm2-cq3")            # doctest: +SKIP
+>>> model = hf.to_model(load("out/smollm2-cq3"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import save_file
+
+from cqjax.errors import CheckpointError
+from cqjax.formats import cq as fmt
+from cqjax.io import atomic
+from cqjax.io.safetensors_lazy import SafetensorsFile
+from cqjax.ir import IR, LazyTensor, TensorMeta, materialize, verify
+from cqjax.kernels.qarrays import CQArray, RTNArray
+from cqjax.models import gemma4, registry, transformer
+
+FORMAT = "cqjax-artifact"
+VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+SUPPORTED_LAYOUTS = (fmt.LAYOUT_VERSION,)
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+TOKENIZER_DIR = "tokenizer"
+#: Files copied from a source checkpoint into ``tokenizer/`` when present.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+                   "generation_config.json", "config.json")
+#: Quantized leaf types by their ``format`` (the manifest's ``kind``).
+FORMATS: dict[str, type] = {"cq": CQArray, "rtn": RTNArray}
+#: Dataclasses a manifest config may name (nothing else is ever constructed).
+CONFIG_CLASSES: dict[str, type] = {c.__name__: c for c in (
+    transformer.DecoderConfig, gemma4.Gemma4Config, gemma4.Gemma4Layer)}
+SEP = "::"
+_CONVERT = "re-run quantization with this cqjax (cqjax.quantize or python -m cqjax) to convert the model"
+
+
+class ArtifactError(CheckpointError):
+    """An artifact directory is missing, malformed, or from an unsupported version."""
+
+
+# ------------------------------------------------------------------------- tagged JSON
+
+
+def to_json(x: Any, where: str = "value") -> Any:
+    """Encodes configs and ``meta.info`` as JSON that :func:`from_json` restores exactly
+    (tuples, non-string dict keys, non-finite floats and whitelisted dataclasses tagged)."""
+    if x is None or isinstance(x, (bool, str, int)):
+        return x
+    if isinstance(x, float):
+        return x if math.isfinite(x) else {"__float__": repr(x)}
+    if isinstance(x, np.generic):
+        return to_json(x.item(), where)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        name = type(x).__name__
+        if CONFIG_CLASSES.get(name) is not type(x):
+            raise ArtifactError(f"{where}: cannot store a {name} (storable dataclasses: {sorted(CONFIG_CLASSES)})")
+        return {"__dataclass__": name, "fields": {f.name: to_json(getattr(x, f.name), f"{where}.{f.name}")
+                                                  for f in dataclasses.fields(x) if f.init}}
+    if isinstance(x, tuple):
+        return {"__tuple__": [to_json(v, where) for v in x]}
+    if isinstance(x, list):
+        return [to_json(v, where) for v in x]
+    if isinstance(x, dict) or hasattr(x, "items"):
+        if all(isinstance(k, str) and not k.startswith("__") for k in x):
+            return {k: to_json(v, f"{where}.{k}") for k, v in x.items()}
+        return {"__items__": [[to_json(k, where), to_json(v, where)] for k, v in x.items()]}
+    raise ArtifactError(f"{where}: cannot store a value of type {type(x).__name__} in the manifest")
+
+
+def from_json(x: Any, where: str = "value") -> Any:
+    """Inverse of :func:`to_json`; constructs only :data:`CONFIG_CLASSES`."""
+    if isinstance(x, list):
+        return [from_json(v, where) for v in x]
+    if not isinstance(x, dict):
+        return x
+    if "__float__" in x:
+        return float(x["__float__"])
+    if "__tuple__" in x:
+        return tuple(from_json(v, where) for v in x["__tuple__"])
+    if "__items__" in x:
+        return {from_json(k, where): from_json(v, where) for k, v in x["__items__"]}
+    if "__dataclass__" in x:
+        cls = CONFIG_CLASSES.get(x["__dataclass__"])
+        if cls is None:
+            raise ArtifactError(f"{where}: unknown config class {x['__dataclass__']!r}; "
+                                f"known: {sorted(CONFIG_CLASSES)}")
+        try:
+            return cls(**{k: from_json(v, f"{where}.{k}") for k, v in x["fields"].items()})
+        except (TypeError, ValueError) as e:
+            raise ArtifactError(f"{where}: invalid {cls.__name__}: {e}") from e
+    return {k: from_json(v, f"{where}.{k}") for k, v in x.items()}
+
+
+# ------------------------------------------------------------------------- leaf encoding
+
+
+def leaf_kind(leaf: Any, path: str = "?") -> str:
+    """``"float"`` for an array or lazy tensor, else the quantized leaf's ``format``."""
+    if isinstance(leaf, (np.ndarray, jax.Array, LazyTensor)):
+        return "float"
+    kind = getattr(leaf, "format", None)
+    if FORMATS.get(kind) is not type(leaf):
+        raise ArtifactError(f"{path}: cannot store a leaf of type {type(leaf).__name__} (expected an array or "
+                            f"one of {sorted(FORMATS)}; an unfinished pipeline? run its pack pass)")
+    return kind
+
+
+def _array_fields(leaf: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(leaf) if f.metadata.get("pytree_node", True)]
+
+
+def _static_fields(leaf: Any) -> dict[str, Any]:
+    return {f.name: getattr(leaf, f.name) for f in dataclasses.fields(leaf)
+            if not f.metadata.get("pytree_node", True) and f.name != "format"}
+
+
+def _block_starts(blocks) -> np.ndarray:
+    return np.repeat(fmt.block_offsets(blocks)[:-1], blocks).astype(np.int64)
+
+
+def _encode_array(field: str, a: np.ndarray, leaf: Any) -> tuple[np.ndarray, str]:
+    if field in ("s1", "s2") and a.dtype == np.int8 and a.ndim == 1 and np.all(np.abs(a) == 1):
+        return np.packbits(a < 0), "signs"
+    if field == "perm" and a.ndim == 1 and a.size == sum(leaf.blocks):
+        local = a.astype(np.int64) - _block_starts(leaf.blocks)
+        hi = max(leaf.blocks)
+        if local.min(initial=0) >= 0 and np.all(local < np.repeat(leaf.blocks, leaf.blocks)):
+            return local.astype(np.uint8 if hi <= 256 else np.uint16), "block_local"
+    return a, "raw"
+
+
+def _decode_array(stored: np.ndarray, encoding: str, dtype: np.dtype, shape: tuple[int, ...],
+                  static: dict) -> np.ndarray:
+    if encoding == "raw":
+        return np.asarray(stored)
+    if encoding == "signs":
+        n = int(np.prod(shape))
+        return np.where(np.unpackbits(np.asarray(stored), count=n).astype(bool), -1, 1).astype(dtype).reshape(shape)
+    if encoding == "block_local":
+        return (np.asarray(stored).astype(np.int64) + _block_starts(static["blocks"])).astype(dtype).reshape(shape)
+    raise ValueError(f"unknown array encoding {encoding!r}")
+
+
+def encode_leaf(path: str, leaf: Any) -> tuple[str, dict[str, tuple[np.ndarray, str, np.ndarray]]]:
+    """``(kind, {field: (stored array, encoding, leaf array)})``; a float leaf has one field,
+    ``value``. The stored arrays are exactly what :func:`save` writes."""
+    kind = leaf_kind(leaf, path)
+    if kind == "float":
+        a = np.asarray(materialize(leaf))
+        return kind, {"value": (a, "raw", a)}
+    out = {}
+    for field in _array_fields(leaf):
+        a = np.asarray(getattr(leaf, field))
+        stored, encoding = _encode_array(field, a, leaf)
+        out[field] = (np.ascontiguousarray(stored), encoding, a)
+    return kind, out
+
+
+def encoded_nbytes(path: str, leaf: Any) -> int:
+    """Bytes ``leaf`` takes in ``weights.safetensors``."""
+    return sum(int(s.nbytes) for s, _, _ in encode_leaf(path, leaf)[1].values())
+
+
+# ------------------------------------------------------------------------- save
+
+
+def _entry(path: str, meta: TensorMeta, kind: str, arrays: dict, leaf: Any) -> dict:
+    static = {} if kind == "float" else _static_fields(leaf)
+    entry = {"path": path, "role": meta.role, "tower": meta.tower, "hf_name": meta.hf_name,
+             "shape": list(meta.shape), "dtype": meta.dtype, "kind": kind,
+             "bits": static.get("bits"), "blocks": list(static["blocks"]) if "blocks" in static else None,
+             "block": meta.info.get("block") if kind != "float" else None, "seed": static.get("seed"),
+             "K": static.get("K"), "transposed": static.get("transposed"),
+             "layout_version": fmt.LAYOUT_VERSION if kind != "float" else None,
+             "bytes": sum(int(s.nbytes) for s, _, _ in arrays.values()),
+             "static": to_json(static, f"{path} static"), "arrays": {}, "info": to_json(dict(meta.info), f"{path} info")}
+    for field, (stored, encoding, a) in arrays.items():
+        entry["arrays"][field] = {"name": path if kind == "float" else f"{path}{SEP}{field}",
+                                  "dtype": stored.dtype.name, "shape": list(stored.shape), "encoding": encoding,
+                                  "leaf_dtype": a.dtype.name, "leaf_shape": list(a.shape)}
+    return entry
+
+
+def manifest_of(ir: IR) -> tuple[dict, dict[str, np.ndarray]]:
+    """The manifest and the ``{name: array}`` to write for ``ir``."""
+    verify(ir)
+    tensors, entries = {}, []
+    for path, leaf in ir.params.items():
+        if SEP in path:
+            raise ArtifactError(f"{path}: IR paths may not contain {SEP!r}")
+        kind, arrays = encode_leaf(path, leaf)
+        entry = _entry(path, ir.meta[path], kind, arrays, leaf)
+        for field, (stored, _, _) in arrays.items():
+            tensors[entry["arrays"][field]["name"]] = stored
+        entries.append(entry)
+    manifest = {"format": FORMAT, "version": VERSION, "layout_versions": list(SUPPORTED_LAYOUTS),
+                "family": ir.family, "config": to_json(ir.config, "config"), "tensors": entries}
+    return manifest, tensors
+
+
+def save(ir: IR, directory: str | os.PathLike, *, tokenizer_from: str | os.PathLike | None = None,
+         extra: dict | None = None) -> Path:
+    """Writes ``ir`` as an artifact directory, atomically.
+
+    Everything is written into a temporary sibling directory, which then replaces
+    ``directory``; an existing artifact there is removed only after the new one is complete.
+    A non-empty directory that is not an artifact is never replaced.
+
+    Args:
+      ir: a fully quantized (or float) IR: every leaf an array, a lazy tensor or a quantized leaf.
+      directory: the artifact directory.
+      tokenizer_from: a checkpoint directory whose tokenizer files are copied into ``tokenizer/``.
+      extra: JSON-able facts stored under ``manifest["extra"]`` (source, recipe, storage, ...).
+
+    Returns:
+      The artifact directory.
+    """
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or (any(directory.iterdir())
+                                                          and not (directory / MANIFEST).is_file())):
+        raise ArtifactError(f"{directory}: exists and is not a cqjax artifact; refusing to replace it")
+    manifest, tensors = manifest_of(ir)
+    if extra:
+        manifest["extra"] = to_json(extra, "extra")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, "version": str(VERSION)})
+        copied = copy_tokenizer(tokenizer_from, tmp / TOKENIZER_DIR) if tokenizer_from else []
+        manifest["tokenizer"] = TOKENIZER_DIR if copied else None
+        atomic.write_json(tmp / MANIFEST, manifest)
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def copy_tokenizer(source: str | os.PathLike, target: Path, names: Iterable[str] = TOKENIZER_FILES) -> list[str]:
+    """Copies the tokenizer files found in ``source`` to ``target``; returns their names."""
+    source = Path(source)
+    found = [n for n in names if (source / n).is_file()]
+    if found:
+        target.mkdir(parents=True, exist_ok=True)
+        for n in found:
+            shutil.copyfile(source / n, target / n)
+    return found
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+    os.replace(target, old / "artifact")
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old / "artifact", target)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------- load
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """The checked manifest of an artifact directory (format, version, family)."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing (not a cqjax artifact directory)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r} "
+                            f"is not {FORMAT!r}")
+    if manifest.get("version") not in SUPPORTED_VERSIONS:
+        raise ArtifactError(f"{path}: artifact version {manifest.get('version')!r} is not supported (this cqjax "
+                            f"reads versions {list(SUPPORTED_VERSIONS)}); {_CONVERT}")
+    if manifest.get("family") not in registry.FAMILIES:
+        raise ArtifactError(f"{path}: unknown model family {manifest.get('family')!r}; "
+                            f"known: {sorted(registry.FAMILIES)}")
+    for key in ("config", "tensors"):
+        if key not in manifest:
+            raise ArtifactError(f"{path}: manifest key {key!r} is missing")
+    return manifest
+
+
+def _check(cond: bool, where: str, what: str) -> None:
+    if not cond:
+        raise ArtifactError(f"{where}: {what}")
+
+
+def _load_entry(entry: dict, f: SafetensorsFile, mpath: Path) -> tuple[Any, TensorMeta]:
+    path = entry.get("path", "?")
+    where = f"{mpath}: tensor {path!r}"
+    kind = entry.get("kind")
+    _check(kind == "float" or kind in FORMATS, where, f"unknown kind {kind!r}; known: {['float', *FORMATS]}")
+    if kind != "float":
+        _check(entry.get("layout_version") in SUPPORTED_LAYOUTS, where,
+               f"packed layout version {entry.get('layout_version')!r} is not supported (this cqjax reads "
+               f"{list(SUPPORTED_LAYOUTS)}); {_CONVERT}")
+    static = from_json(entry.get("static", {}), where)
+    arrays = {}
+    for field, spec in entry["arrays"].items():
+        name = spec["name"]
+        _check(name in f.entries, f"{f.path}: tensor {name!r}", f"missing (listed in {MANIFEST} for {path})")
+        dtype, shape = f.dtype(name), f.shape(name)
+        _check(dtype.name == spec["dtype"] and list(shape) == spec["shape"], f"{f.path}: tensor {name!r}",
+               f"has {dtype.name} {list(shape)}, {MANIFEST} says {spec['dtype']} {spec['shape']}")
+        if kind == "float":
+            arrays[field] = f, name
+            continue
+        try:
+            a = _decode_array(f.read(name), spec["encoding"], np.dtype(spec["leaf_dtype"]),
+                              tuple(spec["leaf_shape"]), static)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ArtifactError(f"{f.path}: tensor {name!r}: cannot decode ({e})") from e
+        arrays[field] = jnp.asarray(a)
+    meta = TensorMeta(role=entry["role"], tower=entry["tower"], hf_name=entry["hf_name"],
+                      shape=tuple(entry["shape"]), dtype=entry["dtype"], info=from_json(entry["info"], where))
+    if kind == "float":
+        _check(set(arrays) == {"value"}, where, "a float tensor has exactly one array, 'value'")
+        sf, name = arrays["value"]
+        _check(list(sf.shape(name)) == entry["shape"], where,
+               f"stored shape {list(sf.shape(name))} != manifest shape {entry['shape']}")
+        leaf = LazyTensor(shape=sf.shape(name), dtype=sf.dtype(name).name, source=f"{sf.path.name}:{name}",
+                          reader=lambda sf=sf, name=name: sf.read(name))
+        return leaf, meta
+    cls = FORMATS[kind]
+    try:
+        leaf = cls(**arrays, **static)
+    except TypeError as e:
+        raise ArtifactError(f"{where}: cannot build a {cls.__name__}: {e}") from e
+    _check(tuple(leaf.logical_shape) == meta.shape, where,
+           f"quantized leaf has shape {tuple(leaf.logical_shape)}, manifest shape {list(meta.shape)}")
+    return leaf, meta
+
+
+def load(directory: str | os.PathLike) -> IR:
+    """Reads an artifact directory back into the IR it was saved from (bit-identical leaves).
+
+    Raises:
+      ArtifactError / CheckpointError: naming the file and tensor on an unknown format or
+        version, a missing or extra tensor, a shape/dtype mismatch, or a truncated file.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    mpath = directory / MANIFEST
+    f = SafetensorsFile(directory / WEIGHTS)
+    params, meta, names = {}, {}, set()
+    for entry in manifest["tensors"]:
+        try:
+            params[entry["path"]], meta[entry["path"]] = _load_entry(entry, f, mpath)
+        except KeyError as e:
+            raise ArtifactError(f"{mpath}: tensor entry {entry.get('path')!r} lacks key {e}") from e
+        names.update(spec["name"] for spec in entry["arrays"].values())
+    extra = sorted(set(f.entries) - names)
+    _check(not extra, str(f.path), f"{len(extra)} tensors are not listed in {MANIFEST}, e.g. {extra[:3]}")
+    ir = IR(family=manifest["family"], config=from_json(manifest["config"], f"{mpath}: config"),
+            params=params, meta=meta)
+    try:
+        verify(ir)
+    except ValueError as e:
+        raise ArtifactError(f"{mpath}: {e}") from e
+    return ir
+
+
+def tokenizer_dir(directory: str | os.PathLike) -> Path | None:
+    """The artifact's ``tokenizer/`` directory, or None when it has none."""
+    path = Path(directory) / TOKENIZER_DIR
+    return path if path.is_dir() else None

@@ -1,0 +1,86 @@
+"""Stored bits per weight: the one definition used by reports, the API and benchmarks.
+
+=====================  ========================================================================
+figure                 definition
+=====================  ========================================================================
+eligible tensors       linears, embeddings, LM head, per-layer embeddings (2-D):
+                       :data:`cqjax.passes.common.ELIGIBLE`
+bytes of a tensor      quantized: every array of the leaf exactly as the artifact stores it
+                       (packed codes incl. padding, fp16 norms/scales, codebooks, rotation
+                       signs and permutation: :func:`cqjax.io.artifact.encoded_nbytes`);
+                       float: 2 bytes per parameter (16-bit), whatever its dtype in memory
+bits/weight            ``8 * bytes / parameters``, over the eligible tensors
+                       (``quantized_tensors``) and over the whole model (``model``)
+rel_error              ``‖w − ŵ‖² / ‖w‖²`` of a quantized tensor against the float IR
+=====================  ========================================================================
+
+Worked example (a 40x72 kernel, K = 40, blocks (32, 16), 3 bits, CQ): codes
+``72 * 48 * 3 / 8 = 1296`` B, norms ``72 * 2 * 2 = 288`` B, codebooks ``2 * 8 * 2 = 32`` B,
+signs ``2 * 48 / 8 = 12`` B, permutation ``48`` B (uint8, block-local): 1676 B, i.e.
+``1676 * 8 / 2880 = 4.656`` bits/weight (the padding and the per-block side data of a narrow
+tensor are not free).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from cqjax.io.artifact import encoded_nbytes
+from cqjax.ir import IR, materialize
+from cqjax.kernels.qarrays import is_quantized
+from cqjax.passes.common import is_eligible
+
+FLOAT_BYTES = 2  # float tensors are counted at 16 bits
+
+
+def tensor_bytes(path: str, leaf: Any, numel: int) -> int:
+    """Stored bytes of one tensor (see the module table)."""
+    return encoded_nbytes(path, leaf) if is_quantized(leaf) else FLOAT_BYTES * numel
+
+
+def rel_error(w: Any, w_hat: Any) -> float:
+    """``‖w − ŵ‖² / ‖w‖²`` in float64 (0 when both are zero)."""
+    w, w_hat = np.asarray(w, np.float64), np.asarray(w_hat, np.float64)
+    den, num = float(np.sum(w * w)), float(np.sum((w - w_hat) ** 2))
+    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def tensors(ir: IR, float_ir: IR | None = None) -> list[dict]:
+    """One row per tensor: ``{path, role, eligible, kind, bits, params, bytes, bits_per_weight}``
+    plus ``rel_error`` for quantized tensors when ``float_ir`` (the unquantized IR) is given.
+
+    ``bits`` is the nominal bit width (16 for float tensors)."""
+    rows = []
+    for path, meta in ir.meta.items():
+        leaf, n = ir.params[path], int(np.prod(meta.shape))
+        q = is_quantized(leaf)
+        nbytes = tensor_bytes(path, leaf, n)
+        row = {"path": path, "role": meta.role, "eligible": is_eligible(path, meta),
+               "kind": leaf.format if q else "float", "bits": int(leaf.bits) if q else 16, "params": n,
+               "bytes": nbytes, "bits_per_weight": 8 * nbytes / n if n else 0.0}
+        if q and float_ir is not None:
+            row["rel_error"] = rel_error(materialize(float_ir.params[path]), leaf.dequantize())
+        rows.append(row)
+    return rows
+
+
+def storage(ir: IR, rows: list[dict] | None = None) -> dict:
+    """Bits per weight and bytes of ``ir`` as stored (see the module table).
+
+    Returns:
+      ``{"bits_per_weight": {"quantized_tensors", "model"}, "bytes": {"float", "quantized",
+      "eligible"}, "params": {"eligible", "quantized", "model"}}``: ``bytes.float`` is the whole
+      model at 16 bits, ``bytes.quantized`` the whole model as stored, ``bytes.eligible`` the
+      eligible tensors as stored.
+    """
+    rows = tensors(ir) if rows is None else rows
+    elig = [r for r in rows if r["eligible"]]
+    p_elig, p_all = sum(r["params"] for r in elig), sum(r["params"] for r in rows)
+    b_elig, b_all = sum(r["bytes"] for r in elig), sum(r["bytes"] for r in rows)
+    return {"bits_per_weight": {"quantized_tensors": 8 * b_elig / p_elig if p_elig else 0.0,
+                                "model": 8 * b_all / p_all if p_all else 0.0},
+            "bytes": {"float": FLOAT_BYTES * p_all, "quantized": b_all, "eligible": b_elig},
+            "params": {"eligible": p_elig, "quantized": sum(r["params"] for r in rows if r["kind"] != "float"),
+                       "model": p_all}}
