@@ -205,7 +205,7 @@ def encode_leaf(path: str, leaf: Any) -> tuple[str, dict[str, tuple[np.ndarray, 
     ``value``. The stored arrays are exactly what :func:`save` writes."""
     kind = leaf_kind(leaf, path)
     if kind == "float":
-        a = np.asarray(materialize(leaf))
+        a = np.ascontiguousarray(materialize(leaf))  # safetensors writes memory order: no views
         return kind, {"value": (a, "raw", a)}
     out = {}
     for field in _array_fields(leaf):

@@ -1,0 +1,185 @@
+"""The Python API: quantize a checkpoint, save and load the artifact, generate text.
+
+=================================================  ==============================================
+call                                               does
+=================================================  ==============================================
+``quantize(src, bits=3, embed_bits=4)``            imports ``src`` (checkpoint dir / hub id / IR /
+                                                   ``(model, ir)``), runs the CQ recipe (or
+                                                   ``method="rtn"``, or your ``pipeline``) and
+                                                   returns a :class:`Quantized`
+``save(q, directory)``                             writes the artifact (:mod:`cqjax.io.artifact`),
+                                                   with the source's tokenizer files
+``load(directory)``                                reads it back as a :class:`Quantized`
+``generate(q, tokenizer, prompt)``                 greedy (or sampled) continuation: text in,
+                                                   text out; token ids in, ids out
+=================================================  ==============================================
+
+Example (``checkpoint`` is a Hugging Face checkpoint directory with tokenizer files and
+``tmp`` a scratch directory; the test suite runs this on a tiny random model):
+
+>>> import cqjax
+>>> q = cqjax.quantize(checkpoint, bits=3, embed_bits=4, progress=False)
+>>> [r["name"] for r in q.report]
+['rotate', 'codebook', 'pack']
+>>> 3 < q.storage["bits_per_weight"]["quantized_tensors"] < 6   # narrow tensors pay for side data
+True
+>>> path = cqjax.save(q, f"{tmp}/tiny-cq3")
+>>> sorted(p.name for p in path.iterdir())
+['manifest.json', 'tokenizer', 'weights.safetensors']
+>>> q2 = cqjax.load(path)
+>>> text = cqjax.generate(q2, None, "The quick brown", max_new_tokens=4)
+>>> text == cqjax.generate(q, None, "The quick brown", max_new_tokens=4)
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cqjax import pipeline as pipeline_lib
+from cqjax import quant_stats, runtime
+from cqjax.io import artifact, hf
+from cqjax.ir import IR
+from cqjax.passes.recipes import PIPELINES
+
+METHODS = tuple(PIPELINES)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Quantized:
+    """A quantized model and what is known about it.
+
+    Attributes:
+      model: the Flax NNX model (quantized leaves inside; call it like the float model).
+      ir: the quantized IR it was built from.
+      report: one ``{"name", "seconds", "changed", "selected"}`` per pass (empty if unknown).
+      storage: :func:`cqjax.quant_stats.storage` of ``ir`` (bits/weight, bytes, params).
+      tokenizer_path: a directory with tokenizer files (None: no tokenizer).
+      recipe: how it was quantized (method, bits, embed_bits, recipe keywords).
+    """
+
+    model: nnx.Module
+    ir: IR
+    report: list[dict]
+    storage: dict
+    tokenizer_path: Path | None = None
+    recipe: dict = dataclasses.field(default_factory=dict)
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        """The transformers tokenizer from ``tokenizer_path`` (None without one)."""
+        return load_tokenizer(self.tokenizer_path) if self.tokenizer_path else None
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Any:
+    """``AutoTokenizer.from_pretrained(directory)``, local files only, no remote code."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def _source(model_or_path: Any) -> tuple[IR, Path | None]:
+    if isinstance(model_or_path, IR):
+        return model_or_path, None
+    if isinstance(model_or_path, tuple) and len(model_or_path) == 2 and isinstance(model_or_path[1], IR):
+        return model_or_path[1], None
+    if isinstance(model_or_path, (str, os.PathLike)):
+        directory = hf.resolve(model_or_path)
+        return hf.import_checkpoint(directory), directory
+    raise TypeError(f"quantize: expected a checkpoint directory or hub id, an IR, or (model, ir); "
+                    f"got {type(model_or_path).__name__}")
+
+
+def quantize(model_or_path: Any, *, bits: int = 3, embed_bits: int | None = 4, method: str = "cq",
+             pipeline: Any = None, progress: bool = True, dtype=jnp.float32, **recipe_kw) -> Quantized:
+    """Quantizes a model with the data-free CQ recipe (or RTN, or any pipeline).
+
+    Args:
+      model_or_path: a checkpoint directory or hub id, an IR, or ``(model, ir)`` as from
+        :func:`cqjax.io.hf.load`.
+      bits: bit width of linear layers.
+      embed_bits: bit width of embeddings and the LM head.
+      method: ``"cq"`` (:func:`cqjax.passes.recipes.cq_pipeline`) or ``"rtn"``.
+      pipeline: a pass or chain to run instead (then ``bits``/``method``/``recipe_kw`` are unused).
+      progress: print one line per pass.
+      dtype: float dtype of the model's remaining float parameters.
+      **recipe_kw: passed to the recipe (``block``, ``seed``, ``codebook``, ``gain``, ``overrides``).
+
+    Returns:
+      A :class:`Quantized`.
+    """
+    if pipeline is None:
+        if method not in PIPELINES:
+            raise ValueError(f"quantize: method={method!r}; allowed: {METHODS}")
+        pipeline = PIPELINES[method](bits=bits, embed_bits=embed_bits, **recipe_kw)
+        recipe = {"method": method, "bits": bits, "embed_bits": embed_bits, **recipe_kw}
+    else:
+        recipe = {"method": "custom", "pipeline": pipeline_lib.pass_name(pipeline)}
+    ir, source = _source(model_or_path)
+    qir, report = pipeline_lib.run(pipeline, ir, progress=progress)
+    tok = source if source is not None and _has_tokenizer(source) else None
+    if source is not None:
+        recipe["source"] = str(source)
+    return Quantized(model=hf.to_model(qir, dtype), ir=qir, report=report, storage=quant_stats.storage(qir),
+                     tokenizer_path=tok, recipe=recipe)
+
+
+def save(q: Quantized, directory: str | os.PathLike) -> Path:
+    """Writes ``q`` as an artifact directory (atomically), with its tokenizer files."""
+    extra = {"recipe": q.recipe, "passes": q.report, "storage": q.storage}
+    return artifact.save(q.ir, directory, tokenizer_from=q.tokenizer_path, extra=extra)
+
+
+def load(directory: str | os.PathLike, dtype=jnp.float32) -> Quantized:
+    """Reads an artifact directory written by :func:`save`."""
+    manifest = artifact.read_manifest(directory)
+    ir = artifact.load(directory)
+    extra = artifact.from_json(manifest.get("extra", {}))
+    return Quantized(model=hf.to_model(ir, dtype), ir=ir, report=list(extra.get("passes", [])),
+                     storage=quant_stats.storage(ir), tokenizer_path=artifact.tokenizer_dir(directory),
+                     recipe=dict(extra.get("recipe", {})))
+
+
+def generate(model: Quantized | nnx.Module, tokenizer: Any, prompt: str | Sequence[int] | np.ndarray, *,
+             max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
+             stop_at_eos: bool = True) -> str | np.ndarray:
+    """Continues ``prompt`` with :func:`cqjax.runtime.generate` (KV cache, jitted steps).
+
+    Args:
+      model: a :class:`Quantized` or any cqjax Flax model.
+      tokenizer: a transformers tokenizer, or None to use the :class:`Quantized`'s own.
+      prompt: text (needs a tokenizer) or token ids ``[T]`` / ``[B, T]``.
+      max_new_tokens, temperature, top_k, seed: as in :func:`cqjax.runtime.generate`.
+      stop_at_eos: stop at the tokenizer's EOS token (when there is a tokenizer).
+
+    Returns:
+      For a text prompt, the generated continuation as text (special tokens skipped); for
+      token ids, ``[B, T + n]`` ids, prompt included.
+    """
+    if isinstance(model, Quantized):
+        tokenizer = model.tokenizer if tokenizer is None else tokenizer
+        model = model.model
+    eos = getattr(tokenizer, "eos_token_id", None) if stop_at_eos and tokenizer is not None else None
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("generate: a text prompt needs a tokenizer (pass one, or load an artifact or "
+                             "checkpoint that has tokenizer files)")
+        ids = np.asarray(tokenizer(prompt)["input_ids"], np.int32)
+        out = runtime.generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                               seed=seed, eos_token_id=eos)
+        return tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+    return runtime.generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            seed=seed, eos_token_id=eos)
