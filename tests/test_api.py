@@ -73,3 +73,24 @@ def test_quantize_accepts_ir_and_model_ir_pairs_and_a_custom_pipeline(checkpoint
         cqjax.quantize(model)
     with pytest.raises(ValueError, match="text prompt needs a tokenizer"):
         cqjax.generate(q1, None, "hello")
+
+
+def test_recipes_and_package_doctests():
+    import cqjax.passes.recipes as recipes
+
+    for module in (recipes, cqjax):
+        result = doctest.testmod(module, verbose=False)
+        assert result.attempted >= 1 and result.failed == 0, module.__name__
+
+
+@pytest.mark.parametrize("K", [8, 40, 100, 576])
+def test_fast_rotation_matches_the_float64_reference(K):
+    from cqjax.formats import cq as fmt
+    from cqjax.passes import cq, rotate_core
+
+    w = np.random.default_rng(K).standard_normal((33, K)).astype(np.float32)
+    rot = rotate_core.make_rotation(K, fmt.block_plan(K, 128, 16), seed=K)
+    ref = rotate_core.rotate_rows_np(w, rot)
+    got = cq._rotate_rows_fast(w, rot)
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())

@@ -49,6 +49,27 @@ class Rotated:
         return (self.K, self.rows.shape[0]) if self.transposed else (self.rows.shape[0], self.K)
 
 
+def _rotate_rows_fast(rows: np.ndarray, rot: rotate_core.Rotation) -> np.ndarray:
+    """``rotate_core.rotate_rows_np`` in float32 with the signs and permutation folded into one
+    ``[b, b]`` matrix per block (one matmul per block, no gather); equal to the float64
+    reference within float32 rounding (~1e-6 relative)."""
+    K = rows.shape[1]
+    out = np.empty((rows.shape[0], rot.Kpad), np.float32)
+    offs = fmt.block_offsets(rot.blocks)
+    for lo, hi, b in zip(offs[:-1], offs[1:], rot.blocks):
+        # (R v)_j = s1_j sum_i H_ji s2_i v[perm_i]  =>  out_blk = v_blk @ M, M[perm_i - lo, j] = s1_j H_ji s2_i
+        m = np.zeros((b, b))
+        m[rot.perm[lo:hi] - lo, :] = (rotate_core._hadamard(b) * rot.s2[lo:hi][None, :] * rot.s1[lo:hi][:, None]).T
+        m = m.astype(np.float32)
+        if hi <= K:
+            out[:, lo:hi] = rows[:, lo:hi] @ m
+        elif lo < K:
+            out[:, lo:hi] = rows[:, lo:K] @ m[: K - lo]
+        else:
+            out[:, lo:hi] = 0.0
+    return out
+
+
 def _require(leaf, path: str, who: str, need_codebooks: bool = False) -> Rotated:
     if not isinstance(leaf, Rotated) or (need_codebooks and leaf.codebooks is None):
         what = "rotate and codebook passes" if need_codebooks else "rotate pass"
@@ -72,7 +93,7 @@ class Rotate(Pass):
         rot = rotate_core.make_rotation(K, fmt.block_plan(K, self.block, self.min_block), seed)
         info = {**meta.info, "block": self.block, "blocks": list(rot.blocks), "seed": seed,
                 "padding": rot.Kpad - K}
-        return Rotated(rotate_core.rotate_rows_np(rows, rot), rot, K, transposed), meta.replace(info=info)
+        return Rotated(_rotate_rows_fast(rows, rot), rot, K, transposed), meta.replace(info=info)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
