@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -63,6 +64,26 @@ def empty_caches(model: nnx.Module, batch: int, size: int) -> list[KVCache]:
     return caches
 
 
+@functools.lru_cache(maxsize=16)
+def _decode_step(graphdef, temperature: float, top_k: int | None):
+    """One jitted decode step per (model structure, sampling settings): compiled once, reused."""
+
+    @jax.jit
+    def step(state, caches, tokens, positions, key):
+        m = nnx.merge(graphdef, state)
+        h, caches = m.hidden_states(tokens, jnp.ones(tokens.shape, bool), positions, caches)
+        logits = m.logits(h[:, -1])
+        if temperature <= 0:
+            return jnp.argmax(logits, -1).astype(jnp.int32), caches
+        logits = logits / temperature
+        if top_k is not None:
+            kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        return jax.random.categorical(key, logits).astype(jnp.int32), caches
+
+    return step
+
+
 def generate(model: nnx.Module, prompt: Sequence[int] | np.ndarray, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
              eos_token_id: int | Sequence[int] | None = None) -> np.ndarray:
@@ -81,20 +102,7 @@ def generate(model: nnx.Module, prompt: Sequence[int] | np.ndarray, *, max_new_t
     graphdef, state = nnx.split(model)
     caches = empty_caches(model, b, t + max_new_tokens)
     eos = set(np.atleast_1d(eos_token_id).tolist()) if eos_token_id is not None else set()
-
-    @jax.jit
-    def step(state, caches, tokens, positions, key):
-        m = nnx.merge(graphdef, state)
-        h, caches = m.hidden_states(tokens, jnp.ones(tokens.shape, bool), positions, caches)
-        logits = m.logits(h[:, -1])
-        if temperature <= 0:
-            return jnp.argmax(logits, -1).astype(jnp.int32), caches
-        logits = logits / temperature
-        if top_k is not None:
-            kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-            logits = jnp.where(logits < kth, -jnp.inf, logits)
-        return jax.random.categorical(key, logits).astype(jnp.int32), caches
-
+    step = _decode_step(graphdef, float(temperature), top_k)
     key = jax.random.PRNGKey(seed)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     out = [ids]

@@ -15,7 +15,8 @@ method             computes                                     how (pure JAX, a
 Both formats store **rows**: for a kernel the rows are its output columns (``W.T``), for a
 table its rows. ``transposed`` says which, so ``logical_shape`` is the float leaf's shape.
 The rotation is applied to the activation (``(R x)·(R w) = x·w``); no float copy of the weight
-is stored, only a transient decode inside jit.
+is stored, only a transient decode inside jit. Stored sizes are counted in one place,
+:mod:`cqjax.quant_stats` (what the artifact actually holds).
 """
 
 from __future__ import annotations
@@ -119,12 +120,6 @@ class CQArray(_RowsMixin):
     def unrotate_rows(self, rows):
         return rotate_core.unrotate_jnp(rows, (self.s1, self.s2, self.perm), self.blocks)
 
-    def stored_bytes(self) -> int:
-        """Codes + norms + the distinct codebooks (one per block size) + rotation signs/perm are
-        derived from the seed, so they are not counted."""
-        distinct = len(set(self.blocks))
-        return int(self.codes.size + 2 * self.norms.size + 2 * distinct * (1 << self.bits))
-
 
 @struct.dataclass
 class RTNArray(_RowsMixin):
@@ -152,9 +147,6 @@ class RTNArray(_RowsMixin):
         q = fmt.unpack_codes_jnp(codes, self.bits, kpad)[..., : self.K].astype(jnp.float32)
         sz = scale_zero.astype(jnp.float32)
         return q * _expand(sz[..., 0], self.blocks) + _expand(sz[..., 1], self.blocks)
-
-    def stored_bytes(self) -> int:
-        return int(self.codes.size + 2 * self.scales.size + 2 * self.zeros.size)
 
 
 def rtn_kpad(K: int) -> int:
