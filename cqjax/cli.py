@@ -4,7 +4,7 @@
 from ``conf/quant/``), evaluates the float baseline and the quantized model (perplexity on
 Wikipedia prose, KL and top-1 agreement against the float model, multiple-choice accuracy; see
 ``conf/eval/``) and writes ``artifact/``, ``report.json`` and ``report.md`` into the Hydra run
-directory. ``pipeline=null`` evaluates the float model only. Float baselines are cached by
+directory. ``~pipeline`` (no pipeline) evaluates the float model only. Float baselines are cached by
 (model, protocol).
 """
 

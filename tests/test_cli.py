@@ -56,6 +56,17 @@ def test_convert_writes_artifact_and_reports(checkpoint, tmp_path, pipeline):
     assert (run_dir / "artifact" / "manifest.json").is_file()
 
 
+def test_float_only_with_no_pipeline(checkpoint, tmp_path):
+    path, text = checkpoint
+    proc = cqjax(["+model=hf", f"model.path={path}", "~pipeline", f"eval.text_path={text}",
+                  "eval.max_tokens=128", "eval.context=64", "eval.tasks=[]", f"hydra.run.dir={tmp_path / 'r'}"],
+                 tmp_path, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["pipeline"] is None and report["evals"]["perplexity"]["quantized"] is None
+    assert not (tmp_path / "r" / "artifact").exists()
+
+
 def test_missing_model_is_explained(tmp_path):
     proc = cqjax([f"hydra.run.dir={tmp_path / 'r'}"], tmp_path, tmp_path / "cache")
     assert proc.returncode != 0 and "+model=<name>" in proc.stderr
