@@ -1,0 +1,85 @@
+"""Model-level quality per stored bit: cqjax recipes vs round-to-nearest on one model.
+
+For each configuration (method × bits, embeddings at ``--embed-bits``): stored bits/weight,
+perplexity, KL(float ‖ quantized) and top-1 agreement against the float model on the same
+windows, and optionally multiple-choice accuracy. The float model is the baseline, measured in
+the same run (its multiple-choice results come from the eval cache when present).
+
+    python benchmarks/quality.py --model smollm2-135m --bits 4 3 2 --methods cq rtn \\
+        --max-tokens 16384 --limit 0 --json quality.json --md quality.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+from transformers import AutoTokenizer
+
+from cqjax import api, data
+from cqjax import eval as ev
+from cqjax.eval.scoring import from_nnx
+from cqjax.io import hf
+from cqjax.io.atomic import write_json, write_text
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help=f"packaged model {data.MODELS} or a checkpoint dir")
+    ap.add_argument("--methods", nargs="+", default=["cq", "rtn"], choices=["cq", "rtn"])
+    ap.add_argument("--bits", nargs="+", type=int, default=[4, 3, 2])
+    ap.add_argument("--embed-bits", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=65536, help="scored perplexity tokens")
+    ap.add_argument("--limit", type=int, default=0, help="documents per task (0: no multiple choice)")
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--md")
+    args = ap.parse_args(argv)
+
+    directory = data.model_dir(args.model) if args.model in data.MODELS else hf.resolve(args.model)
+    ir = hf.import_checkpoint(directory)
+    model = hf.to_model(ir)
+    tasks = ("arc_easy", "piqa", "hellaswag") if args.limit else ()
+    cfg = ev.EvalConfig(max_tokens=args.max_tokens, limit=args.limit or None, tasks=tasks, progress=False)
+    evdata = ev.prepare(AutoTokenizer.from_pretrained(directory), cfg)
+    ref = from_nnx(model)
+    rows = []
+    base = ev.evaluate_model(ref, evdata, model_id=None if not tasks else f"{args.model}@bench")
+    rows.append({"method": "float", "bits": 16, "bits_per_weight": 16.0,
+                 "perplexity": base["perplexity"]["perplexity"], "kl": 0.0, "top1": 1.0,
+                 "accuracy": {t: base[t]["acc"] for t in tasks}})
+    print(f"float: ppl {rows[0]['perplexity']:.3f}", file=sys.stderr, flush=True)
+    for method in args.methods:
+        for bits in args.bits:
+            t0 = time.perf_counter()
+            q = api.quantize(ir, bits=bits, embed_bits=args.embed_bits, method=method, progress=False)
+            out = ev.evaluate_model(from_nnx(q.model), evdata, reference=ref)
+            sim = out["similarity"]
+            rows.append({"method": method, "bits": bits, "embed_bits": args.embed_bits,
+                         "bits_per_weight": q.storage["bits_per_weight"]["quantized_tensors"],
+                         "perplexity": sim["perplexity"], "kl": sim["kl"], "top1": sim["top1"],
+                         "accuracy": {t: out[t]["acc"] for t in tasks}, "seconds": time.perf_counter() - t0})
+            r = rows[-1]
+            print(f"{method} {bits}: bpw {r['bits_per_weight']:.3f} ppl {r['perplexity']:.3f} "
+                  f"kl {r['kl']:.4f} top1 {r['top1']:.4f}", file=sys.stderr, flush=True)
+    result = {"model": args.model, "protocol": base["perplexity"]["protocol"],
+              "machine": {"platform": platform.platform(), "python": platform.python_version()},
+              "rows": rows}
+    write_json(args.json, result)
+    if args.md:
+        head = "| method | bits | stored bits/weight | perplexity | KL | top-1 |" + "".join(f" {t} |" for t in tasks)
+        lines = [f"# {args.model}: quality per stored bit", "", head,
+                 "|" + "---|" * (6 + len(tasks))]
+        for r in rows:
+            acc = "".join(f" {r['accuracy'][t]:.4f} |" for t in tasks)
+            lines.append(f"| {r['method']} | {r['bits']} | {r['bits_per_weight']:.3f} | {r['perplexity']:.3f} "
+                         f"| {r['kl']:.4f} | {r['top1']:.4f} |{acc}")
+        lines += ["", "Perplexity protocol: " + json.dumps(result["protocol"], sort_keys=True)]
+        write_text(args.md, "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
