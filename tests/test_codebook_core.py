@@ -176,3 +176,67 @@ def test_full_recipe_rotation_helps_on_outliers():
     m_rot = relative_mse(w, roundtrip(make_rotation(K, blocks, seed=0)))
     m_plain = relative_mse(w, roundtrip(None))
     assert m_rot < 0.05 and m_rot < 0.5 * m_plain
+
+
+def _quantize_rows_oracle(w_rot, blocks, codebooks, gain):
+    """The original per-block quantize_rows (searchsorted on float32 midpoints), kept as the oracle."""
+    cbs = [np.asarray(codebooks[b] if isinstance(codebooks, dict) else cb, np.float32)
+           for b, cb in zip(blocks, codebooks if not isinstance(codebooks, dict) else blocks)]
+    rows = w_rot.shape[0]
+    codes = np.empty(w_rot.shape, np.uint8)
+    norms = np.empty((rows, len(blocks)))
+    offs = np.concatenate([[0], np.cumsum(blocks)])
+    for j, (lo, hi, cb) in enumerate(zip(offs[:-1], offs[1:], cbs)):
+        seg = w_rot[:, lo:hi].astype(np.float32)
+        n = np.sqrt(np.sum(np.square(seg, dtype=np.float64), axis=1))
+        u = seg / np.where(n > 0, n, 1.0)[:, None].astype(np.float32)
+        q = np.searchsorted(0.5 * (cb[:-1] + cb[1:]), u, side="left")
+        codes[:, lo:hi] = q
+        g = np.ones(rows)
+        if gain != "none":
+            c = cb[q].astype(np.float64)
+            cc = np.sum(c * c, axis=1)
+            if gain == "ls":
+                num = np.sum(u.astype(np.float64) * c, axis=1)
+            else:
+                num = np.sqrt(np.sum(np.square(u, dtype=np.float64), axis=1))
+                cc = np.sqrt(cc)
+            g = np.where(cc > 0, num / np.where(cc > 0, cc, 1.0), 1.0)
+        norms[:, j] = n * g
+    return codes, norms.astype(np.float16)
+
+
+@pytest.mark.parametrize("chunk", [None, 64])  # 64 weights per chunk: many chunks, two threads
+@pytest.mark.parametrize("gain", GAINS)
+def test_quantize_rows_bit_identical_to_per_block_oracle(gain, chunk, monkeypatch):
+    import cqjax.passes.codebook_core as core
+
+    if chunk is not None:
+        monkeypatch.setattr(core, "_CHUNK_ELEMS", chunk)
+    rng = np.random.default_rng(7)
+    dyadic = np.array([-0.75, -0.25, 0.25, 0.75], np.float32)  # midpoints -0.5, 0, 0.5
+    cases = []
+    # Gaussian rows, mixed block sizes, with zero rows and zero blocks; float32 and float64 input.
+    for K, bits in [(100, 3), (200, 2), (576, 4), (40, 1)]:
+        blocks = block_plan(K)
+        w = rng.standard_normal((37, sum(blocks))).astype(np.float32)
+        w[3] = 0
+        w[5, : blocks[0]] = 0
+        books = {d: analytic_codebook(d, bits) for d in set(blocks)}
+        cases += [(w, blocks, books), (w.astype(np.float64) * 1.3, blocks, books)]
+    # Ties: sparse integer blocks give unit values exactly 0, ±0.5 and ±1 (midpoints 0, ±0.5).
+    w = rng.integers(-1, 2, size=(64, 48)).astype(np.float32) * (rng.random((64, 48)) < 0.15)
+    w[:2, :16] = 0
+    w[0, [0, 4, 8, 12]] = 3.0  # u = 0.5 on the midpoint between levels 2 and 3
+    w[1, [1, 5, 9, 13]] = -3.0  # u = -0.5 between levels 0 and 1
+    tie = quantize_rows(w, (16, 16, 16), {16: dyadic}, gain)[0]
+    assert tie[0, 0] == 2 and tie[1, 1] == 0 and tie[0, 1] == 1  # ties (also at 0) go to the lower level
+    cases.append((w, (16, 16, 16), {16: dyadic}))
+    # One codebook per block: same size, different levels (and duplicate levels) in a row.
+    w = rng.standard_normal((33, 64)).astype(np.float32)
+    cases.append((w, (16, 16, 16, 16), [dyadic, dyadic, dyadic * 0.5, np.array([-0.5, 0, 0, 0.5], np.float32)]))
+    for w, blocks, books in cases:
+        got = quantize_rows(w, blocks, books, gain)
+        want = _quantize_rows_oracle(w, blocks, books, gain)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1].view(np.uint16), want[1].view(np.uint16))  # bits, incl. -0

@@ -25,6 +25,7 @@ distinct block size.
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -181,6 +182,11 @@ def quantize_rows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Quantize each (row, block) as a float16 norm times codebook levels (module table).
 
+    Works on chunks of rows (sized to stay in cache) and, within a chunk, on each run of
+    consecutive blocks that share a size and codebook at once; a code is the number of level
+    midpoints strictly below the unit value (so a tie goes to the lower level). Large inputs
+    are split over two threads (NumPy releases the GIL inside its loops).
+
     Args:
       w_rot: float ``[rows, Kpad]`` (rotated and zero-padded), ``Kpad = sum(blocks)``.
       blocks: the block plan.
@@ -197,34 +203,98 @@ def quantize_rows(
     if gain not in GAINS:
         raise ValueError(f"quantize_rows: gain must be one of {GAINS}, got {gain!r}")
     w_rot = _check_rows(w_rot, blocks, "quantize_rows")
-    if not np.all(np.isfinite(w_rot)):
+    # float32 input: a non-finite value shows up as a non-finite block norm (the float64 sum of
+    # squares of finite float32 values cannot overflow), so no separate pass over the input.
+    fold_check = w_rot.dtype == np.float32
+    if not fold_check and not np.all(np.isfinite(w_rot)):
         raise ValueError("quantize_rows: w_rot has non-finite values")
-    cbs = _per_block(codebooks, blocks)
-    rows = w_rot.shape[0]
-    codes = np.empty((rows, w_rot.shape[1]), dtype=np.uint8)
+    try:
+        cbs = _per_block(codebooks, blocks)
+    except ValueError:
+        if fold_check and not np.all(np.isfinite(w_rot)):
+            raise ValueError("quantize_rows: w_rot has non-finite values") from None
+        raise
+    rows, Kpad = w_rot.shape
+    codes = np.empty((rows, Kpad), dtype=np.uint8)
     norms = np.empty((rows, len(blocks)), dtype=np.float64)
-    offs = block_offsets(blocks)
-    for j, (lo, hi, cb) in enumerate(zip(offs[:-1], offs[1:], cbs)):
-        seg = w_rot[:, lo:hi].astype(np.float32)
-        n = np.sqrt(np.sum(np.square(seg, dtype=np.float64), axis=1))
-        u = seg / np.where(n > 0, n, 1.0)[:, None].astype(np.float32)
-        q = np.searchsorted(0.5 * (cb[:-1] + cb[1:]), u, side="left")
-        codes[:, lo:hi] = q
-        g = np.ones(rows)
-        if gain != "none":
-            c = cb[q].astype(np.float64)
-            cc = np.sum(c * c, axis=1)
-            if gain == "ls":
-                num = np.sum(u.astype(np.float64) * c, axis=1)
-            else:
-                num = np.sqrt(np.sum(np.square(u, dtype=np.float64), axis=1))
-                cc = np.sqrt(cc)
-            g = np.where(cc > 0, num / np.where(cc > 0, cc, 1.0), 1.0)
-        norms[:, j] = n * g
+    groups = _block_groups(blocks, cbs)
+    step = max(1, _CHUNK_ELEMS // max(Kpad, 1))
+    chunks = [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+    def work(part: list[tuple[int, int]]) -> bool:
+        for r0, r1 in part:
+            for j, cnt, lo, b, mid, cb in groups:
+                ok = _quantize_group(w_rot[r0:r1, lo : lo + cnt * b], cnt, b, mid, cb, gain,
+                                     codes[r0:r1, lo : lo + cnt * b], norms[r0:r1, j : j + cnt])
+                if fold_check and not ok:
+                    return False
+        return True
+
+    if len(chunks) >= 2 * _MIN_CHUNKS_PER_THREAD:
+        half = (len(chunks) + 1) // 2
+        with ThreadPoolExecutor(max_workers=2) as ex:
+            fut = ex.submit(work, chunks[half:])
+            ok = work(chunks[:half])
+            ok = fut.result() and ok
+    else:
+        ok = work(chunks)
+    if not ok:
+        raise ValueError("quantize_rows: w_rot has non-finite values")
     big = np.abs(norms).max(initial=0.0)
     if big > _F16_MAX:
         raise ValueError(f"quantize_rows: a block norm {big:.4g} overflows float16 (max {_F16_MAX})")
     return codes, norms.astype(np.float16)
+
+
+_CHUNK_ELEMS = 1 << 16  # weights per row chunk: its float64 temporaries stay in L2
+_MIN_CHUNKS_PER_THREAD = 8
+
+
+def _block_groups(blocks: Sequence[int], cbs: Sequence[np.ndarray]) -> list[tuple]:
+    """Runs of consecutive blocks with the same size and codebook:
+    ``[(first block index, count, start column, size, midpoints, levels)]``."""
+    groups: list[list] = []
+    lo = 0
+    for j, (b, cb) in enumerate(zip(blocks, cbs)):
+        g = groups[-1] if groups else None
+        if g is not None and g[3] == b and np.array_equal(g[5], cb):
+            g[1] += 1
+        else:
+            groups.append([j, 1, lo, b, 0.5 * (cb[:-1] + cb[1:]), cb])
+        lo += b
+    return [tuple(g) for g in groups]
+
+
+def _quantize_group(seg, cnt, b, mid, cb, gain, codes_out, norms_out) -> bool:
+    """Quantize ``seg [r, cnt*b]`` (``cnt`` blocks of size ``b`` sharing ``cb``) into the views
+    ``codes_out [r, cnt*b]`` and ``norms_out [r, cnt]``; returns whether every norm is finite.
+
+    Bit-identical to the per-block definition: float64 sums of squares reduced over each
+    block's contiguous axis, ``u`` divided in float32, codes compared in float32."""
+    r = seg.shape[0]
+    x = seg.reshape(r, cnt, b)
+    if x.dtype != np.float32:
+        x = x.astype(np.float32)
+    n = np.sqrt(np.sum(np.square(x, dtype=np.float64), axis=2))
+    finite = bool(np.isfinite(n).all())
+    u = x / np.where(n > 0, n, 1.0)[:, :, None].astype(np.float32)
+    q = np.zeros(u.shape, np.uint8)
+    above = np.empty(u.shape, np.bool_)
+    for t in mid:
+        np.greater(u, t, out=above)
+        np.add(q, above.view(np.uint8), out=q)
+    codes_out.reshape(r, cnt, b)[...] = q
+    if gain != "none":
+        c = cb[q].astype(np.float64)
+        cc = np.sum(c * c, axis=2)
+        if gain == "ls":
+            num = np.sum(u.astype(np.float64) * c, axis=2)
+        else:
+            num = np.sqrt(np.sum(np.square(u, dtype=np.float64), axis=2))
+            cc = np.sqrt(cc)
+        n = n * np.where(cc > 0, num / np.where(cc > 0, cc, 1.0), 1.0)
+    norms_out[...] = n
+    return finite
 
 
 def dequantize_rows(

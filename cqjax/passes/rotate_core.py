@@ -28,9 +28,11 @@ transform (``log2(b)`` butterfly stages) and are jittable.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -143,6 +145,46 @@ def unrotate_rows_np(w_rot: np.ndarray, rot: Rotation, K: int | None = None) -> 
     out = np.empty_like(v)
     out[:, rot.perm] = v
     return out[:, : rot.Kpad if K is None else K].astype(_out_dtype(w_rot.dtype))
+
+
+@functools.lru_cache(maxsize=1)
+def _openblas_local_threads():
+    """NumPy's OpenBLAS ``openblas_set_num_threads_local`` (per calling thread, returns the
+    previous value), found among the loaded libraries; None where unavailable."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1]})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            fn = ctypes.CDLL(path).openblas_set_num_threads_local
+        except (OSError, AttributeError):
+            continue
+        fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_int]
+        return fn
+    return None
+
+
+@contextlib.contextmanager
+def single_thread_blas() -> Iterator[None]:
+    """Run NumPy's BLAS calls on the calling thread only, inside the ``with`` block.
+
+    The fast rotation is many small ``[rows, b] @ [b, b]`` products; OpenBLAS's worker threads
+    cost more to wake than they save there (10x slower on a busy 2-core machine). Results do
+    not change: OpenBLAS splits a product over rows/columns, never over the summed axis. The
+    setting is OpenBLAS's thread-local one, so other threads are unaffected; a no-op where
+    NumPy's BLAS is not OpenBLAS (0.3.27+).
+    """
+    fn = _openblas_local_threads()
+    if fn is None:
+        yield
+        return
+    prev = fn(1)
+    try:
+        yield
+    finally:
+        fn(prev)
 
 
 # ----------------------------------------------------------------------------- JAX
