@@ -206,7 +206,7 @@ def _quantize_rows_oracle(w_rot, blocks, codebooks, gain):
     return codes, norms.astype(np.float16)
 
 
-@pytest.mark.parametrize("chunk", [None, 64])  # 64 weights per chunk: many chunks, two threads
+@pytest.mark.parametrize("chunk", [None, 64])  # 64 weights per chunk: many row chunks
 @pytest.mark.parametrize("gain", GAINS)
 def test_quantize_rows_bit_identical_to_per_block_oracle(gain, chunk, monkeypatch):
     import cqjax.passes.codebook_core as core

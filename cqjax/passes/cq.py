@@ -63,9 +63,9 @@ def _rotate_rows_fast(rows: np.ndarray, rot: rotate_core.Rotation) -> np.ndarray
                 out[:, lo:hi] = 0.0
                 continue
             # (R v)_j = s1_j sum_i H_ji s2_i v[perm_i]  =>  out_blk = v_blk @ M, M[perm_i - lo, j] = s1_j H_ji s2_i
-            m = np.zeros((b, b))
-            m[rot.perm[lo:hi] - lo, :] = (rotate_core._hadamard(b) * rot.s2[lo:hi][None, :] * rot.s1[lo:hi][:, None]).T
-            m = m.astype(np.float32)
+            # (built in float32: the signs are exact, so this equals float32 of the float64 product)
+            m = np.empty((b, b), np.float32)
+            m[rot.perm[lo:hi] - lo] = (rotate_core._hadamard_f32(b) * rot.s1[lo:hi][:, None]).T * rot.s2[lo:hi][:, None]
             if hi <= K:
                 np.matmul(rows[:, lo:hi], m, out=out[:, lo:hi])
             else:

@@ -107,6 +107,14 @@ def _hadamard(b: int) -> np.ndarray:
     return h
 
 
+@functools.lru_cache(maxsize=16)
+def _hadamard_f32(b: int) -> np.ndarray:
+    """:func:`_hadamard` rounded to float32 (read-only, cached)."""
+    h = _hadamard(b).astype(np.float32)
+    h.setflags(write=False)
+    return h
+
+
 def _out_dtype(dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
