@@ -261,9 +261,9 @@ def _quantize_group(seg, cnt, b, mid, cb, gain, codes_out, norms_out) -> bool:
     n = np.sqrt(np.sum(np.square(x, dtype=np.float64), axis=2))
     finite = bool(np.isfinite(n).all())
     u = x / np.where(n > 0, n, 1.0)[:, :, None].astype(np.float32)
-    q = np.zeros(u.shape, np.uint8)
+    q = np.greater(u, mid[0]).view(np.uint8)  # count the midpoints below u (contiguous)
     above = np.empty(u.shape, np.bool_)
-    for t in mid:
+    for t in mid[1:]:
         np.greater(u, t, out=above)
         np.add(q, above.view(np.uint8), out=q)
     codes_out.reshape(r, cnt, b)[...] = q
