@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from test_parity import batch, torch_logits, write_checkpoint  # noqa: E402
+from test_parity import assert_matches, write_checkpoint  # noqa: E402
 
 from cqjax.errors import ConfigError  # noqa: E402
 from cqjax.io import hf  # noqa: E402
@@ -79,12 +78,7 @@ def write_gemma4(cfg, directory, seed=0):
 def test_matches_transformers(name, tmp_path):
     ref = write_gemma4(CASES[name](), tmp_path)
     model, ir = hf.load(tmp_path)
-    tokens, mask = batch(BASE["vocab_size"])
-    ours = np.asarray(model(tokens, mask))
-    theirs = torch_logits(ref, tokens, mask)
-    assert ours.shape == theirs.shape
-    diff = np.abs(ours - theirs)[mask]
-    assert diff.max() < 1e-4, f"{name}: max abs logit diff {diff.max():.2e}"
+    assert_matches(model, ref, BASE["vocab_size"], name)
 
 
 def test_ir_layout_and_roles(tmp_path):
