@@ -13,7 +13,6 @@ measured in the same run is reading the eligible tensors (materializing the lazy
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource

@@ -17,7 +17,7 @@ from cqjax.io import artifact, hf
 from cqjax.ir import IR, TensorMeta, materialize
 from cqjax.kernels.qarrays import is_quantized
 from cqjax.passes.recipes import cq_pipeline, rtn_pipeline
-from test_import_errors import CONFIG, write
+from test_import_errors import write
 from test_quant_passes import ODD, tensors
 
 TOKENS = np.array([[1, 5, 9, 10, 2, 7], [3, 3, 8, 6, 0, 1]], np.int32)
