@@ -69,3 +69,46 @@ def test_from_nnx_and_similarity_with_itself():
     np.testing.assert_array_equal(sim["top1"], score[:, 1:].sum(1))
     np.testing.assert_allclose(sim["logp_model"], sim["logp_ref"], rtol=1e-6)
     assert sim["logp_model"] == pytest.approx(_expected(table, tokens, score), rel=1e-5)
+
+
+def _positions_from_score(tokens, score):
+    """(positions, targets, valid) that select the same tokens as ``score``."""
+    C = int(score.sum(1).max())
+    pos = np.zeros((len(tokens), C), np.int32)
+    tgt = np.zeros_like(pos)
+    valid = np.zeros(pos.shape, bool)
+    for b in range(len(tokens)):
+        t = np.nonzero(score[b])[0]
+        pos[b, :len(t)], tgt[b, :len(t)], valid[b, :len(t)] = t - 1, tokens[b, t], True
+    return pos, tgt, valid
+
+
+def test_score_at_equals_full_scoring_for_plain_forward():
+    table = bigram_table(V)
+    tokens, mask, score = _batch()
+    scorer = LogLikelihoodScorer(bigram_forward(table))
+    got = scorer.score_at(tokens, mask, *_positions_from_score(tokens, score))
+    np.testing.assert_allclose(got, scorer(tokens, mask, score), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_score_at_with_head_split_equals_full_logits(name, tmp_path):
+    """from_nnx splits a cqjax LM at its head; scoring a few positions gives the same sums."""
+    pytest.importorskip("torch")
+    from test_parity import CASES, write_checkpoint
+
+    from cqjax.io import hf
+
+    write_checkpoint(CASES[name](), tmp_path)
+    model, _ = hf.load(tmp_path)
+    fwd = from_nnx(model)
+    assert fwd.hidden_fn is not None
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 97, (3, 12)).astype(np.int32)
+    mask = np.ones_like(tokens, bool)
+    mask[2, 7:] = False
+    score = np.zeros_like(mask)
+    score[0, 9:], score[1, 3:5], score[2, 5:7] = True, True, True
+    scorer = LogLikelihoodScorer(fwd)
+    got = scorer.score_at(tokens, mask, *_positions_from_score(tokens, score))
+    np.testing.assert_allclose(got, scorer(tokens, mask, score), rtol=1e-5, atol=1e-5)

@@ -13,7 +13,9 @@ too long            context tokens dropped from the left (BOS kept) to fit the l
                     counted in ``protocol["truncated"]``
 shapes              each row is right-padded to the smallest bucket length ``T`` that holds it;
                     a bucket's batches all have ``max(1, tokens_per_batch // T)`` rows, so XLA
-                    compiles once per bucket used
+                    compiles once per bucket used; the output head runs only at the
+                    ``C`` positions that predict continuation tokens (``C`` = the bucket's
+                    longest continuation rounded up to 8)
 acc                 ``argmax_i ll_i == label``
 acc_per_char        ``argmax_i ll_i / len(continuation_i)``, length in characters of the
                     request's continuation string (leading space included)
@@ -36,7 +38,7 @@ import numpy as np
 from cqjax.eval.progress import Progress
 from cqjax.eval.scoring import BoundForward, Forward, LogLikelihoodScorer, as_scorer
 from cqjax.eval.texts import iter_requests
-from cqjax.eval.windows import encode, pad_batch, tokenizer_info, tokens_digest
+from cqjax.eval.windows import encode, tokenizer_info, tokens_digest
 
 # Padded row lengths. With SmolLM2's tokenizer, 1,000 docs each of ARC-Easy, PIQA and HellaSwag
 # are 388 k real tokens: these buckets pad them to 1.22x (64/128/256/512 would pad to 1.77x)
@@ -180,6 +182,11 @@ def pack_requests(tokenizer, requests: Sequence[tuple[str, str]], *, max_len: in
                           bos=bool(bos))
 
 
+def scored_width(n_cont: np.ndarray, T: int) -> int:
+    """Scored positions per row for one bucket: the longest continuation rounded up to 8."""
+    return int(min(T - 1, max(8, -(-int(np.max(n_cont)) // 8) * 8)))
+
+
 def score_packed(scorer: LogLikelihoodScorer, packed: PackedRequests, *,
                  buckets: Sequence[int] = DEFAULT_BUCKETS, tokens_per_batch: int = 2048,
                  progress: Progress | None = None) -> np.ndarray:
@@ -195,18 +202,23 @@ def score_packed(scorer: LogLikelihoodScorer, packed: PackedRequests, *,
         if not len(idx):
             continue
         bs = max(1, tokens_per_batch // T)
+        C = scored_width(packed.n_cont[idx], T)
         for start in range(0, len(idx), bs):
             chunk = idx[start:start + bs]
-            tok = np.zeros((len(chunk), T), np.int32)
-            mask = np.zeros((len(chunk), T), bool)
-            score = np.zeros((len(chunk), T), bool)
+            tok = np.zeros((bs, T), np.int32)
+            mask = np.zeros((bs, T), bool)
+            mask[:, 0] = True  # dummy rows (see windows.pad_batch) score nothing
+            pos = np.zeros((bs, C), np.int32)
+            target = np.zeros((bs, C), np.int32)
+            valid = np.zeros((bs, C), bool)
             for j, r in enumerate(chunk):
-                L = lengths[r]
+                L, n = lengths[r], packed.n_cont[r]
                 tok[j, :L] = packed.rows[r]
                 mask[j, :L] = True
-                score[j, L - packed.n_cont[r]:L] = True
-            t, m, s = pad_batch(tok, mask, score, bs)
-            out[chunk] = scorer(t, m, s)[:len(chunk)]
+                pos[j, :n] = np.arange(L - n - 1, L - 1)
+                target[j, :n] = packed.rows[r][L - n:]
+                valid[j, :n] = True
+            out[chunk] = scorer.score_at(tok, mask, pos, target, valid)[:len(chunk)]
             if progress is not None:
                 progress.update(len(chunk))
     return out

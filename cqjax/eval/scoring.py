@@ -33,10 +33,20 @@ class BoundForward:
 
     The scorers pass ``params`` (any pytree of arrays) to their jitted step as an argument,
     so the weights are not baked into the compiled program.
+
+    Optionally split at the output head: ``hidden_fn(params, tokens, mask) -> h [B, T, D]`` and
+    ``head_fn(params, h [..., D]) -> logits [..., V]`` with ``fn == head_fn ∘ hidden_fn``. Scorers
+    that need only a few positions' logits (multiple choice) then apply the head to those
+    positions alone: with a large vocabulary the head is most of the model's work.
     """
 
-    def __init__(self, fn: Callable[[Any, jax.Array, jax.Array], jax.Array], params: Any):
+    def __init__(self, fn: Callable[[Any, jax.Array, jax.Array], jax.Array], params: Any, *,
+                 hidden_fn: Callable[[Any, jax.Array, jax.Array], jax.Array] | None = None,
+                 head_fn: Callable[[Any, jax.Array], jax.Array] | None = None):
+        if (hidden_fn is None) != (head_fn is None):
+            raise ValueError("BoundForward: give both hidden_fn and head_fn, or neither")
         self.fn, self.params = fn, params
+        self.hidden_fn, self.head_fn = hidden_fn, head_fn
 
     def __call__(self, tokens, mask):
         return self.fn(self.params, tokens, mask)
@@ -48,7 +58,11 @@ def bind(fn: Callable[[Any, jax.Array, jax.Array], jax.Array], params: Any) -> B
 
 
 def from_nnx(model: Any) -> BoundForward:
-    """A bound forward for a Flax NNX module called as ``model(tokens, mask) -> logits``."""
+    """A bound forward for a Flax NNX module called as ``model(tokens, mask) -> logits``.
+
+    Models with ``hidden_states(tokens, mask) -> (h, caches)`` and ``logits(h)`` (the cqjax
+    causal LMs) are also split at the head (see :class:`BoundForward`).
+    """
     from flax import nnx
 
     graphdef, state = nnx.split(model)
@@ -56,13 +70,43 @@ def from_nnx(model: Any) -> BoundForward:
     def fn(state, tokens, mask):
         return nnx.merge(graphdef, state)(tokens, mask)
 
-    return BoundForward(fn, state)
+    if not (hasattr(model, "hidden_states") and hasattr(model, "logits")):
+        return BoundForward(fn, state)
+
+    def hidden_fn(state, tokens, mask):
+        return nnx.merge(graphdef, state).hidden_states(tokens, mask)[0]
+
+    def head_fn(state, h):
+        return nnx.merge(graphdef, state).logits(h)
+
+    return BoundForward(fn, state, hidden_fn=hidden_fn, head_fn=head_fn)
 
 
 def _unbind(forward: Forward | BoundForward) -> tuple[Callable, Any]:
     if isinstance(forward, BoundForward):
         return forward.fn, forward.params
     return (lambda _params, tokens, mask: forward(tokens, mask)), None
+
+
+def _gathered_logits(forward: Forward | BoundForward) -> Callable:
+    """``f(params, tokens, mask, positions [B, C]) -> logits [B, C, V]`` at those positions only.
+
+    Uses the forward's head split when it has one, else slices the full logits.
+    """
+    if isinstance(forward, BoundForward) and forward.hidden_fn is not None:
+        hidden_fn, head_fn = forward.hidden_fn, forward.head_fn
+
+        def f(params, tokens, mask, positions):
+            h = hidden_fn(params, tokens, mask)
+            return head_fn(params, jnp.take_along_axis(h, positions[..., None], axis=1))
+
+        return f
+    fn, _ = _unbind(forward)
+
+    def f(params, tokens, mask, positions):
+        return jnp.take_along_axis(fn(params, tokens, mask), positions[..., None], axis=1)
+
+    return f
 
 
 def _shifted_logprobs(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -105,11 +149,42 @@ class LogLikelihoodScorer:
             return jnp.sum(jnp.where(score[:, 1:], lp, 0.0), axis=1)
 
         self._step = jax.jit(step)
+        gathered = _gathered_logits(forward)
+
+        def step_at(params, tokens, mask, positions, targets, valid):
+            lg = gathered(params, tokens, mask, positions).astype(jnp.float32)
+            picked = jnp.take_along_axis(lg, targets[..., None], axis=-1)[..., 0]
+            lp = picked - jax.nn.logsumexp(lg, axis=-1)
+            return jnp.sum(jnp.where(valid, lp, 0.0), axis=1)
+
+        self._step_at = jax.jit(step_at)
 
     def __call__(self, tokens: np.ndarray, mask: np.ndarray, score: np.ndarray) -> np.ndarray:
         """Returns float64[B]: the sum of log P over the scored tokens of each row."""
         out = self._step(self._params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool),
                          jnp.asarray(score, bool))
+        return np.asarray(out, np.float64)
+
+    def score_at(self, tokens: np.ndarray, mask: np.ndarray, positions: np.ndarray,
+                 targets: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """Sums of ``log P(targets[b, c] | logits at positions[b, c])`` where ``valid``.
+
+        The same sums as :meth:`__call__` with ``score[b, positions + 1] = True`` and
+        ``targets = tokens[b, positions + 1]``, but the output head runs only at
+        ``positions`` when the forward is split at the head (:class:`BoundForward`).
+
+        Args:
+          tokens, mask: ``[B, T]`` as for :meth:`__call__`.
+          positions: int32 ``[B, C]`` indices into T of the predicting positions.
+          targets: int32 ``[B, C]`` the token each position predicts.
+          valid: bool ``[B, C]``; False entries (padding) add nothing.
+
+        Returns:
+          float64[B].
+        """
+        out = self._step_at(self._params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool),
+                            jnp.asarray(positions, jnp.int32), jnp.asarray(targets, jnp.int32),
+                            jnp.asarray(valid, bool))
         return np.asarray(out, np.float64)
 
 
