@@ -19,6 +19,7 @@ CpuFeatures Detect() {
   f.avx512bw = __builtin_cpu_supports("avx512bw");
   f.avx512vnni = __builtin_cpu_supports("avx512vnni");
   f.avx512vbmi = __builtin_cpu_supports("avx512vbmi");
+  f.avx512vl = __builtin_cpu_supports("avx512vl");
 #elif defined(__aarch64__)
   f.neon = true;  // Advanced SIMD is mandatory on AArch64.
 #if defined(__linux__) && defined(HWCAP_ASIMDDP)

@@ -1,7 +1,11 @@
 // pybind11 module cqjax._xla_ext: FFI handler capsules and CPU features.
 #include <pybind11/pybind11.h>
 
+#include <string>
+
 #include "cqjax/cpu_features.h"
+#include "cqjax/cq_kernel.h"
+#include "cqjax/formats.h"
 #include "cqjax/ffi_handlers.h"
 
 namespace py = pybind11;
@@ -23,6 +27,8 @@ PYBIND11_MODULE(_xla_ext, m) {
       []() {
         py::dict d;
         d["cqjax_scale"] = EncapsulateHandler(CqjaxScale);
+        d["cqjax_cq_matmul"] = EncapsulateHandler(CqjaxCqMatmul);
+        d["cqjax_cq_gather"] = EncapsulateHandler(CqjaxCqGather);
         return d;
       },
       "Returns {target_name: PyCapsule(XLA_FFI_Handler*)} for every handler.");
@@ -43,6 +49,51 @@ PYBIND11_MODULE(_xla_ext, m) {
         return d;
       },
       "Returns {feature: bool} for the running CPU (detected at run time).");
+
+  namespace cq = cqjax::cq;
+  m.def(
+      "kernel_paths",
+      []() {
+        py::dict d;
+        for (int i = 0; i < cq::kNumPaths; ++i) {
+          const auto p = static_cast<cq::Path>(i);
+          d[cq::PathName(p)] = cq::PathSupported(p);
+        }
+        return d;
+      },
+      "Returns {path: supported} for the CQ kernel paths (compiled in and CPU-supported).");
+  m.def(
+      "active_kernel_path",
+      []() {
+        cq::Path p;
+        std::string err;
+        if (!cq::ActivePath(&p, &err)) throw py::value_error(err);
+        return std::string(cq::PathName(p));
+      },
+      "The CQ kernel path calls use now (override, CQJAX_KERNEL_PATH, or the best).");
+  m.def(
+      "set_kernel_path",
+      [](py::object name) {
+        if (name.is_none()) {
+          cq::SetPathOverride(-1);
+          return;
+        }
+        cq::Path p;
+        const std::string s = name.cast<std::string>();
+        if (!cq::ParsePath(s, &p)) {
+          throw py::value_error("unknown CQ kernel path '" + s +
+                                "'; known: ref, avx2, avx512, neon, neon_dot");
+        }
+        if (!cq::PathSupported(p)) {
+          throw py::value_error("CQ kernel path '" + s + "' is not supported on this CPU/binary");
+        }
+        cq::SetPathOverride(static_cast<int>(p));
+      },
+      py::arg("name"), "Forces a CQ kernel path (None restores the default).");
+  m.def("set_kernel_threads", &cq::SetMaxThreads, py::arg("n"),
+        "Caps the threads of a CQ kernel call (0: all of XLA's intra-op pool).");
+  m.def("kernel_threads", &cq::MaxThreads, "The thread cap (0: none).");
+  m.attr("LAYOUT_VERSION") = cqjax::formats::kLayoutVersion;
 
 #ifdef CQJAX_VERSION
   m.attr("__version__") = CQJAX_VERSION;

@@ -18,6 +18,7 @@ struct CpuFeatures {
   bool avx512bw = false;
   bool avx512vnni = false;
   bool avx512vbmi = false;
+  bool avx512vl = false;
   // aarch64
   bool neon = false;
   bool dotprod = false;

@@ -7,6 +7,11 @@
 // | target name   | operands        | attributes   | result        |
 // |---------------|-----------------|--------------|---------------|
 // | cqjax_scale   | x: f32[...]     | scale: f32   | x * scale     |
+// | cqjax_cq_matmul | x f32[..., K], codes u8[N, RB], norms f16[N, nb],  |
+// |               | codebooks f16[nb, 2^bits], s1/s2 s8[Kpad], perm s32[Kpad] |
+// |               | bits, blocks, rotate | y f32[..., N] = (R x) . W^T |
+// | cqjax_cq_gather | ids s32[...], codes, norms, codebooks, s1, s2, perm |
+// |               | bits, blocks, k, rotate | f32[..., k] decoded rows |
 #ifndef CQJAX_FFI_HANDLERS_H_
 #define CQJAX_FFI_HANDLERS_H_
 
@@ -14,6 +19,17 @@
 
 extern "C" {
 XLA_FFI_Error* CqjaxScale(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* CqjaxCqMatmul(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* CqjaxCqGather(XLA_FFI_CallFrame* call_frame);
 }
+
+namespace cqjax {
+namespace cq {
+// Caps the threads a CQ kernel call uses (0: every thread of XLA's pool, or
+// CQJAX_KERNEL_THREADS when set).
+void SetMaxThreads(int n);
+int MaxThreads();
+}  // namespace cq
+}  // namespace cqjax
 
 #endif  // CQJAX_FFI_HANDLERS_H_
