@@ -46,11 +46,17 @@ def main(argv=None) -> int:
     evdata = ev.prepare(AutoTokenizer.from_pretrained(directory), cfg)
     ref = from_nnx(model)
     rows = []
-    base = ev.evaluate_model(ref, evdata, model_id=None if not tasks else f"{args.model}@bench")
-    rows.append({"method": "float", "bits": 16, "bits_per_weight": 16.0,
+    # Same model id as the CLI's float baseline, so both share the eval cache.
+    model_id = f"{args.model}@{hf.checkpoint_fingerprint(directory)}"
+    base = ev.evaluate_model(ref, evdata, model_id=model_id)
+    rows.append({"method": "float", "bits": 16, "bits_per_weight": 16.0, "model_bits_per_weight": 16.0,
                  "perplexity": base["perplexity"]["perplexity"], "kl": 0.0, "top1": 1.0,
-                 "accuracy": {t: base[t]["acc"] for t in tasks}})
+                 **accuracy(base, tasks)})
     print(f"float: ppl {rows[0]['perplexity']:.3f}", file=sys.stderr, flush=True)
+    result = {"model": args.model, "protocol": base["perplexity"]["protocol"],
+              "tasks": {t: base[t]["protocol"] for t in tasks},
+              "machine": {"platform": platform.platform(), "python": platform.python_version()},
+              "rows": rows}
     for method in args.methods:
         for bits in args.bits:
             t0 = time.perf_counter()
@@ -59,26 +65,37 @@ def main(argv=None) -> int:
             sim = out["similarity"]
             rows.append({"method": method, "bits": bits, "embed_bits": args.embed_bits,
                          "bits_per_weight": q.storage["bits_per_weight"]["quantized_tensors"],
+                         "model_bits_per_weight": q.storage["bits_per_weight"]["model"],
                          "perplexity": sim["perplexity"], "kl": sim["kl"], "top1": sim["top1"],
-                         "accuracy": {t: out[t]["acc"] for t in tasks}, "seconds": time.perf_counter() - t0})
+                         **accuracy(out, tasks), "seconds": time.perf_counter() - t0})
             r = rows[-1]
             print(f"{method} {bits}: bpw {r['bits_per_weight']:.3f} ppl {r['perplexity']:.3f} "
-                  f"kl {r['kl']:.4f} top1 {r['top1']:.4f}", file=sys.stderr, flush=True)
-    result = {"model": args.model, "protocol": base["perplexity"]["protocol"],
-              "machine": {"platform": platform.platform(), "python": platform.python_version()},
-              "rows": rows}
-    write_json(args.json, result)
-    if args.md:
-        head = "| method | bits | stored bits/weight | perplexity | KL | top-1 |" + "".join(f" {t} |" for t in tasks)
-        lines = [f"# {args.model}: quality per stored bit", "", head,
-                 "|" + "---|" * (6 + len(tasks))]
-        for r in rows:
-            acc = "".join(f" {r['accuracy'][t]:.4f} |" for t in tasks)
-            lines.append(f"| {r['method']} | {r['bits']} | {r['bits_per_weight']:.3f} | {r['perplexity']:.3f} "
-                         f"| {r['kl']:.4f} | {r['top1']:.4f} |{acc}")
-        lines += ["", "Perplexity protocol: " + json.dumps(result["protocol"], sort_keys=True)]
-        write_text(args.md, "\n".join(lines) + "\n")
+                  f"kl {r['kl']:.4f} top1 {r['top1']:.4f} acc {r['accuracy']}", file=sys.stderr, flush=True)
+            write(result, args, tasks)  # after every row: a long run keeps what it measured
+    write(result, args, tasks)
     return 0
+
+
+def accuracy(out: dict, tasks) -> dict:
+    return {"accuracy": {t: out[t]["acc"] for t in tasks}, "stderr": {t: out[t]["stderr"] for t in tasks},
+            "n": {t: out[t]["n"] for t in tasks}}
+
+
+def write(result: dict, args, tasks) -> None:
+    write_json(args.json, result)
+    if not args.md:
+        return
+    n = {t: result["rows"][0]["n"][t] for t in tasks}
+    head = ("| method | bits | stored bits/weight (quantized tensors / model) | perplexity | KL | top-1 |"
+            + "".join(f" {t} (n={n[t]}) |" for t in tasks))
+    lines = [f"# {args.model}: quality per stored bit", "", head, "|" + "---|" * (6 + len(tasks))]
+    for r in result["rows"]:
+        acc = "".join(f" {r['accuracy'][t]:.3f} ± {r['stderr'][t]:.3f} |" for t in tasks)
+        lines.append(f"| {r['method']} | {r['bits']} | {r['bits_per_weight']:.3f} / {r['model_bits_per_weight']:.3f} "
+                     f"| {r['perplexity']:.3f} | {r['kl']:.4f} | {r['top1']:.4f} |{acc}")
+    lines += ["", "Perplexity protocol: " + json.dumps(result["protocol"], sort_keys=True),
+              "", f"Machine: {result['machine']['platform']}"]
+    write_text(args.md, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ model larger than memory can be converted tensor by tensor.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,19 @@ def resolve(path_or_id: str | Path) -> Path:
             f"{path_or_id}: not a local directory and the Hugging Face hub could not be reached "
             f"({type(e).__name__}: {e}). Download the checkpoint elsewhere and point model.path at "
             "the local directory (config.json + *.safetensors + tokenizer files).") from e
+
+
+def checkpoint_fingerprint(directory: Path) -> str:
+    """A cheap identity of a checkpoint directory (for caching results of its float model).
+
+    Hashes ``config.json`` and the names, sizes and mtimes of its ``*.safetensors`` shards.
+    """
+    directory = Path(directory)
+    h = hashlib.sha256((directory / "config.json").read_bytes())
+    for f in sorted(directory.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
 
 
 def read_config(directory: Path) -> dict:
