@@ -20,7 +20,6 @@ schema in :mod:`cqjax.report`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
@@ -85,12 +84,10 @@ def model_dir(model_cfg: DictConfig) -> Path:
 
 
 def fingerprint(directory: Path) -> str:
-    """A cheap identity of a checkpoint: its config and the names, sizes and mtimes of its shards."""
-    h = hashlib.sha256((directory / "config.json").read_bytes())
-    for f in sorted(directory.glob("*.safetensors")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
+    """The float model's cache identity (shared with ``benchmarks/quality.py``)."""
+    from cqjax.io.hf import checkpoint_fingerprint
+
+    return checkpoint_fingerprint(directory)
 
 
 class _TensorProgress:

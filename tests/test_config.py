@@ -1,0 +1,173 @@
+"""Every Hydra config composes, validates and instantiates; bad keys and values are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from cqjax import config as cfg_lib
+from cqjax.__main__ import config_dir
+from cqjax.cli import build_pipeline, model_dir
+from cqjax.errors import ConfigError
+from cqjax.pipeline import Chain
+
+CONF = Path(config_dir())
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose("config", overrides=list(overrides))
+
+
+def test_config_dir_is_the_source_checkout():
+    assert (CONF / "config.yaml").is_file() and CONF.name == "conf"
+
+
+def test_every_group_has_options():
+    assert {"smollm2-135m", "gemma3-270m", "hf", "gemma4", "qwen3", "llama-3.2"} <= set(options("model"))
+    assert set(options("pipeline")) == {"cq", "rtn"} and {"default", "quick"} <= set(options("eval"))
+    assert "production" in options("experiment")
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_every_model_composes(model):
+    cfg = composed(f"+model={model}")
+    cfg_lib.validate(cfg)
+    cfg_lib.validate_inputs(cfg)
+    m = cfg.model
+    assert m.name and (m.source or m.packaged or model == "hf")
+    if m.source:
+        assert m.source.count("/") == 1  # a hub id
+    assert OmegaConf.get_type(m) is cfg_lib.ModelConfig
+
+
+@pytest.mark.parametrize("model", [m for m in options("model") if m not in ("hf", "smollm2-135m", "gemma3-270m")])
+def test_hub_models_take_a_local_path(model, tmp_path):
+    cfg = composed(f"+model={model}", f"model.path={tmp_path}")
+    assert model_dir(cfg.model) == tmp_path
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g in ("quant", "pipeline", "eval", "experiment")
+                                           for o in options(g)])
+def test_every_option_composes_validates_and_instantiates(group, option):
+    cfg = composed("+model=smollm2-135m", f"{group}={option}")
+    cfg_lib.validate(cfg)
+    cfg_lib.validate_inputs(cfg)
+    ecfg = cfg_lib.eval_config(cfg.eval)
+    assert ecfg.tasks == tuple(cfg.eval.tasks) and ecfg.max_tokens == cfg.eval.perplexity.max_tokens
+    recipe = build_pipeline(cfg, progress=False)
+    assert isinstance(recipe, Chain) and [n for n, _ in recipe.steps] == list(cfg.pipeline)
+    OmegaConf.to_yaml(cfg, resolve=True)  # every interpolation resolves
+
+
+@pytest.mark.parametrize("pipeline, bits", [("cq", 2), ("rtn", 4)])
+def test_pipelines_honour_quant_bits(pipeline, bits):
+    from cqjax.ir import TensorMeta
+
+    cfg = composed("+model=smollm2-135m", f"pipeline={pipeline}", f"quant.bits={bits}", "quant.embed_bits=8",
+                   "quant.block=64")
+    passes = [p.inner if hasattr(p, "inner") else p for _, p in build_pipeline(cfg).steps]
+    with_bits = [p for p in passes if hasattr(p, "bits")]
+    assert len(with_bits) == 1
+    rules = with_bits[0].bits
+    linear = TensorMeta(role="linear", hf_name="x", shape=(64, 64), dtype="float32")
+    embed = TensorMeta(role="embedding", hf_name="e", shape=(64, 64), dtype="float32")
+    assert rules.get("layers/0/mlp/up_proj/kernel", linear) == bits
+    assert rules.get("embed_tokens/embedding", embed) == 8
+    assert all(p.block == 64 for p in passes if hasattr(p, "block"))
+
+
+def test_pipeline_is_a_dict_of_named_passes():
+    cfg = composed("+model=smollm2-135m", "pipeline.codebook.mode=fitted", "~pipeline.rotate")
+    assert list(cfg.pipeline) == ["codebook", "pack"] and cfg.pipeline.codebook.mode == "fitted"
+    assert not composed("+model=smollm2-135m", "~pipeline").pipeline
+
+
+def test_experiment_production_is_global():
+    cfg = composed("+model=smollm2-135m", "experiment=production", "eval=quick")
+    assert cfg.quant.bits == 4 and cfg.quant.codebook == "fitted" and cfg.pipeline.pack.gain == "ls"
+    assert cfg.pipeline.codebook.mode == "fitted"
+    assert "experiment" not in cfg
+
+
+def test_perplexity_path_maps_onto_eval_config(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("hello world")
+    cfg = composed("+model=smollm2-135m", f"eval.perplexity.path={text}", "eval.perplexity.context=64")
+    cfg_lib.validate(cfg)
+    ecfg = cfg_lib.eval_config(cfg.eval)
+    assert ecfg.text_path == str(text) and ecfg.context == 64
+
+
+@pytest.mark.parametrize("overrides, needles", [
+    (["quant.bits=5"], ["quant.bits=5", "1, 2, 3, 4, 8"]),
+    (["quant.embed_bits=6"], ["quant.embed_bits=6", "1, 2, 3, 4, 8"]),
+    (["quant.block=100"], ["quant.block=100", "power of two"]),
+    (["quant.codebook=kmeans"], ["quant.codebook='kmeans'", "analytic, fitted"]),
+    (["+quant.overrides.lm_head=7"], ["quant.overrides", "1, 2, 3, 4, 8"]),
+    (["eval.tasks=[arc_easy,mmlu]"], ["eval.tasks[1]='mmlu'", "arc_easy", "hellaswag", "piqa"]),
+    (["eval.perplexity.text=books"], ["eval.perplexity.text='books'", "wikipedia", "eval.perplexity.path"]),
+    (["eval.perplexity.path=/no/such/file.txt"], ["eval.perplexity.path", "/no/such/file.txt", "not found"]),
+    (["eval.limit=0"], ["eval.limit=0", ">= 1"]),
+])
+def test_bad_values_name_key_and_allowed_values(overrides, needles):
+    with pytest.raises(ConfigError) as e:
+        cfg_lib.validate(composed("+model=smollm2-135m", *overrides))
+    for n in needles:
+        assert n in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, needles", [
+    (["pipeline.codebook.mode=bogus"], ["pipeline.codebook", "bogus", "analytic", "fitted"]),
+    (["pipeline.pack.gain=huge"], ["pipeline.pack", "huge", "none", "ls", "norm"]),
+    (["+pipeline.pack.foo=1"], ["pipeline.pack", "foo", "allowed keys", "gain", "where"]),
+    (["+pipeline.extra._target_=cqjax.passes.cq.NoSuchPass"], ["pipeline.extra", "NoSuchPass"]),
+])
+def test_bad_pass_settings_fail_at_instantiation(overrides, needles):
+    cfg = composed("+model=smollm2-135m", *overrides)
+    with pytest.raises(ConfigError) as e:
+        build_pipeline(cfg, progress=False)
+    for n in needles:
+        assert n in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("overrides, needles", [
+    (["mode=foo"], ["mode", "convert, eval, generate"]),
+    (["quant.bitz=3"], ["bitz", "QuantConfig"]),
+    (["eval.perplexity.context=abc"], ["eval.perplexity.context", "abc"]),
+    (["+model=nosuch"], ["model/nosuch", "smollm2-135m"]),
+])
+def test_composition_rejects_bad_keys_and_types(overrides, needles):
+    with pytest.raises(ConfigCompositionException) as e:
+        composed(*overrides)
+    text = str(e.value) + str(e.value.__cause__)
+    for n in needles:
+        assert n in text, text
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ([], "+model=<name>"),
+    (["mode=eval"], "artifact=DIR"),
+    (["mode=generate", "artifact=/nonexistent"], "no manifest.json"),
+])
+def test_mode_inputs_are_required(overrides, needle):
+    cfg = composed(*overrides)
+    cfg_lib.validate(cfg)
+    with pytest.raises(ConfigError, match=needle.replace("+", r"\+")):
+        cfg_lib.validate_inputs(cfg)
+
+
+def test_generate_needs_a_prompt(tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")
+    cfg = composed("mode=generate", f"artifact={tmp_path}")
+    with pytest.raises(ConfigError, match='prompt="..."'):
+        cfg_lib.validate_inputs(cfg)
+    cfg_lib.validate_inputs(composed("mode=generate", f"artifact={tmp_path}", "prompt=hi"))
