@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 _PLAIN = FuncFormatter(lambda y, _: f"{y:g}")
 
@@ -79,6 +79,8 @@ def tensor_errors(report: dict[str, Any], path: str | os.PathLike) -> Path | Non
         ax.axhline(t["rel_error"], linestyle="--", linewidth=1.2, color=f"C{(len(series) + i) % 10}",
                    label=f"{_kind(t['path'])} ({t['bits']}-bit)")
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_formatter(_PLAIN)
     ax.set_xlabel("layer index")
     ax.set_ylabel("relative weight error ‖W − Ŵ‖² / ‖W‖²  (log scale)")
     ax.set_title(f"{report['model']}: weight error of each quantized tensor\n{_subtitle(report)}", fontsize=11)

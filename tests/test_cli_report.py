@@ -1,0 +1,98 @@
+"""Report pieces without a model: the schema check, report.md, summary.md, the plots."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from cqjax.report import check_schema, evals_table, markdown, summary_table
+from cqjax.report.plots import pareto, report_plots
+from cqjax.report.sweep import collect, write_summary
+
+
+def report(pipeline="cq", bits=3, bpw=3.4, ppl=25.0, kl=0.3):
+    return {
+        "model": "tiny", "mode": "convert", "pipeline_name": pipeline, "pipeline": ["rotate", "codebook", "pack"],
+        "config": {"quant": {"bits": bits, "embed_bits": 4}}, "parameters": 1000,
+        "bits_per_weight": {"quantized_tensors": bpw, "model": bpw + 0.1},
+        "bytes": {"float": 2000, "quantized": int(bpw * 125)},
+        "evals": {"perplexity": {"baseline": 20.0, "quantized": ppl, "kl": kl, "top1": 0.8, "tokens": 511,
+                                 "protocol": {"text": {"source": "wikipedia"}, "context": 512, "stride": 511}},
+                  "arc_easy": {"baseline": 0.5, "quantized": 0.45, "stderr": 0.05, "n": 100,
+                               "protocol": {"source": "arc_easy/rc_0shot", "split": "test"}}},
+        "tensors": [{"path": f"layers/{i}/mlp/up_proj/kernel", "role": "linear", "bits": bits, "rel_error": 0.03 * (i + 1)}
+                    for i in range(3)] + [{"path": "embed_tokens/embedding", "role": "embedding", "bits": 4,
+                                           "rel_error": 0.01},
+                                          {"path": "norm/scale", "role": "norm", "bits": 16, "rel_error": None}],
+        "passes": [{"name": "rotate", "seconds": 1.0}, {"name": "codebook", "seconds": 0.1}],
+        "seconds": 12.0, "timings": {"import": 1.0, "eval float": 5.0},
+    }
+
+
+def test_schema_check_accepts_a_report_and_names_what_is_missing():
+    check_schema(report())
+    for path in (("model",), ("bytes", "quantized"), ("evals", "perplexity", "kl"), ("evals", "arc_easy", "n")):
+        r = copy.deepcopy(report())
+        d = r
+        for k in path[:-1]:
+            d = d[k]
+        del d[path[-1]]
+        with pytest.raises(ValueError, match=path[-1]):
+            check_schema(r)
+    r = report()
+    del r["tensors"][0]["rel_error"]
+    with pytest.raises(ValueError, match=r"tensors\[0\].rel_error"):
+        check_schema(r)
+
+
+def test_evals_table_baseline_quantized_and_standalone():
+    base = {"perplexity": {"perplexity": 20.0, "tokens": 10, "protocol": {"p": 1}},
+            "piqa": {"acc": 0.6, "acc_per_char": 0.61, "stderr": 0.05, "n": 50}}
+    quant = {"similarity": {"perplexity": 22.0, "kl": 0.1, "top1": 0.9},
+             "perplexity": {"perplexity": 22.0, "tokens": 10, "protocol": {"p": 1}},
+             "piqa": {"acc": 0.55, "acc_per_char": 0.5, "stderr": 0.05, "n": 50}}
+    t = evals_table(base, quant)
+    assert t["perplexity"] == {"baseline": 20.0, "quantized": 22.0, "kl": 0.1, "top1": 0.9, "tokens": 10,
+                               "protocol": {"p": 1}}
+    assert (t["piqa"]["baseline"], t["piqa"]["quantized"], t["piqa"]["n"]) == (0.6, 0.55, 50)
+    alone = evals_table(None, {k: v for k, v in quant.items() if k != "similarity"})
+    assert alone["perplexity"]["baseline"] is None and alone["perplexity"]["quantized"] == 22.0
+    assert alone["perplexity"]["kl"] is None and alone["piqa"]["baseline"] is None
+
+
+def test_markdown_has_the_quality_table_and_worst_tensors():
+    md = markdown({**report(), "plots": ["metrics.png"]})
+    assert "| perplexity (lower is better) | 20.000 | 25.000 | +25.0% |" in md
+    assert "| arc_easy accuracy | 0.500 | 0.450 | -0.050 | ±0.050 (stderr), n=100 documents |" in md
+    assert md.index("layers/2/mlp/up_proj/kernel") < md.index("layers/0/mlp/up_proj/kernel")
+    assert "![metrics.png](metrics.png)" in md and "wikipedia" in md
+
+
+def test_plots_are_pngs(tmp_path):
+    names = report_plots(report(), tmp_path)
+    assert names == ["metrics.png", "tensor_errors.png"]
+    for n in names:
+        assert (tmp_path / n).read_bytes()[:4] == b"\x89PNG"
+    empty = {**report(), "evals": {}, "tensors": []}
+    assert report_plots(empty, tmp_path) == []
+
+
+def test_sweep_summary_and_pareto(tmp_path):
+    import json
+
+    jobs = [report("cq", 2, 2.6, 100.0, 2.0), report("cq", 4, 4.2, 22.0, 0.2),
+            report("rtn", 2, 2.7, 300.0, 3.0), report("rtn", 4, 4.3, 24.0, 0.3)]
+    for i, r in enumerate(jobs):
+        r["overrides"] = ["+model=tiny", f"quant.bits={r['config']['quant']['bits']}", f"pipeline={r['pipeline_name']}"]
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "report.json").write_text(json.dumps(r))
+    rows = collect(tmp_path)
+    assert [r["job"] for r in rows] == ["0: quant.bits=2 pipeline=cq", "1: quant.bits=4 pipeline=cq",
+                                        "2: quant.bits=2 pipeline=rtn", "3: quant.bits=4 pipeline=rtn"]
+    table = summary_table(rows)
+    assert table.count("\n| ") == 5 and "arc_easy acc (float → quantized)" in table
+    assert "| 0.500 → 0.450 |" in table
+    written = write_summary(tmp_path)
+    assert [p.name for p in written] == ["summary.md", "pareto.png"]
+    assert pareto([{**jobs[0], "bits_per_weight": {"quantized_tensors": None, "model": None}}], tmp_path / "x.png") is None
