@@ -1,0 +1,11 @@
+"""Calibration: token sequences and the activation statistics that calibrated passes read.
+
+>>> from cqjax.calib import SOURCES
+>>> SOURCES
+('self', 'squad')
+"""
+
+from cqjax.calib.sequences import SOURCES, calibration_tokens
+from cqjax.calib.stats import Calibration, collect
+
+__all__ = ["SOURCES", "Calibration", "calibration_tokens", "collect"]

