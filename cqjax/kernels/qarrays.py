@@ -12,6 +12,10 @@ method             computes                                     how (pure JAX, a
 ``attend(x)``      ``x @ T.T`` (tied output head)               rotate ``x``, decode, matmul
 =================  ===========================================  ==============================
 
+CQ leaves at 1-4 bits run these through the C++ FFI kernels on CPU (int8 activations, see
+:mod:`cqjax.kernels.backend` for the switch ``CQJAX_KERNEL=auto|ffi|jax``); the methods
+``_dot_rows_jnp`` / ``_take_rows_jnp`` are the pure-JAX reference on any backend.
+
 Both formats store **rows**: for a kernel the rows are its output columns (``W.T``), for a
 table its rows. ``transposed`` says which, so ``logical_shape`` is the float leaf's shape.
 The rotation is applied to the activation (``(R x)·(R w) = x·w``); no float copy of the weight
@@ -27,6 +31,7 @@ import numpy as np
 from flax import struct
 
 from cqjax.formats import cq as fmt
+from cqjax.kernels import backend
 from cqjax.passes import rotate_core
 
 
@@ -63,6 +68,10 @@ class _RowsMixin:
         return rows.T if self.transposed else rows
 
     def _dot_rows(self, x):
+        return self._dot_rows_jnp(x)
+
+    def _dot_rows_jnp(self, x):
+        """The pure-JAX reference: rotate ``x``, decode every row, einsum (float32)."""
         xr = self.rotate_activation(x.astype(jnp.float32))
         w = self.decode_rows(self.codes, self.norms_or_scales())
         return jnp.einsum("...k,nk->...n", xr, w)
@@ -75,6 +84,9 @@ class _RowsMixin:
         return self._dot_rows(x).astype(x.dtype)
 
     def take_rows(self, ids):
+        return self._take_rows_jnp(ids)
+
+    def _take_rows_jnp(self, ids):
         rows = self.decode_rows(jnp.take(self.codes, ids, axis=0), jnp.take(self.norms_or_scales(), ids, axis=0))
         return self.unrotate_rows(rows)[..., : self.K]
 
@@ -116,6 +128,13 @@ class CQArray(_RowsMixin):
 
     def rotate_activation(self, x):
         return rotate_core.rotate_jnp(x, (self.s1, self.s2, self.perm), self.blocks)
+
+    def _dot_rows(self, x):
+        # C++ kernel on CPU (see cqjax.kernels.backend), pure JAX elsewhere or when forced.
+        return backend.dot_rows(self, x, self._dot_rows_jnp)
+
+    def take_rows(self, ids):
+        return backend.take_rows(self, ids, self._take_rows_jnp)
 
     def unrotate_rows(self, rows):
         return rotate_core.unrotate_jnp(rows, (self.s1, self.s2, self.perm), self.blocks)

@@ -1,5 +1,6 @@
 // pybind11 module cqjax._xla_ext: FFI handler capsules and CPU features.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <string>
 
@@ -94,6 +95,41 @@ PYBIND11_MODULE(_xla_ext, m) {
         "Caps the threads of a CQ kernel call (0: all of XLA's intra-op pool).");
   m.def("kernel_threads", &cq::MaxThreads, "The thread cap (0: none).");
   m.attr("LAYOUT_VERSION") = cqjax::formats::kLayoutVersion;
+
+  // formats.h exposed for the test that it mirrors cqjax/formats/cq.py.
+  m.def(
+      "formats_block_plan",
+      [](int K, int block, int min_block) { return cqjax::formats::BlockPlan(K, block, min_block); },
+      py::arg("K"), py::arg("block") = 128, py::arg("min_block") = 16);
+  m.def(
+      "formats_pack_row",
+      [](py::bytes codes, int bits) {
+        const std::string c = codes;
+        const int kpad = static_cast<int>(c.size());
+        if (kpad % 8 || !cqjax::formats::BitsSupported(bits)) throw py::value_error("bad Kpad/bits");
+        std::string out(cqjax::formats::RowBytes(kpad, bits), '\0');
+        cqjax::formats::PackRow(reinterpret_cast<const uint8_t*>(c.data()), kpad, bits,
+                                reinterpret_cast<uint8_t*>(&out[0]));
+        return py::bytes(out);
+      },
+      py::arg("codes"), py::arg("bits"));
+  m.def(
+      "formats_unpack_row",
+      [](py::bytes row, int bits, int kpad) {
+        const std::string r = row;
+        if (kpad % 8 || !cqjax::formats::BitsSupported(bits) ||
+            static_cast<int>(r.size()) != cqjax::formats::RowBytes(kpad, bits)) {
+          throw py::value_error("bad row size/bits");
+        }
+        std::string out(kpad, '\0');
+        for (int k = 0; k < kpad; ++k) {
+          out[k] = static_cast<char>(
+              cqjax::formats::UnpackCode(reinterpret_cast<const uint8_t*>(r.data()), k, bits, kpad));
+        }
+        return py::bytes(out);
+      },
+      py::arg("row"), py::arg("bits"), py::arg("Kpad"));
+  m.def("formats_half_to_float", &cqjax::formats::HalfToFloat, py::arg("bits"));
 
 #ifdef CQJAX_VERSION
   m.attr("__version__") = CQJAX_VERSION;

@@ -1,0 +1,135 @@
+"""Which implementation a quantized leaf's matmul / lookup runs: the C++ kernel or pure JAX.
+
+==========  ======================================================================
+mode        what CQ leaves (1-4 bits) run
+==========  ======================================================================
+``auto``    the C++ FFI kernel on CPU, pure JAX elsewhere (``lax.platform_dependent``)
+``ffi``     the C++ FFI kernel always (CPU only)
+``jax``     pure JAX always (the reference: rotate, decode, einsum)
+==========  ======================================================================
+
+The mode comes from :func:`use_kernel` / :func:`set_kernel`, else the environment variable
+``CQJAX_KERNEL``, else ``auto``. It is read when a function is **traced**: a jitted function
+keeps the mode it was traced with. The kernel quantizes activations to int8 per block (see
+``xla_ext/include/cqjax/cq_kernel.h``), so its results differ slightly from the pure-JAX path;
+the embedding lookup is exact in both. RTN leaves and 8-bit CQ leaves always run pure JAX.
+
+>>> from cqjax.kernels import backend
+>>> with backend.use_kernel("jax"):
+...     backend.kernel_mode()
+'jax'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+
+MODES = ("auto", "ffi", "jax")
+KERNEL_BITS = (1, 2, 3, 4)
+
+_local = threading.local()
+_global: list[str | None] = [None]
+
+
+def _check_mode(mode: str, where: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"{where}={mode!r}; allowed: {MODES}")
+    return mode
+
+
+def kernel_mode() -> str:
+    """The active mode: the innermost :func:`use_kernel`, :func:`set_kernel`, ``CQJAX_KERNEL``
+    or ``"auto"``."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    if _global[0] is not None:
+        return _global[0]
+    return _check_mode(os.environ.get("CQJAX_KERNEL", "auto") or "auto", "CQJAX_KERNEL")
+
+
+def set_kernel(mode: str | None) -> None:
+    """Sets the process-wide mode (``None``: back to ``CQJAX_KERNEL`` / ``auto``)."""
+    _global[0] = None if mode is None else _check_mode(mode, "set_kernel(mode)")
+
+
+@contextlib.contextmanager
+def use_kernel(mode: str) -> Iterator[None]:
+    """Runs the ``with`` body (on this thread) with ``mode``; traces inside it use that mode."""
+    _check_mode(mode, "use_kernel(mode)")
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(mode)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+@functools.lru_cache(maxsize=1)
+def ffi_available() -> bool:
+    """True when the compiled extension imports (its targets are then registered)."""
+    try:
+        from cqjax import _ffi  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _ffi_mod():
+    from cqjax import _ffi
+
+    return _ffi
+
+
+def _uses_kernel(q) -> str | None:
+    """``"ffi"``, ``"auto"`` or None (pure JAX) for a CQ leaf under the current mode."""
+    mode = kernel_mode()
+    if mode == "jax" or getattr(q, "format", None) != "cq" or q.bits not in KERNEL_BITS:
+        return None
+    if not ffi_available():
+        if mode == "ffi":
+            raise RuntimeError("CQJAX_KERNEL=ffi but the compiled extension cqjax._xla_ext is missing")
+        return None
+    return mode
+
+
+def _pick(mode: str, operand, ffi_fn, jax_fn):
+    if mode == "ffi":
+        return ffi_fn(operand)
+    return jax.lax.platform_dependent(operand, cpu=ffi_fn, default=jax_fn)
+
+
+def dot_rows(q, x, jax_fn):
+    """``(R x) · rowsᵀ`` in float32 for a CQ leaf ``q``: the kernel or ``jax_fn(x)``."""
+    mode = _uses_kernel(q)
+    if mode is None:
+        return jax_fn(x)
+
+    def ffi_fn(v):
+        return _ffi_mod().cq_matmul(v, q.codes, q.norms, q.codebooks, q.s1, q.s2, q.perm,
+                                    bits=q.bits, blocks=q.blocks)
+
+    return _pick(mode, x.astype(jnp.float32), ffi_fn, lambda v: jax_fn(v).astype(jnp.float32))
+
+
+def take_rows(q, ids, jax_fn):
+    """Decoded rows ``T[ids]`` (float32) for a CQ leaf: the kernel or ``jax_fn(ids)``."""
+    mode = _uses_kernel(q)
+    if mode is None:
+        return jax_fn(ids)
+
+    def ffi_fn(i):
+        return _ffi_mod().cq_gather(i, q.codes, q.norms, q.codebooks, q.s1, q.s2, q.perm,
+                                    bits=q.bits, blocks=q.blocks, K=q.K)
+
+    return _pick(mode, jnp.asarray(ids).astype(jnp.int32), ffi_fn,
+                 lambda i: jax_fn(i).astype(jnp.float32))
