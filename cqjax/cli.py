@@ -172,14 +172,24 @@ def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def _dequantizer():
+    """A jitted ``leaf -> float array``, compiled once per leaf shape and format.
+
+    ``seed`` (a static field of CQ leaves that only records how the rotation was drawn; the
+    rotation itself is in the leaf's arrays) is zeroed first, or every tensor would compile anew.
+    """
+    import jax
+
+    run = jax.jit(lambda leaf: leaf.dequantize())
+    return lambda leaf: run(leaf.replace(seed=0) if getattr(leaf, "seed", 0) else leaf)
+
+
 def tensor_stats(qir, float_ir=None) -> list[dict]:
     """:func:`cqjax.quant_stats.tensors` rows with ``rel_error`` from a jitted dequantize.
 
     (One compile per leaf structure instead of op-by-op dispatch: ~10x faster than
     ``quant_stats.tensors(qir, float_ir)``, same definition.)
     """
-    import jax
-
     from cqjax import quant_stats
     from cqjax.eval.progress import Progress
     from cqjax.ir import materialize
@@ -188,7 +198,7 @@ def tensor_stats(qir, float_ir=None) -> list[dict]:
     rows = quant_stats.tensors(qir)
     if float_ir is None:
         return rows
-    dequantize = jax.jit(lambda leaf: leaf.dequantize())
+    dequantize = _dequantizer()
     todo = [r for r in rows if is_quantized(qir.params[r["path"]]) and r["path"] in float_ir.params]
     bar = Progress("relative error", total=len(todo), unit="tensors", every_s=10.0)
     for r in todo:
@@ -203,7 +213,6 @@ def eval_model(qir, packed: bool):
     """The Flax model to evaluate for ``qir``: its packed runtime, or (``packed=False``) the float
     model of its weights dequantized once to float32 (the same function up to float rounding,
     and several times faster on CPU: the packed runtime decodes every weight on every call)."""
-    import jax
     import numpy as np
 
     from cqjax.io import hf
@@ -211,7 +220,7 @@ def eval_model(qir, packed: bool):
 
     if packed:
         return hf.to_model(qir)
-    dequantize = jax.jit(lambda leaf: leaf.dequantize())
+    dequantize = _dequantizer()
     params = {p: np.asarray(dequantize(leaf), np.float32) for p, leaf in qir.params.items() if is_quantized(leaf)}
     return hf.to_model(qir.replace(params=params, meta={p: qir.meta[p] for p in params}))
 
