@@ -120,8 +120,8 @@ def active_kernel_path() -> str:
 
 
 def set_kernel_path(name: str | None) -> None:
-    """Forces a CQ kernel path (``"ref"``, ``"avx2"``, ``"avx512"``, ``"neon"``,
-    ``"neon_dot"``) for later calls; ``None`` restores the default. Takes effect at run
+    """Forces a CQ kernel path (``"ref"``, ``"avx2"``, ``"avx512"``, ``"avx512vbmi"``,
+    ``"neon"``, ``"neon_dot"``) for later calls; ``None`` restores the default. Takes effect at run
     time (no retrace needed).
 
     Raises:

@@ -51,6 +51,7 @@ const char* PathName(Path p) {
     case Path::kAvx512: return "avx512";
     case Path::kNeon: return "neon";
     case Path::kNeonDot: return "neon_dot";
+    case Path::kAvx512Vbmi: return "avx512vbmi";
   }
   return "?";
 }
@@ -75,6 +76,8 @@ bool PathSupported(Path p) {
       return f.avx2 && f.fma;
     case Path::kAvx512:
       return f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni && f.fma;
+    case Path::kAvx512Vbmi:
+      return f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni && f.avx512vbmi && f.fma;
 #endif
 #if defined(__aarch64__)
     case Path::kNeon:
@@ -88,7 +91,7 @@ bool PathSupported(Path p) {
 }
 
 Path BestPath() {
-  for (Path p : {Path::kAvx512, Path::kAvx2, Path::kNeonDot, Path::kNeon}) {
+  for (Path p : {Path::kAvx512Vbmi, Path::kAvx512, Path::kAvx2, Path::kNeonDot, Path::kNeon}) {
     if (PathSupported(p)) return p;
   }
   return Path::kRef;
@@ -106,7 +109,7 @@ bool ActivePath(Path* out, std::string* error) {
   }
   if (forced == -2) {
     *error = std::string("CQJAX_KERNEL_PATH=") + std::getenv("CQJAX_KERNEL_PATH") +
-             " is not one of auto, ref, avx2, avx512, neon, neon_dot";
+             " is not one of auto, ref, avx2, avx512, avx512vbmi, neon, neon_dot";
     return false;
   }
   if (forced < 0) {
@@ -154,7 +157,8 @@ std::string MakePlan(int bits, const int64_t* blocks, int nblocks, int K, Path p
   p.plane_bytes = p.Kpad * lb / 8;
   p.hi_offset = bits == 3 ? p.Kpad / 4 : 0;
   switch (path) {
-    case Path::kAvx512: p.V = 64; break;
+    case Path::kAvx512:
+    case Path::kAvx512Vbmi: p.V = 64; break;
     case Path::kAvx2: p.V = 32; break;
     case Path::kNeon:
     case Path::kNeonDot: p.V = 16; break;
@@ -208,7 +212,7 @@ void PrepareCodebooks(const Plan& plan, const uint16_t* codebooks, Path path, Pr
   prep->lq.assign(static_cast<size_t>(nb) * L, 0);
   prep->lut.assign(static_cast<size_t>(nb) * 16, 0);
   prep->cs.assign(nb, 1.0f);
-  const bool u8 = path == Path::kAvx512;
+  const bool u8 = path == Path::kAvx512 || path == Path::kAvx512Vbmi;
   for (int j = 0; j < nb; ++j) {
     float amax = 0.0f;
     for (int c = 0; c < L; ++c) amax = std::max(amax, std::fabs(formats::HalfToFloat(codebooks[j * L + c])));
@@ -222,6 +226,11 @@ void PrepareCodebooks(const Plan& plan, const uint16_t* codebooks, Path path, Pr
       prep->lq[static_cast<size_t>(j) * L + c] = static_cast<int8_t>(q);
       if (c < 16) prep->lut[j * 16 + c] = static_cast<uint8_t>(u8 ? q + 128 : q);
     }
+  }
+  const int lmask = (1 << (plan.bits == 3 ? 2 : std::min(plan.bits, 4))) - 1;
+  prep->lut64.resize(static_cast<size_t>(nb) * 64);
+  for (int j = 0; j < nb; ++j) {
+    for (int i = 0; i < 64; ++i) prep->lut64[j * 64 + i] = prep->lut[j * 16 + (i & lmask)];
   }
   prep->lut_count_eff.assign(plan.lut_count.begin(), plan.lut_count.end());
   for (int c = 0; c < plan.nchunks; ++c) {
@@ -252,7 +261,7 @@ void PrepareRows(const Plan& plan, const float* x, int xk, const int8_t* s1, con
                  const int32_t* perm, int m0, int m1, Path path, Prepared* prep) {
   const int Kpad = plan.Kpad, nb = plan.nblocks;
   std::vector<float> v(Kpad);
-  const bool u8 = path == Path::kAvx512 && plan.simd;
+  const bool u8 = (path == Path::kAvx512 || path == Path::kAvx512Vbmi) && plan.simd;
   for (int m = m0; m < m1; ++m) {
     const float* xm = x + static_cast<size_t>(m) * xk;
     if (s1) {
@@ -335,7 +344,9 @@ void MatmulRows(const Plan& plan, const Prepared& prep, const uint8_t* codes,
     case Path::kAvx2:
       return MatmulRowsAvx2(plan, prep, codes, norms, n0, n1, y, N);
     case Path::kAvx512:
-      return MatmulRowsAvx512(plan, prep, codes, norms, n0, n1, y, N);
+      return MatmulRowsAvx512(plan, prep, codes, norms, n0, n1, y, N, false);
+    case Path::kAvx512Vbmi:
+      return MatmulRowsAvx512(plan, prep, codes, norms, n0, n1, y, N, true);
 #endif
 #if defined(__aarch64__)
     case Path::kNeon:

@@ -7,6 +7,7 @@
 #include "cqjax/cpu_features.h"
 #include "cqjax/cq_kernel.h"
 #include "cqjax/formats.h"
+#include "cqjax/stream_read.h"
 #include "cqjax/ffi_handlers.h"
 
 namespace py = pybind11;
@@ -83,7 +84,7 @@ PYBIND11_MODULE(_xla_ext, m) {
         const std::string s = name.cast<std::string>();
         if (!cq::ParsePath(s, &p)) {
           throw py::value_error("unknown CQ kernel path '" + s +
-                                "'; known: ref, avx2, avx512, neon, neon_dot");
+                                "'; known: ref, avx2, avx512, avx512vbmi, neon, neon_dot");
         }
         if (!cq::PathSupported(p)) {
           throw py::value_error("CQ kernel path '" + s + "' is not supported on this CPU/binary");
@@ -129,6 +130,14 @@ PYBIND11_MODULE(_xla_ext, m) {
         return py::bytes(out);
       },
       py::arg("row"), py::arg("bits"), py::arg("Kpad"));
+  m.def(
+      "stream_read_gbs",
+      [](std::size_t bytes, int threads, int reps) {
+        py::gil_scoped_release release;
+        return cqjax::StreamReadGbs(bytes, threads, reps);
+      },
+      py::arg("bytes"), py::arg("threads") = 1, py::arg("reps") = 5,
+      "Best streaming-read bandwidth (GB/s) of a C++ loop over a fresh buffer.");
   m.def("formats_half_to_float", &cqjax::formats::HalfToFloat, py::arg("bits"));
 
 #ifdef CQJAX_VERSION

@@ -25,6 +25,8 @@
 // | avx512      | vpshufb LUT, 64-byte chunks     | vpdpbusd (VNNI), u8 LUT  |
 // |             |                                 | offset +128 folded into  |
 // |             |                                 | the accumulator's start  |
+// | avx512vbmi  | vpermb on a 64-byte table that  | as avx512                |
+// |             | repeats the levels: no masking  |                          |
 // | neon        | vqtbl1q LUT, 16-byte chunks     | vmull_s8 + pairwise adds |
 // | neon_dot    | vqtbl1q LUT, 16-byte chunks     | vdotq_s32 (dotprod)      |
 //
@@ -43,11 +45,11 @@
 namespace cqjax {
 namespace cq {
 
-enum class Path : int { kRef = 0, kAvx2 = 1, kAvx512 = 2, kNeon = 3, kNeonDot = 4 };
-inline constexpr int kNumPaths = 5;
+enum class Path : int { kRef = 0, kAvx2 = 1, kAvx512 = 2, kNeon = 3, kNeonDot = 4, kAvx512Vbmi = 5 };
+inline constexpr int kNumPaths = 6;
 
 const char* PathName(Path p);
-// Parses a path name ("ref", "avx2", "avx512", "neon", "neon_dot"); false if unknown.
+// Parses a path name ("ref", "avx2", "avx512", "avx512vbmi", "neon", "neon_dot"); false if unknown.
 bool ParsePath(const std::string& name, Path* out);
 // Compiled into this binary and supported by the running CPU.
 bool PathSupported(Path p);
@@ -90,6 +92,7 @@ struct Prepared {
   int M = 0;
   std::vector<int8_t> lq;      // [nblocks][16] int8 levels (0 beyond 2^bits)
   std::vector<uint8_t> lut;    // [nblocks][16] table for the path (lq, or lq + 128)
+  std::vector<uint8_t> lut64;  // [nblocks][64] lut64[i] = lut[i % 2^lane_bits] (vpermb)
   std::vector<int32_t> lut_count_eff;  // [nchunks] 1 where a chunk's blocks share one table
   std::vector<float> cs;       // [nblocks]
   std::vector<int8_t> xq;      // [M][Kpad] natural order (reference path)
@@ -120,7 +123,7 @@ void MatmulRowsRef(const Plan& plan, const Prepared& prep, const uint8_t* codes,
 void MatmulRowsAvx2(const Plan& plan, const Prepared& prep, const uint8_t* codes,
                     const uint16_t* norms, int n0, int n1, float* y, int N);
 void MatmulRowsAvx512(const Plan& plan, const Prepared& prep, const uint8_t* codes,
-                      const uint16_t* norms, int n0, int n1, float* y, int N);
+                      const uint16_t* norms, int n0, int n1, float* y, int N, bool vbmi);
 #endif
 #if defined(__aarch64__)
 void MatmulRowsNeon(const Plan& plan, const Prepared& prep, const uint8_t* codes,

@@ -1,0 +1,151 @@
+// AVX-512 VNNI body of the CQ lookup-matmul, included twice by cq_x86.cc:
+// CQ512_VBMI=0 (vpshufb decode) and CQ512_VBMI=1 (vpermb decode, no masks),
+// each under its own target attribute CQ512_TARGET and namespace CQ512_NS.
+namespace CQ512_NS {
+
+
+CQ512_TARGET inline void NormsToFloat512(const uint16_t* h, int nb, float* out) {
+  int j = 0;
+  for (; j + 16 <= nb; j += 16) {
+    _mm512_storeu_ps(out + j, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + j))));
+  }
+  if (j < nb) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (nb - j)) - 1);
+    _mm512_mask_storeu_ps(out + j, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, h + j)));
+  }
+}
+
+// Byte-mask shuffle of a 16-entry table broadcast to every 128-bit lane.
+CQ512_TARGET inline __m512i Lut512(const uint8_t* lut16) {
+  return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut16)));
+}
+
+template <int BITS, int MB>
+CQ512_TARGET void Rows512(const Plan& p, const Prepared& q, const uint8_t* codes,
+                       const uint16_t* norms, int n0, int n1, int m0, float* y, int N,
+                       float* nf, float* wsc) {
+  constexpr int LB = BITS == 3 ? 2 : BITS;
+  constexpr int PER = 8 / LB;
+  const int nb = p.nblocks, nch = p.nchunks, W = nb + 16;
+  const size_t xstride = static_cast<size_t>(nch) * PER * 64;
+  const int tail = p.plane_bytes - (nch - 1) * 64;  // 1..64
+  const __mmask64 tmask = tail >= 64 ? ~__mmask64{0} : ((__mmask64{1} << tail) - 1);
+  const __mmask32 hmask = tail >= 64 ? ~__mmask32{0} : ((__mmask32{1} << (tail / 2)) - 1);
+  const __m512i low = _mm512_set1_epi8(static_cast<char>((1 << LB) - 1));
+  const __m512i four = _mm512_set1_epi8(4);
+  const __m512i nib = _mm512_set1_epi16(0x0F);
+  const __m512i nibhi = _mm512_set1_epi16(0x0F00);
+  const int8_t* xr = q.xr.data() + m0 * xstride;
+  const int32_t* bias = q.bias.data() + static_cast<size_t>(m0) * nch * 16;
+
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* row = codes + static_cast<size_t>(n) * p.row_bytes;
+    NormsToFloat512(norms + static_cast<size_t>(n) * nb, nb, nf);
+    for (int mi = 0; mi < MB; ++mi) {
+      const float* fx = q.fx.data() + static_cast<size_t>(m0 + mi) * nb;
+      float* w = wsc + mi * W;
+      for (int j = 0; j < nb; ++j) w[j] = nf[j] * fx[j];
+    }
+    __m512 facc[MB];
+    for (int mi = 0; mi < MB; ++mi) facc[mi] = _mm512_setzero_ps();
+    for (int c = 0; c < nch; ++c) {
+      const bool last = c == nch - 1;
+      const __m512i v = last ? _mm512_maskz_loadu_epi8(tmask, row + c * 64)
+                             : _mm512_loadu_si512(row + c * 64);
+      __m512i e = _mm512_setzero_si512();
+      if (BITS == 3) {
+        const uint8_t* hp = row + p.hi_offset + c * 32;
+        const __m256i h = last ? _mm256_maskz_loadu_epi8(hmask, hp)
+                               : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hp));
+        const __m512i h16 = _mm512_cvtepu8_epi16(h);
+        e = _mm512_or_si512(_mm512_and_si512(h16, nib),
+                            _mm512_and_si512(_mm512_slli_epi16(h16, 4), nibhi));
+      }
+      __m512i acc[MB];
+      for (int mi = 0; mi < MB; ++mi) {
+        acc[mi] = _mm512_loadu_si512(bias + (static_cast<size_t>(mi) * nch + c) * 16);
+      }
+      const int lf = p.lut_first[c];
+      const int nl = q.lut_count_eff[c];
+      const __m512i lut0 = Lut512(q.lut.data() + p.lut_block[lf] * 16);
+#if CQ512_VBMI
+      // vpermb reads only the low 6 bits of each index byte and the 64-byte
+      // table repeats the levels (t[i] = lut[i % 2^bits]): no mask needed.
+      if (BITS != 3) {
+        const __m512i t0 = _mm512_loadu_si512(q.lut64.data() + p.lut_block[lf] * 64);
+#pragma GCC unroll 8
+        for (int f = 0; f < PER; ++f) {
+          const __m512i idx = f == 0 ? v : _mm512_srli_epi16(v, f * LB);
+          __m512i wv = _mm512_permutexvar_epi8(idx, t0);
+          for (int t = 1; t < nl; ++t) {
+            wv = _mm512_mask_permutexvar_epi8(
+                wv, p.lut_mask[lf + t], idx,
+                _mm512_loadu_si512(q.lut64.data() + p.lut_block[lf + t] * 64));
+          }
+          const int8_t* xp = xr + (static_cast<size_t>(c) * PER + f) * 64;
+          for (int mi = 0; mi < MB; ++mi) {
+            acc[mi] = _mm512_dpbusd_epi32(acc[mi], wv, _mm512_loadu_si512(xp + mi * xstride));
+          }
+        }
+      } else
+#endif
+#pragma GCC unroll 8
+      for (int f = 0; f < PER; ++f) {
+        __m512i idx = _mm512_and_si512(_mm512_srli_epi16(v, f * LB), low);
+        if (BITS == 3) {
+          __m512i hb = f == 0   ? _mm512_slli_epi16(e, 2)
+                       : f == 1 ? _mm512_slli_epi16(e, 1)
+                       : f == 2 ? e
+                                : _mm512_srli_epi16(e, 1);
+          idx = _mm512_or_si512(idx, _mm512_and_si512(hb, four));
+        }
+        __m512i wv = _mm512_shuffle_epi8(lut0, idx);
+        for (int t = 1; t < nl; ++t) {
+          wv = _mm512_mask_shuffle_epi8(wv, p.lut_mask[lf + t],
+                                        Lut512(q.lut.data() + p.lut_block[lf + t] * 16), idx);
+        }
+        const int8_t* xp = xr + (static_cast<size_t>(c) * PER + f) * 64;
+        for (int mi = 0; mi < MB; ++mi) {
+          acc[mi] = _mm512_dpbusd_epi32(acc[mi], wv, _mm512_loadu_si512(xp + mi * xstride));
+        }
+      }
+      const __m512i li = _mm512_loadu_si512(p.lane_block.data() + c * 16);
+      const int b0 = p.chunk_b0[c];
+      for (int mi = 0; mi < MB; ++mi) {
+        const __m512 s = _mm512_permutexvar_ps(li, _mm512_loadu_ps(wsc + mi * W + b0));
+        facc[mi] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[mi]), s, facc[mi]);
+      }
+    }
+    for (int mi = 0; mi < MB; ++mi) {
+      y[static_cast<size_t>(m0 + mi) * N + n] = _mm512_reduce_add_ps(facc[mi]);
+    }
+  }
+}
+
+template <int BITS>
+CQ512_TARGET void Dispatch512(const Plan& p, const Prepared& q, const uint8_t* codes,
+                           const uint16_t* norms, int n0, int n1, float* y, int N) {
+  const int nb = p.nblocks;
+  std::vector<float> nf(nb + 16, 0.0f), wsc(static_cast<size_t>(kMaxMB) * (nb + 16), 0.0f);
+  for (int m0 = 0; m0 < q.M; m0 += kMaxMB) {
+    switch (std::min(kMaxMB, q.M - m0)) {
+      case 1: Rows512<BITS, 1>(p, q, codes, norms, n0, n1, m0, y, N, nf.data(), wsc.data()); break;
+      case 2: Rows512<BITS, 2>(p, q, codes, norms, n0, n1, m0, y, N, nf.data(), wsc.data()); break;
+      case 3: Rows512<BITS, 3>(p, q, codes, norms, n0, n1, m0, y, N, nf.data(), wsc.data()); break;
+      default: Rows512<BITS, 4>(p, q, codes, norms, n0, n1, m0, y, N, nf.data(), wsc.data());
+    }
+  }
+}
+
+
+inline void Rows(const Plan& plan, const Prepared& prep, const uint8_t* codes,
+                 const uint16_t* norms, int n0, int n1, float* y, int N) {
+  switch (plan.bits) {
+    case 1: return Dispatch512<1>(plan, prep, codes, norms, n0, n1, y, N);
+    case 2: return Dispatch512<2>(plan, prep, codes, norms, n0, n1, y, N);
+    case 3: return Dispatch512<3>(plan, prep, codes, norms, n0, n1, y, N);
+    default: return Dispatch512<4>(plan, prep, codes, norms, n0, n1, y, N);
+  }
+}
+
+}  // namespace CQ512_NS
