@@ -265,6 +265,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-ref", action="store_true", help="skip the (slow) pure-JAX timings")
     ap.add_argument("--no-chain", dest="chain", action="store_false")
+    ap.add_argument("--no-kernel", action="store_true", help="skip the kernel records (only --kl/--e2e)")
     ap.add_argument("--e2e", action="store_true")
     ap.add_argument("--e2e-tokens", type=int, default=32)
     ap.add_argument("--kl", action="store_true", help="model-level KL of the int8 kernel vs pure JAX")
@@ -283,7 +284,7 @@ def main(argv=None) -> int:
             json.dump(recs, f)
         return 0
     records = []
-    for threads in args.threads_list:
+    for threads in [] if args.no_kernel else args.threads_list:
         tmp = args.json + f".t{threads}.tmp"
         cmd = [sys.executable, __file__, "--child", "1", "--threads", str(threads), "--json", tmp,
                "--shapes", args.shapes, "--stream-mb", str(args.stream_mb), "--reps", str(args.reps),
