@@ -163,7 +163,8 @@ def pass_name(p: Any) -> str:
     return getattr(p, "name", None) or getattr(p, "__name__", None) or type(p).__name__
 
 
-def _sub_ir(ir: IR, paths) -> IR:
+def sub_ir(ir: IR, paths) -> IR:
+    """The IR restricted to ``paths`` (same family and config)."""
     return dataclasses.replace(ir, params={p: ir.params[p] for p in paths}, meta={p: ir.meta[p] for p in paths})
 
 
@@ -280,14 +281,14 @@ class Masked:
 
     def selected(self, ir: IR) -> list[str]:
         paths = select_lib.select(ir, self.where)
-        inner = _selected_paths(self.inner, _sub_ir(ir, paths))
+        inner = _selected_paths(self.inner, sub_ir(ir, paths))
         return paths if inner is None else inner
 
     def __call__(self, ir: IR, ctx: Context | None = None) -> IR:
         paths = select_lib.select(ir, self.where)
         if not paths:
             return ir
-        return _merge(ir, paths, self.inner(_sub_ir(ir, paths), Context() if ctx is None else ctx))
+        return _merge(ir, paths, self.inner(sub_ir(ir, paths), Context() if ctx is None else ctx))
 
 
 def masked(inner: PassLike, where: Any) -> Masked:

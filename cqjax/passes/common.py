@@ -39,7 +39,10 @@ def bits_rules(bits: int, embed_bits: int | None, overrides: Any = None) -> sele
 
 
 def bits_for(rules: select.Rules, path: str, meta: TensorMeta) -> int:
-    """The bit width the first matching rule gives ``path``; an error names a path none match."""
+    """The width an allocation pass chose (``meta.info["allocated_bits"]``), else the one the
+    first matching rule gives ``path``; an error names a path none match."""
+    if "allocated_bits" in meta.info:
+        return int(meta.info["allocated_bits"])
     bits = rules.get(path, meta)
     if bits is None:
         raise ValueError(f"{path}: no bits rule matches (role {meta.role}); rules: {rules}")

@@ -1,0 +1,223 @@
+"""Sensitivity-driven mixed precision: choose each tensor's bit width to meet a size budget.
+
+:class:`AllocateBits` is an analysis pass: it runs first (on the float IR), leaves every leaf as
+it is and writes ``meta.info["allocated_bits"]``, which the quantizing passes
+(:class:`~cqjax.passes.cq.FitCodebook`, :class:`~cqjax.passes.rtn.RoundToNearest`) honour
+before their own rules. For every eligible tensor ``t`` and candidate width ``b`` it quantizes
+the tensor with the downstream recipe (so sizes and errors are exact, not modelled), measures
+
+==============  ===================================================================================
+proxy           estimated damage ``d_t(b)`` of quantizing ``t`` alone at ``b`` bits
+==============  ===================================================================================
+``fisher``      ``½ Σ F ⊙ (W − Ŵ_b)²`` with ``F`` the diagonal Fisher of the float model
+                (``calibration[path]["fisher"]``): a second-order estimate of the KL it causes
+``hessian``     ``tr((W − Ŵ_b)ᵀ H (W − Ŵ_b)) / tr(Wᵀ H W)``: relative output error of the layer
+                on calibration inputs (``calibration[path]["hessian"]``); every layer weighs the same
+``weight``      ``‖W − Ŵ_b‖² / ‖W‖²`` (data-free)
+==============  ===================================================================================
+
+and solves the multiple-choice knapsack ``min Σ d_t(b_t)`` s.t. ``Σ bytes_t(b_t) ≤ budget``
+exactly by dynamic programming over the budget (:func:`solve`). The budget is a target stored bits/weight over the eligible
+tensors (the definition of :mod:`cqjax.quant_stats`) or a byte count; tensors matched by
+``fixed`` rules (role bundles: ``{"role:embedding": 4}``) keep their width and their bytes
+count against the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from cqjax.ir import IR, materialize
+from cqjax.passes.common import ELIGIBLE
+from cqjax.pipeline import Context, Pass, sub_ir
+from cqjax.quant_stats import dequantizer, tensor_bytes
+from cqjax.select import Rules
+
+PROXIES = ("fisher", "hessian", "weight")
+METHODS = ("cq", "rtn")
+
+
+def damage(proxy: str, w: np.ndarray, w_hat: np.ndarray, stats: Mapping[str, Any] | None, path: str) -> float:
+    """``d_t(b)`` of one tensor for ``proxy`` (see the module table); ``w`` as stored in the IR."""
+    d = np.asarray(w, np.float64) - np.asarray(w_hat, np.float64)
+    if proxy == "weight":
+        return float(np.sum(d * d) / max(np.sum(np.square(w, dtype=np.float64)), 1e-30))
+    if stats is None or proxy not in ("fisher", "hessian") or (proxy == "fisher" and "fisher" not in stats) \
+            or (proxy == "hessian" and "hessian" not in stats):
+        raise KeyError(f"{path}: proxy {proxy!r} needs calibration[{path!r}][{proxy!r}] "
+                       "(run calibration with it, or use proxy='weight')")
+    if proxy == "fisher":
+        return float(0.5 * np.sum(np.asarray(stats["fisher"], np.float64) * d * d))
+    H = np.asarray(stats["hessian"], np.float64)
+    wf = np.asarray(w, np.float64)
+    if H.shape[0] != wf.shape[0]:  # a tied table [V, D] used as a head: rows are outputs
+        wf, d = wf.T, d.T
+    return float(np.einsum("kn,kl,ln->", d, H, d) / max(np.einsum("kn,kl,ln->", wf, H, wf), 1e-30))
+
+
+def solve(costs: Mapping[str, Mapping[int, tuple[float, int]]], budget: int, *,
+          resolution: int = 200_000) -> dict[str, int]:
+    """Multiple-choice knapsack: ``{path: bits}`` minimizing total damage with bytes ≤ ``budget``.
+
+    Dynamic programming over the budget in ``budget / resolution``-byte units (each choice's
+    size rounded up, so the result always fits), exact up to that rounding; then greedy
+    upgrades by damage saved per byte spend what the rounding left over.
+
+    Args:
+      costs: ``{path: {bits: (damage, bytes)}}``.
+      budget: the byte budget for these tensors.
+      resolution: budget units of the dynamic program.
+
+    Raises:
+      ValueError: even the smallest choice of every tensor exceeds the budget.
+    """
+    paths = list(costs)
+    floor = sum(min(nb for _, nb in costs[p].values()) for p in paths)
+    if floor > budget:
+        raise ValueError(f"budget {budget:,} bytes is below the smallest choice of every tensor ({floor:,} bytes)")
+    unit = max(1, -(-budget // resolution))
+    C = budget // unit
+    dp = np.zeros(C + 1)  # least damage of the tensors so far within c units
+    picks = np.zeros((len(paths), C + 1), np.int8)
+    options = [sorted(costs[p]) for p in paths]
+    for i, p in enumerate(paths):
+        new = np.full(C + 1, np.inf)
+        for j, b in enumerate(options[i]):
+            d, nb = costs[p][b]
+            w = -(-nb // unit)
+            if w > C:
+                continue
+            cand = np.full(C + 1, np.inf)
+            cand[w:] = dp[:C + 1 - w] + d
+            better = cand < new
+            new[better], picks[i, better] = cand[better], j
+        dp = new
+    c = int(np.argmin(dp))
+    choice = {}
+    for i in range(len(paths) - 1, -1, -1):
+        b = options[i][picks[i, c]]
+        choice[paths[i]] = b
+        c -= -(-costs[paths[i]][b][1] // unit)
+    left = budget - sum(costs[p][b][1] for p, b in choice.items())
+    while True:  # spend the rounding slack
+        best, best_gain = None, 0.0
+        for p in paths:
+            d0, b0 = costs[p][choice[p]]
+            for b, (d, nb) in costs[p].items():
+                if d < d0 and nb - b0 <= left and (d0 - d) / max(nb - b0, 1e-9) > best_gain:
+                    best, best_gain = (p, b, nb - b0), (d0 - d) / max(nb - b0, 1e-9)
+        if best is None:
+            return choice
+        p, b, extra = best
+        choice[p] = b
+        left -= extra
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AllocateBits(Pass):
+    """Writes ``meta.info["allocated_bits"]`` for the eligible tensors (see the module docstring).
+
+    Attributes:
+      bpw: target stored bits/weight over the eligible tensors (or give ``budget_bytes``).
+      budget_bytes: target stored bytes of the eligible tensors.
+      choices: candidate widths.
+      fixed: rules (``{filter: bits}``) for tensors that are not allocated, e.g. role bundles.
+      proxy: ``fisher`` | ``hessian`` | ``weight``.
+      method: the downstream recipe, ``cq`` or ``rtn`` (sizes and errors are measured with it).
+      block, seed: the downstream recipe's block size and rotation seed.
+      random_seed: if set, ignore sensitivities and promote a random set of tensors from the
+        smallest choice instead (the baseline an allocator must beat).
+    """
+
+    name = "allocate"
+    default_where = ELIGIBLE
+    bpw: float | None = None
+    budget_bytes: int | None = None
+    choices: Sequence[int] = (2, 3, 4)
+    fixed: Any = None
+    proxy: str = "fisher"
+    method: str = "cq"
+    block: int = 128
+    seed: int = 0
+    random_seed: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if (self.bpw is None) == (self.budget_bytes is None):
+            raise ValueError("allocate: give exactly one of bpw and budget_bytes")
+        if self.proxy not in PROXIES:
+            raise ValueError(f"allocate.proxy={self.proxy!r}; allowed: {PROXIES}")
+        if self.method not in METHODS:
+            raise ValueError(f"allocate.method={self.method!r}; allowed: {METHODS}")
+        object.__setattr__(self, "choices", tuple(sorted(int(b) for b in self.choices)))
+        object.__setattr__(self, "fixed", Rules.of(self.fixed) if self.fixed else None)
+
+    def _quantizer(self, bits: int):
+        from cqjax.passes.recipes import PIPELINES
+
+        kw = {"seed": self.seed} if self.method == "cq" else {}
+        return PIPELINES[self.method](bits=bits, embed_bits=None, block=self.block, **kw)
+
+    def measure(self, ir: IR, ctx: Context, paths: Sequence[str], *,
+                sizes_only: bool = False) -> dict[str, dict[int, tuple[float, int]]]:
+        """``{path: {bits: (damage, bytes)}}`` by quantizing each tensor alone at each width
+        (damage 0 with ``sizes_only``)."""
+        costs: dict[str, dict[int, tuple[float, int]]] = {}
+        recipes = {b: self._quantizer(b) for b in self.choices}
+        dequantize = dequantizer()
+        for i, path in enumerate(paths):
+            w = np.asarray(materialize(ir.params[path]), np.float32)
+            costs[path] = {}
+            for b, recipe in recipes.items():
+                leaf = recipe(sub_ir(ir, [path]), ctx).params[path]
+                d = 0.0 if sizes_only else damage(self.proxy, w, np.asarray(dequantize(leaf)),
+                                                  ctx.calibration.get(path), path)
+                costs[path][b] = (d, tensor_bytes(path, leaf, w.size))
+            ctx.log(f"allocate: measured {i + 1}/{len(paths)} {path}")
+        return costs
+
+    def __call__(self, ir: IR, ctx: Context | None = None) -> IR:
+        ctx = Context() if ctx is None else ctx
+        paths = self.selected(ir)
+        fixed = {p: self.fixed.get(p, ir.meta[p]) for p in paths} if self.fixed else {}
+        fixed = {p: int(b) for p, b in fixed.items() if b is not None}
+        free = [p for p in paths if p not in fixed]
+        params = sum(int(np.prod(ir.meta[p].shape)) for p in paths)
+        budget = int(self.budget_bytes if self.budget_bytes is not None else self.bpw * params / 8)
+        for p, b in fixed.items():
+            leaf = self._quantizer(b)(sub_ir(ir, [p]), ctx).params[p]
+            budget -= tensor_bytes(p, leaf, int(np.prod(ir.meta[p].shape)))
+        if self.random_seed is not None:
+            choice = random_promotion(self.measure(ir, ctx, free, sizes_only=True), budget, self.random_seed)
+        else:
+            choice = solve(self.measure(ir, ctx, free), budget)
+        choice.update(fixed)
+        how = "random" if self.random_seed is not None else self.proxy
+        meta = {p: ir.meta[p].replace(info={**ir.meta[p].info, "allocated_bits": int(choice[p]), "allocation": how})
+                for p in paths}
+        return ir.replace(meta=meta)
+
+
+def random_promotion(costs: Mapping[str, Mapping[int, tuple[float, int]]], budget: int, seed: int) -> dict[str, int]:
+    """Every tensor at its smallest width, then tensors in random order promoted one step at a
+    time while the budget allows (the baseline an allocator must beat)."""
+    rng = np.random.default_rng(seed)
+    widths = {p: sorted(c) for p, c in costs.items()}
+    choice = {p: w[0] for p, w in widths.items()}
+    left = budget - sum(costs[p][b][1] for p, b in choice.items())
+    progress = True
+    while progress:
+        progress = False
+        for p in rng.permutation(sorted(costs)):
+            w = widths[p]
+            i = w.index(choice[p])
+            if i + 1 < len(w):
+                extra = costs[p][w[i + 1]][1] - costs[p][choice[p]][1]
+                if extra <= left:
+                    choice[p], left, progress = w[i + 1], left - extra, True
+                    break
+    return choice

@@ -1,0 +1,92 @@
+"""The bit allocator: knapsack optimality, budgets, fixed rules, and what the recipe then stores."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from cqjax import pipeline as pl
+from cqjax import quant_stats
+from cqjax.passes.allocate import AllocateBits, damage, random_promotion, solve
+from cqjax.passes.recipes import cq_pipeline, rtn_pipeline
+
+from test_pipeline import make_ir
+
+SPEC = {f"layers/{i}/{n}/kernel": ("linear", (256, 64 if n == "a" else 96)) for i in range(4) for n in ("a", "b")}
+SPEC["embed/embedding"] = ("embedding", (64, 128))
+
+
+def _convex_costs(seed=0, n=6):
+    rng = np.random.default_rng(seed)
+    costs = {}
+    for i in range(n):
+        size, sens = int(rng.integers(100, 1000)), float(rng.uniform(0.1, 10))
+        costs[f"t{i}"] = {b: (sens * size * 4.0 ** -b, size * b) for b in (2, 3, 4)}
+    return costs
+
+
+def _total(costs, choice):
+    return sum(costs[p][b][0] for p, b in choice.items()), sum(costs[p][b][1] for p, b in choice.items())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_solver_is_near_brute_force_optimum_and_feasible(seed):
+    costs = _convex_costs(seed)
+    floor, top = _total(costs, {p: 2 for p in costs})[1], _total(costs, {p: 4 for p in costs})[1]
+    budget = (floor + top) // 2
+    got_d, got_b = _total(costs, solve(costs, budget))
+    best = min(_total(costs, dict(zip(costs, c)))[0] for c in itertools.product((2, 3, 4), repeat=len(costs))
+               if _total(costs, dict(zip(costs, c)))[1] <= budget)
+    assert got_b <= budget
+    assert got_d <= best * (1 + 1e-9)
+    rnd_d, rnd_b = _total(costs, random_promotion(costs, budget, seed))
+    assert rnd_b <= budget and got_d <= rnd_d
+
+
+def test_solver_rejects_a_budget_below_the_floor():
+    costs = _convex_costs()
+    with pytest.raises(ValueError, match="below the smallest choice"):
+        solve(costs, 10)
+
+
+@pytest.mark.parametrize("method", ["cq", "rtn"])
+def test_pass_meets_the_bpw_target_and_the_recipe_honours_it(method):
+    ir = make_ir(SPEC)
+    alloc = AllocateBits(bpw=3.0, proxy="weight", method=method, fixed={"role:embedding": 4})
+    out = alloc(ir)
+    bits = {p: out.meta[p].info["allocated_bits"] for p in SPEC}
+    assert bits["embed/embedding"] == 4 and set(bits.values()) > {4}  # mixed, embedding fixed
+    recipe = (cq_pipeline if method == "cq" else rtn_pipeline)(bits=2, embed_bits=None)
+    q, _ = pl.run(recipe, out, progress=False)
+    assert {p: int(q.params[p].bits) for p in SPEC} == bits
+    bpw = quant_stats.storage(q)["bits_per_weight"]["quantized_tensors"]
+    assert 2.9 < bpw <= 3.0
+    # More budget never costs quality (weight proxy = relative error, summed).
+    dq = quant_stats.dequantizer()
+    err = lambda ir_: sum(quant_stats.rel_error(ir.params[p], dq(ir_.params[p])) for p in SPEC)  # noqa: E731
+    q4, _ = pl.run(recipe, AllocateBits(bpw=4.0, proxy="weight", method=method)(ir), progress=False)
+    assert err(q4) < err(q)
+
+
+def test_random_baseline_and_missing_calibration_are_explicit():
+    ir = make_ir(SPEC)
+    out = AllocateBits(bpw=2.5, choices=(2, 3), random_seed=0)(ir)
+    assert {m.info["allocation"] for m in out.meta.values() if "allocation" in m.info} == {"random"}
+    with pytest.raises(KeyError, match="needs calibration"):
+        AllocateBits(bpw=3.0, proxy="fisher")(ir)
+    with pytest.raises(ValueError, match="exactly one of"):
+        AllocateBits()
+
+
+def test_damage_proxies():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 5))
+    w_hat = w + 0.1 * rng.standard_normal((8, 5))
+    assert damage("weight", w, w, None, "p") == 0
+    F = np.zeros_like(w)
+    F[0] = 1.0
+    assert damage("fisher", w, w_hat, {"fisher": F}, "p") == pytest.approx(0.5 * np.sum((w - w_hat)[0] ** 2))
+    H = np.eye(8)
+    assert damage("hessian", w, w_hat, {"hessian": H}, "p") == pytest.approx(damage("weight", w, w_hat, None, "p"))
