@@ -19,7 +19,7 @@ import time
 
 from transformers import AutoTokenizer
 
-from cqjax import api, data
+from cqjax import api, data, runtime
 from cqjax import eval as ev
 from cqjax.eval.scoring import from_nnx
 from cqjax.io import hf
@@ -34,6 +34,9 @@ def main(argv=None) -> int:
     ap.add_argument("--embed-bits", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=65536, help="scored perplexity tokens")
     ap.add_argument("--limit", type=int, default=0, help="documents per task (0: no multiple choice)")
+    ap.add_argument("--runtime", choices=["dequantized", "packed"], default="dequantized",
+                    help="evaluate quantized models with weights decoded once (same function up to "
+                         "float rounding, compiles shared with the float model) or the packed runtime")
     ap.add_argument("--json", required=True)
     ap.add_argument("--md")
     args = ap.parse_args(argv)
@@ -54,14 +57,15 @@ def main(argv=None) -> int:
                  **accuracy(base, tasks)})
     print(f"float: ppl {rows[0]['perplexity']:.3f}", file=sys.stderr, flush=True)
     result = {"model": args.model, "protocol": base["perplexity"]["protocol"],
-              "tasks": {t: base[t]["protocol"] for t in tasks},
+              "tasks": {t: base[t]["protocol"] for t in tasks}, "runtime": args.runtime,
               "machine": {"platform": platform.platform(), "python": platform.python_version()},
               "rows": rows}
     for method in args.methods:
         for bits in args.bits:
             t0 = time.perf_counter()
             q = api.quantize(ir, bits=bits, embed_bits=args.embed_bits, method=method, progress=False)
-            out = ev.evaluate_model(from_nnx(q.model), evdata, reference=ref)
+            qmodel = q.model if args.runtime == "packed" else runtime.dequantized_model(q.ir)
+            out = ev.evaluate_model(from_nnx(qmodel), evdata, reference=ref)
             sim = out["similarity"]
             rows.append({"method": method, "bits": bits, "embed_bits": args.embed_bits,
                          "bits_per_weight": q.storage["bits_per_weight"]["quantized_tensors"],
@@ -93,7 +97,8 @@ def write(result: dict, args, tasks) -> None:
         acc = "".join(f" {r['accuracy'][t]:.3f} ± {r['stderr'][t]:.3f} |" for t in tasks)
         lines.append(f"| {r['method']} | {r['bits']} | {r['bits_per_weight']:.3f} / {r['model_bits_per_weight']:.3f} "
                      f"| {r['perplexity']:.3f} | {r['kl']:.4f} | {r['top1']:.4f} |{acc}")
-    lines += ["", "Perplexity protocol: " + json.dumps(result["protocol"], sort_keys=True),
+    lines += ["", f"Quantized models evaluated with the {result['runtime']} runtime.",
+              "", "Perplexity protocol: " + json.dumps(result["protocol"], sort_keys=True),
               "", f"Machine: {result['machine']['platform']}"]
     write_text(args.md, "\n".join(lines) + "\n")
 

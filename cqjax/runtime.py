@@ -25,6 +25,22 @@ def forward_fn(model: nnx.Module) -> Callable[[jax.Array, jax.Array], jax.Array]
     return lambda tokens, mask: run(bound.params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool))
 
 
+def dequantized_model(qir) -> nnx.Module:
+    """The float32 model of a quantized IR's weights, each decoded once.
+
+    The same function as the packed runtime (``hf.to_model(qir)``) up to float rounding, and
+    several times faster to evaluate on CPU where the packed runtime decodes every weight on
+    every call; it holds a float copy of every weight, so it is for evaluation, not deployment.
+    """
+    from cqjax.io import hf
+    from cqjax.kernels.qarrays import is_quantized
+    from cqjax.quant_stats import dequantizer
+
+    dequantize = dequantizer()
+    params = {p: np.asarray(dequantize(leaf), np.float32) for p, leaf in qir.params.items() if is_quantized(leaf)}
+    return hf.to_model(qir.replace(params=params))
+
+
 @struct.dataclass
 class KVCache:
     """One attention layer's keys and values for ``size`` positions.

@@ -112,3 +112,14 @@ def test_score_at_with_head_split_equals_full_logits(name, tmp_path):
     scorer = LogLikelihoodScorer(fwd)
     got = scorer.score_at(tokens, mask, *_positions_from_score(tokens, score))
     np.testing.assert_allclose(got, scorer(tokens, mask, score), rtol=1e-5, atol=1e-5)
+
+
+def test_models_of_one_structure_share_compiled_steps():
+    """A float model and another of the same structure (e.g. dequantized) compile once."""
+    a, b = from_nnx(_Bigram(bigram_table(V))), from_nnx(_Bigram(bigram_table(V) * 2))
+    sa, sb = LogLikelihoodScorer(a), LogLikelihoodScorer(b)
+    assert sa._step is sb._step and SimilarityScorer(a, b)._step is SimilarityScorer(b, a)._step
+    tokens, mask, score = _batch()
+    assert not np.allclose(sa(tokens, mask, score), sb(tokens, mask, score))  # own weights each
+    plain = bigram_forward(bigram_table(V))
+    assert LogLikelihoodScorer(plain)._step is not LogLikelihoodScorer(plain)._step

@@ -66,20 +66,49 @@ def from_nnx(model: Any) -> BoundForward:
     from flax import nnx
 
     graphdef, state = nnx.split(model)
+    if graphdef in _NNX_FORWARDS:  # same structure: same functions, so compilations are shared
+        fn, hidden_fn, head_fn = _NNX_FORWARDS[graphdef]
+        return BoundForward(fn, state, hidden_fn=hidden_fn, head_fn=head_fn)
 
     def fn(state, tokens, mask):
         return nnx.merge(graphdef, state)(tokens, mask)
 
-    if not (hasattr(model, "hidden_states") and hasattr(model, "logits")):
-        return BoundForward(fn, state)
+    hidden_fn = head_fn = None
+    if hasattr(model, "hidden_states") and hasattr(model, "logits"):
+        def hidden_fn(state, tokens, mask):
+            return nnx.merge(graphdef, state).hidden_states(tokens, mask)[0]
 
-    def hidden_fn(state, tokens, mask):
-        return nnx.merge(graphdef, state).hidden_states(tokens, mask)[0]
+        def head_fn(state, h):
+            return nnx.merge(graphdef, state).logits(h)
 
-    def head_fn(state, h):
-        return nnx.merge(graphdef, state).logits(h)
-
+    _NNX_FORWARDS[graphdef] = (fn, hidden_fn, head_fn)
     return BoundForward(fn, state, hidden_fn=hidden_fn, head_fn=head_fn)
+
+
+#: from_nnx's functions per model structure (GraphDef), and the scorers' jitted steps per
+#: function: evaluating many models of one structure (a float model and its dequantized
+#: variants) compiles each shape once.
+_NNX_FORWARDS: dict[Any, tuple] = {}
+_JITTED: dict[tuple, Any] = {}
+
+
+def _jit_once(key: tuple, make: Callable[[], Callable]) -> Callable:
+    """``jax.jit(make())``, shared by every scorer built with the same ``key`` (a tag and the
+    forwards' :func:`_key`; ``_UNBOUND`` in it means a plain forward, then nothing is shared)."""
+    if _UNBOUND in key:
+        return jax.jit(make())
+    if key not in _JITTED:
+        _JITTED[key] = jax.jit(make())
+    return _JITTED[key]
+
+
+_UNBOUND = object()
+
+
+def _key(forward) -> tuple:
+    if isinstance(forward, BoundForward):
+        return (forward.fn, forward.hidden_fn, forward.head_fn)
+    return (_UNBOUND,)
 
 
 def _unbind(forward: Forward | BoundForward) -> tuple[Callable, Any]:
@@ -148,7 +177,6 @@ class LogLikelihoodScorer:
             lp = _target_logprobs(fn(params, tokens, mask), tokens)
             return jnp.sum(jnp.where(score[:, 1:], lp, 0.0), axis=1)
 
-        self._step = jax.jit(step)
         gathered = _gathered_logits(forward)
 
         def step_at(params, tokens, mask, positions, targets, valid):
@@ -157,7 +185,9 @@ class LogLikelihoodScorer:
             lp = picked - jax.nn.logsumexp(lg, axis=-1)
             return jnp.sum(jnp.where(valid, lp, 0.0), axis=1)
 
-        self._step_at = jax.jit(step_at)
+        key = _key(forward)
+        self._step = _jit_once(("ll",) + key, lambda: step)
+        self._step_at = _jit_once(("ll_at",) + key, lambda: step_at)
 
     def __call__(self, tokens: np.ndarray, mask: np.ndarray, score: np.ndarray) -> np.ndarray:
         """Returns float64[B]: the sum of log P over the scored tokens of each row."""
@@ -229,7 +259,7 @@ class SimilarityScorer:
             red = lambda x: jnp.sum(jnp.where(sc, x, 0.0), axis=1)  # noqa: E731
             return jnp.stack([red(kl), red(top1), red(tm), red(tr)], axis=0)
 
-        self._step = jax.jit(step)
+        self._step = _jit_once(("sim",) + _key(forward) + _key(ref_forward), lambda: step)
 
     def __call__(self, tokens: np.ndarray, mask: np.ndarray, score: np.ndarray) -> dict[str, np.ndarray]:
         """Returns ``{field: float64[B]}`` for the fields in :data:`SIMILARITY_FIELDS`."""
