@@ -81,6 +81,7 @@ def tensor_errors(report: dict[str, Any], path: str | os.PathLike) -> Path | Non
     ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_formatter(_PLAIN)
+    ax.yaxis.set_minor_formatter(_PLAIN)
     ax.set_xlabel("layer index")
     ax.set_ylabel("relative weight error ‖W − Ŵ‖² / ‖W‖²  (log scale)")
     ax.set_title(f"{report['model']}: weight error of each quantized tensor\n{_subtitle(report)}", fontsize=11)
