@@ -37,16 +37,30 @@ CQ512_TARGET void Rows512(const Plan& p, const Prepared& q, const uint8_t* codes
   const __m512i nibhi = _mm512_set1_epi16(0x0F00);
   const int8_t* xr = q.xr.data() + m0 * xstride;
   const int32_t* bias = q.bias.data() + static_cast<size_t>(m0) * nch * 16;
+  // raw pointers, so that the hot loop keeps them in registers
+  const int32_t* lut_first = p.lut_first.data();
+  const int32_t* lut_count = q.lut_count_eff.data();
+  const int32_t* lut_block = p.lut_block.data();
+  const uint64_t* lut_mask = p.lut_mask.data();
+  const int32_t* lane_block = p.lane_block.data();
+  const int32_t* chunk_b0 = p.chunk_b0.data();
+  const uint8_t* lut16 = q.lut.data();
+  const uint8_t* lut64 = q.lut64.data();
+  const float* fxall = q.fx.data();
+  const size_t row_bytes = p.row_bytes;
+  const int hi_offset = p.hi_offset;
 
   for (int n = n0; n < n1; ++n) {
-    const uint8_t* row = codes + static_cast<size_t>(n) * p.row_bytes;
+    const uint8_t* row = codes + n * row_bytes;
     NormsToFloat512(norms + static_cast<size_t>(n) * nb, nb, nf);
+    #pragma GCC unroll 8
     for (int mi = 0; mi < MB; ++mi) {
-      const float* fx = q.fx.data() + static_cast<size_t>(m0 + mi) * nb;
+      const float* fx = fxall + static_cast<size_t>(m0 + mi) * nb;
       float* w = wsc + mi * W;
       for (int j = 0; j < nb; ++j) w[j] = nf[j] * fx[j];
     }
     __m512 facc[MB];
+    #pragma GCC unroll 8
     for (int mi = 0; mi < MB; ++mi) facc[mi] = _mm512_setzero_ps();
     for (int c = 0; c < nch; ++c) {
       const bool last = c == nch - 1;
@@ -54,7 +68,7 @@ CQ512_TARGET void Rows512(const Plan& p, const Prepared& q, const uint8_t* codes
                              : _mm512_loadu_si512(row + c * 64);
       __m512i e = _mm512_setzero_si512();
       if (BITS == 3) {
-        const uint8_t* hp = row + p.hi_offset + c * 32;
+        const uint8_t* hp = row + hi_offset + c * 32;
         const __m256i h = last ? _mm256_maskz_loadu_epi8(hmask, hp)
                                : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hp));
         const __m512i h16 = _mm512_cvtepu8_epi16(h);
@@ -62,27 +76,29 @@ CQ512_TARGET void Rows512(const Plan& p, const Prepared& q, const uint8_t* codes
                             _mm512_and_si512(_mm512_slli_epi16(h16, 4), nibhi));
       }
       __m512i acc[MB];
+      #pragma GCC unroll 8
       for (int mi = 0; mi < MB; ++mi) {
         acc[mi] = _mm512_loadu_si512(bias + (static_cast<size_t>(mi) * nch + c) * 16);
       }
-      const int lf = p.lut_first[c];
-      const int nl = q.lut_count_eff[c];
-      const __m512i lut0 = Lut512(q.lut.data() + p.lut_block[lf] * 16);
+      const int lf = lut_first[c];
+      const int nl = lut_count[c];
+      const __m512i lut0 = Lut512(lut16 + lut_block[lf] * 16);
 #if CQ512_VBMI
       // vpermb reads only the low 6 bits of each index byte and the 64-byte
       // table repeats the levels (t[i] = lut[i % 2^bits]): no mask needed.
       if (BITS != 3) {
-        const __m512i t0 = _mm512_loadu_si512(q.lut64.data() + p.lut_block[lf] * 64);
+        const __m512i t0 = _mm512_loadu_si512(lut64 + lut_block[lf] * 64);
 #pragma GCC unroll 8
         for (int f = 0; f < PER; ++f) {
           const __m512i idx = f == 0 ? v : _mm512_srli_epi16(v, f * LB);
           __m512i wv = _mm512_permutexvar_epi8(idx, t0);
           for (int t = 1; t < nl; ++t) {
             wv = _mm512_mask_permutexvar_epi8(
-                wv, p.lut_mask[lf + t], idx,
-                _mm512_loadu_si512(q.lut64.data() + p.lut_block[lf + t] * 64));
+                wv, lut_mask[lf + t], idx,
+                _mm512_loadu_si512(lut64 + lut_block[lf + t] * 64));
           }
           const int8_t* xp = xr + (static_cast<size_t>(c) * PER + f) * 64;
+          #pragma GCC unroll 8
           for (int mi = 0; mi < MB; ++mi) {
             acc[mi] = _mm512_dpbusd_epi32(acc[mi], wv, _mm512_loadu_si512(xp + mi * xstride));
           }
@@ -101,21 +117,24 @@ CQ512_TARGET void Rows512(const Plan& p, const Prepared& q, const uint8_t* codes
         }
         __m512i wv = _mm512_shuffle_epi8(lut0, idx);
         for (int t = 1; t < nl; ++t) {
-          wv = _mm512_mask_shuffle_epi8(wv, p.lut_mask[lf + t],
-                                        Lut512(q.lut.data() + p.lut_block[lf + t] * 16), idx);
+          wv = _mm512_mask_shuffle_epi8(wv, lut_mask[lf + t],
+                                        Lut512(lut16 + lut_block[lf + t] * 16), idx);
         }
         const int8_t* xp = xr + (static_cast<size_t>(c) * PER + f) * 64;
+        #pragma GCC unroll 8
         for (int mi = 0; mi < MB; ++mi) {
           acc[mi] = _mm512_dpbusd_epi32(acc[mi], wv, _mm512_loadu_si512(xp + mi * xstride));
         }
       }
-      const __m512i li = _mm512_loadu_si512(p.lane_block.data() + c * 16);
-      const int b0 = p.chunk_b0[c];
+      const __m512i li = _mm512_loadu_si512(lane_block + c * 16);
+      const int b0 = chunk_b0[c];
+      #pragma GCC unroll 8
       for (int mi = 0; mi < MB; ++mi) {
         const __m512 s = _mm512_permutexvar_ps(li, _mm512_loadu_ps(wsc + mi * W + b0));
         facc[mi] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[mi]), s, facc[mi]);
       }
     }
+    #pragma GCC unroll 8
     for (int mi = 0; mi < MB; ++mi) {
       y[static_cast<size_t>(m0 + mi) * N + n] = _mm512_reduce_add_ps(facc[mi]);
     }

@@ -42,12 +42,14 @@ void Rows128(const Plan& p, const Prepared& q, const uint8_t* codes, const uint1
     const uint8_t* row = codes + static_cast<size_t>(n) * p.row_bytes;
     const uint16_t* nh = norms + static_cast<size_t>(n) * nb;
     for (int j = 0; j < nb; ++j) nf[j] = formats::HalfToFloat(nh[j]);
+    #pragma GCC unroll 8
     for (int mi = 0; mi < MB; ++mi) {
       const float* fx = q.fx.data() + static_cast<size_t>(m0 + mi) * nb;
       float* w = wsc + mi * W;
       for (int j = 0; j < nb; ++j) w[j] = nf[j] * fx[j];
     }
     float32x4_t facc[MB];
+    #pragma GCC unroll 8
     for (int mi = 0; mi < MB; ++mi) facc[mi] = vdupq_n_f32(0.0f);
     for (int c = 0; c < nch; ++c) {
       const uint8_t* lo = row + c * 16;
@@ -66,6 +68,7 @@ void Rows128(const Plan& p, const Prepared& q, const uint8_t* codes, const uint1
         e = vreinterpretq_u8_u16(vorrq_u16(vandq_u16(h16, nib), vandq_u16(vshlq_n_u16(h16, 4), nibhi)));
       }
       int32x4_t acc[MB];
+      #pragma GCC unroll 8
       for (int mi = 0; mi < MB; ++mi) acc[mi] = vdupq_n_s32(0);
       const int lf = p.lut_first[c];
       const int nl = q.lut_count_eff[c];
@@ -82,16 +85,19 @@ void Rows128(const Plan& p, const Prepared& q, const uint8_t* codes, const uint1
           wv = vbslq_s8(ByteMask128(p.lut_mask[lf + t]), vqtbl1q_s8(lt, idx), wv);
         }
         const int8_t* xp = xr + (static_cast<size_t>(c) * PER + f) * 16;
+        #pragma GCC unroll 8
         for (int mi = 0; mi < MB; ++mi) acc[mi] = D::Dot(acc[mi], wv, vld1q_s8(xp + mi * xstride));
       }
       const int32_t* li = p.lane_block.data() + c * 4;
       const float* ws0 = wsc + p.chunk_b0[c];
+      #pragma GCC unroll 8
       for (int mi = 0; mi < MB; ++mi) {
         const float* ws = ws0 + mi * W;
         const float sv[4] = {ws[li[0]], ws[li[1]], ws[li[2]], ws[li[3]]};
         facc[mi] = vfmaq_f32(facc[mi], vcvtq_f32_s32(acc[mi]), vld1q_f32(sv));
       }
     }
+    #pragma GCC unroll 8
     for (int mi = 0; mi < MB; ++mi) y[static_cast<size_t>(m0 + mi) * N + n] = vaddvq_f32(facc[mi]);
   }
 }

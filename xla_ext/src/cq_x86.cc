@@ -78,12 +78,14 @@ CQ_AVX2 void Rows256(const Plan& p, const Prepared& q, const uint8_t* codes,
     const uint8_t* row = codes + static_cast<size_t>(n) * p.row_bytes;
     const uint16_t* nh = norms + static_cast<size_t>(n) * nb;
     for (int j = 0; j < nb; ++j) nf[j] = formats::HalfToFloat(nh[j]);
+    #pragma GCC unroll 8
     for (int mi = 0; mi < MB; ++mi) {
       const float* fx = q.fx.data() + static_cast<size_t>(m0 + mi) * nb;
       float* w = wsc + mi * W;
       for (int j = 0; j < nb; ++j) w[j] = nf[j] * fx[j];
     }
     __m256 facc[MB];
+    #pragma GCC unroll 8
     for (int mi = 0; mi < MB; ++mi) facc[mi] = _mm256_setzero_ps();
     for (int c = 0; c < nch; ++c) {
       const uint8_t* lo = row + c * 32;
@@ -103,6 +105,7 @@ CQ_AVX2 void Rows256(const Plan& p, const Prepared& q, const uint8_t* codes,
                             _mm256_and_si256(_mm256_slli_epi16(h16, 4), nibhi));
       }
       __m256i acc[MB];
+      #pragma GCC unroll 8
       for (int mi = 0; mi < MB; ++mi) acc[mi] = _mm256_setzero_si256();
       const int lf = p.lut_first[c];
       const int nl = q.lut_count_eff[c];
@@ -124,6 +127,7 @@ CQ_AVX2 void Rows256(const Plan& p, const Prepared& q, const uint8_t* codes,
         }
         const __m256i aw = _mm256_sign_epi8(wv, wv);
         const int8_t* xp = xr + (static_cast<size_t>(c) * PER + f) * 32;
+        #pragma GCC unroll 8
         for (int mi = 0; mi < MB; ++mi) {
           const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + mi * xstride));
           const __m256i p16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));
@@ -132,11 +136,13 @@ CQ_AVX2 void Rows256(const Plan& p, const Prepared& q, const uint8_t* codes,
       }
       const __m256i li = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.lane_block.data() + c * 8));
       const int b0 = p.chunk_b0[c];
+      #pragma GCC unroll 8
       for (int mi = 0; mi < MB; ++mi) {
         const __m256 s = _mm256_permutevar8x32_ps(_mm256_loadu_ps(wsc + mi * W + b0), li);
         facc[mi] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[mi]), s, facc[mi]);
       }
     }
+    #pragma GCC unroll 8
     for (int mi = 0; mi < MB; ++mi) y[static_cast<size_t>(m0 + mi) * N + n] = Hsum256(facc[mi]);
   }
 }
