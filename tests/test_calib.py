@@ -95,3 +95,25 @@ def test_calibration_tokens_sources(tmp_path):
         from_text(Tok(), "abc", n=2, length=6)
     with pytest.raises(ValueError, match="calibration source 'wiki'"):
         calibration_tokens("wiki", tokenizer=Tok())
+
+
+def test_fisher_matches_torch_per_row_squared_gradients(tmp_path):
+    from cqjax.calib.fisher import fisher_diag
+
+    ref = write_checkpoint(CASES["llama"](), tmp_path)
+    model, ir = hf.load(tmp_path)
+    tokens = np.random.default_rng(3).integers(0, 97, (3, 10)).astype(np.int32)
+    paths = ["layers/1/mlp/down_proj/kernel", "lm_head/kernel", "embed_tokens/embedding"]
+    ours = fisher_diag(model, tokens, paths, progress=False)
+    params = dict(ref.named_parameters())
+    expected = {p: 0.0 for p in paths}
+    for row in tokens:
+        ref.zero_grad()
+        ids = torch.tensor(row[None], dtype=torch.long)
+        logits = ref(input_ids=ids).logits[0, :-1]
+        torch.nn.functional.cross_entropy(logits, ids[0, 1:]).backward()
+        for p in paths:
+            g = params[ir.meta[p].hf_name].grad.numpy()
+            expected[p] = expected[p] + (g.T if ir.meta[p].role in ("linear", "lm_head") else g) ** 2 / len(tokens)
+    for p in paths:
+        np.testing.assert_allclose(ours[p], expected[p], rtol=2e-3, atol=1e-6 * expected[p].max(), err_msg=p)
