@@ -3,7 +3,10 @@
 ==========  ======================================================================
 mode        what CQ leaves (1-4 bits) run
 ==========  ======================================================================
-``auto``    the C++ FFI kernel on CPU, pure JAX elsewhere (``lax.platform_dependent``)
+``auto``    the C++ FFI kernel on CPU for layers of at least :data:`AUTO_MIN_WEIGHTS`
+            weights, pure JAX elsewhere (``lax.platform_dependent``) and for tiny
+            layers (where a call's ~6 us overhead dominates and the exact float
+            path costs nothing)
 ``ffi``     the C++ FFI kernel always (CPU only)
 ``jax``     pure JAX always (the reference: rotate, decode, einsum)
 ==========  ======================================================================
@@ -33,6 +36,8 @@ import jax.numpy as jnp
 
 MODES = ("auto", "ffi", "jax")
 KERNEL_BITS = (1, 2, 3, 4)
+AUTO_MIN_WEIGHTS = 1 << 16
+"""``auto`` runs the kernel only for weights with at least this many entries (rows x K)."""
 
 _local = threading.local()
 _global: list[str | None] = [None]
@@ -98,6 +103,8 @@ def _uses_kernel(q) -> str | None:
     if not ffi_available():
         if mode == "ffi":
             raise RuntimeError("CQJAX_KERNEL=ffi but the compiled extension cqjax._xla_ext is missing")
+        return None
+    if mode == "auto" and q.codes.shape[0] * q.K < AUTO_MIN_WEIGHTS:
         return None
     return mode
 
