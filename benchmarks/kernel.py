@@ -194,6 +194,7 @@ def chained(args, threads, path, read_bw) -> list[dict]:
 
 def e2e(args) -> dict:
     """Greedy decode tokens/s, SmolLM2-135M: float vs CQ 4/2 bits (kernel and pure JAX)."""
+    import jax
     import numpy as np
 
     from cqjax import api, data, runtime
@@ -206,6 +207,10 @@ def e2e(args) -> dict:
     res = {"model": "smollm2-135m", "prompt_tokens": 16, "new_tokens": args.e2e_tokens, "rows": []}
 
     def tps(model, mode):
+        # runtime caches its jitted decode step per model structure, and the kernel mode is
+        # read at trace time: start each mode from empty caches.
+        runtime._decode_step.cache_clear()
+        jax.clear_caches()
         with backend.use_kernel(mode):
             runtime.generate(model, prompt, max_new_tokens=4)  # compile
             t = time.perf_counter()
