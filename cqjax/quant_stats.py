@@ -7,7 +7,8 @@ eligible tensors       linears, embeddings, LM head, per-layer embeddings (2-D):
                        :data:`cqjax.passes.common.ELIGIBLE`
 bytes of a tensor      quantized: every array of the leaf exactly as the artifact stores it
                        (packed codes incl. padding, fp16 norms/scales, codebooks, rotation
-                       signs and permutation: :func:`cqjax.io.artifact.encoded_nbytes`);
+                       signs and permutation, fp16 ``in_scale`` (16 bits per input channel)
+                       when present: :func:`cqjax.io.artifact.encoded_nbytes`);
                        float: 2 bytes per parameter (16-bit), whatever its dtype in memory
 bits/weight            ``8 * bytes / parameters``, over the eligible tensors
                        (``quantized_tensors``) and over the whole model (``model``)

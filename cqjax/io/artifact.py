@@ -8,7 +8,9 @@ file                       content
 ``weights.safetensors``    every stored array: a float leaf under its IR path, a quantized
                            leaf's arrays under ``<path>::<field>`` (``::codes``, ``::norms``,
                            ``::codebooks``, ``::s1``, ``::s2``, ``::perm``; RTN: ``::codes``,
-                           ``::scales``, ``::zeros``)
+                           ``::scales``, ``::zeros``; either may add ``::in_scale``, fp16
+                           ``[K]``, when the leaf has input scales; absent otherwise, so older
+                           artifacts load as leaves without one)
 ``tokenizer/``             tokenizer files (and ``config.json``) copied from the source
                            checkpoint, when it had them
 =========================  ===================================================================
@@ -165,7 +167,9 @@ def leaf_kind(leaf: Any, path: str = "?") -> str:
 
 
 def _array_fields(leaf: Any) -> list[str]:
-    return [f.name for f in dataclasses.fields(leaf) if f.metadata.get("pytree_node", True)]
+    """The leaf's array fields that are present (an optional one, ``in_scale``, may be None)."""
+    return [f.name for f in dataclasses.fields(leaf)
+            if f.metadata.get("pytree_node", True) and getattr(leaf, f.name) is not None]
 
 
 def _static_fields(leaf: Any) -> dict[str, Any]:

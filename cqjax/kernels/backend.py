@@ -116,13 +116,14 @@ def _pick(mode: str, operand, ffi_fn, jax_fn):
 
 
 def dot_rows(q, x, jax_fn):
-    """``(R x) · rowsᵀ`` in float32 for a CQ leaf ``q``: the kernel or ``jax_fn(x)``."""
+    """``(R (x / in_scale)) · rowsᵀ`` in float32 for a CQ leaf ``q`` (no division without an
+    ``in_scale``): the kernel or ``jax_fn(x)``."""
     mode = _uses_kernel(q)
     if mode is None:
         return jax_fn(x)
 
-    def ffi_fn(v):
-        return _ffi_mod().cq_matmul(v, q.codes, q.norms, q.codebooks, q.s1, q.s2, q.perm,
+    def ffi_fn(v):  # an input scale divides the activation before the kernel rotates it
+        return _ffi_mod().cq_matmul(q.scale_input(v), q.codes, q.norms, q.codebooks, q.s1, q.s2, q.perm,
                                     bits=q.bits, blocks=q.blocks)
 
     return _pick(mode, x.astype(jnp.float32), ffi_fn, lambda v: jax_fn(v).astype(jnp.float32))
@@ -135,8 +136,8 @@ def take_rows(q, ids, jax_fn):
         return jax_fn(ids)
 
     def ffi_fn(i):
-        return _ffi_mod().cq_gather(i, q.codes, q.norms, q.codebooks, q.s1, q.s2, q.perm,
-                                    bits=q.bits, blocks=q.blocks, K=q.K)
+        return q.unscale_rows(_ffi_mod().cq_gather(i, q.codes, q.norms, q.codebooks, q.s1, q.s2, q.perm,
+                                                   bits=q.bits, blocks=q.blocks, K=q.K))
 
     return _pick(mode, jnp.asarray(ids).astype(jnp.int32), ffi_fn,
                  lambda i: jax_fn(i).astype(jnp.float32))

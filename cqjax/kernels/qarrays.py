@@ -21,6 +21,13 @@ table its rows. ``transposed`` says which, so ``logical_shape`` is the float lea
 The rotation is applied to the activation (``(R x)·(R w) = x·w``); no float copy of the weight
 is stored, only a transient decode inside jit. Stored sizes are counted in one place,
 :mod:`cqjax.quant_stats` (what the artifact actually holds).
+
+**Input scale.** Either leaf may carry ``in_scale``: float16 ``[K]`` per-input-channel scales
+``s`` (:class:`cqjax.passes.awq.ActivationScale` sets them; default None, absent). The codes
+then encode ``diag(s)·W`` and the leaf stands for ``Ŵ = diag(1/s)·decode(codes)``: every
+method divides the activation (``matmul``/``attend``: ``x / s`` before the rotation, on the
+pure-JAX and the FFI kernel path alike) or the decoded rows (``dequantize``, ``take_rows``)
+by ``s``.
 """
 
 from __future__ import annotations
@@ -49,6 +56,18 @@ class _RowsMixin:
     def unrotate_rows(self, rows):
         return rows
 
+    def scale_input(self, x):
+        """``x / in_scale`` along the last (input) dim, float32; ``x`` itself without a scale."""
+        if self.in_scale is None:
+            return x
+        return x.astype(jnp.float32) / self.in_scale.astype(jnp.float32)
+
+    def unscale_rows(self, rows):
+        """Decoded rows ``[..., K]`` divided by ``in_scale`` (the rows the leaf stands for)."""
+        if self.in_scale is None:
+            return rows
+        return rows / self.in_scale.astype(jnp.float32)
+
     @property
     def logical_shape(self) -> tuple[int, int]:
         rows = self.codes.shape[0]
@@ -65,14 +84,15 @@ class _RowsMixin:
     def dequantize(self) -> jax.Array:
         """The float leaf this stands for (``[K, N]`` or ``[V, D]``), for references and tests."""
         rows = self.unrotate_rows(self.decode_rows(self.codes, self.norms_or_scales()))[..., : self.K]
+        rows = self.unscale_rows(rows)
         return rows.T if self.transposed else rows
 
     def _dot_rows(self, x):
         return self._dot_rows_jnp(x)
 
     def _dot_rows_jnp(self, x):
-        """The pure-JAX reference: rotate ``x``, decode every row, einsum (float32)."""
-        xr = self.rotate_activation(x.astype(jnp.float32))
+        """The pure-JAX reference: scale and rotate ``x``, decode every row, einsum (float32)."""
+        xr = self.rotate_activation(self.scale_input(x.astype(jnp.float32)))
         w = self.decode_rows(self.codes, self.norms_or_scales())
         return jnp.einsum("...k,nk->...n", xr, w)
 
@@ -88,7 +108,7 @@ class _RowsMixin:
 
     def _take_rows_jnp(self, ids):
         rows = self.decode_rows(jnp.take(self.codes, ids, axis=0), jnp.take(self.norms_or_scales(), ids, axis=0))
-        return self.unrotate_rows(rows)[..., : self.K]
+        return self.unscale_rows(self.unrotate_rows(rows)[..., : self.K])
 
 
 @struct.dataclass
@@ -100,6 +120,7 @@ class CQArray(_RowsMixin):
       norms: float16 ``[rows, nblocks]``.
       codebooks: float16 ``[nblocks, 2**bits]`` (one per block; blocks of one size share values).
       s1, s2, perm: the rotation (:class:`cqjax.passes.rotate_core.Rotation`) arrays ``[Kpad]``.
+      in_scale: optional float16 ``[K]`` input scales (see the module docstring); None: absent.
     """
 
     codes: jax.Array
@@ -114,6 +135,7 @@ class CQArray(_RowsMixin):
     transposed: bool = struct.field(pytree_node=False)
     seed: int = struct.field(pytree_node=False, default=0)
     format: str = struct.field(pytree_node=False, default="cq")
+    in_scale: jax.Array | None = None
 
     def norms_or_scales(self):
         return self.norms
@@ -147,6 +169,7 @@ class RTNArray(_RowsMixin):
     Attributes:
       codes: uint8 ``[rows, row_bytes]`` packed like CQ codes over ``Kpad = ceil8(K)``.
       scales, zeros: float16 ``[rows, nblocks]``; ``w = code * scale + zero``.
+      in_scale: optional float16 ``[K]`` input scales (see the module docstring); None: absent.
     """
 
     codes: jax.Array
@@ -157,6 +180,7 @@ class RTNArray(_RowsMixin):
     K: int = struct.field(pytree_node=False)
     transposed: bool = struct.field(pytree_node=False)
     format: str = struct.field(pytree_node=False, default="rtn")
+    in_scale: jax.Array | None = None
 
     def norms_or_scales(self):
         return jnp.stack([self.scales, self.zeros], axis=-1)
