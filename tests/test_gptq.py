@@ -346,6 +346,8 @@ def test_pipeline_with_calibration_runs_the_quantized_model(ir, method, tmp_path
         else:  # no calibration: exactly the plain recipe
             assert meta.info["error_feedback"] == "none"
             assert same(leaf, ref.params[path])
+    if method == "unrotated":
+        return  # the same leaf type as "rotated": the runtime checks below would repeat
     tokens = np.array([[1, 5, 9, 30, 2, 7]], np.int32)
     deq = hf.to_model(qir.replace(params={p: np.asarray(l.dequantize()) for p, l in qir.params.items()
                                           if is_quantized(l)}))(tokens)
