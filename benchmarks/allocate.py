@@ -25,8 +25,7 @@ from transformers import AutoTokenizer
 from cqjax import data, quant_stats, runtime
 from cqjax import eval as ev
 from cqjax import pipeline as pl
-from cqjax.calib import calibration_tokens, collect
-from cqjax.calib.fisher import fisher_diag
+from cqjax.calib import calibrate
 from cqjax.eval.scoring import from_nnx
 from cqjax.io import hf
 from cqjax.io.atomic import write_json, write_text
@@ -62,22 +61,10 @@ def main(argv=None) -> int:
     ref = from_nnx(model)
     base = ev.evaluate_model(ref, evdata, model_id=f"{args.model}@{hf.checkpoint_fingerprint(directory)}")
 
-    t0 = time.perf_counter()
-    rows = calibration_tokens(args.calib_source, tokenizer=tok, model=model, n=args.calib_rows,
-                              length=args.calib_length)
-    t_tokens = time.perf_counter() - t0
-    calib: dict = {}
-    timing = {"calibration_tokens_s": t_tokens}
-    if "hessian" in args.proxies:
-        t = time.perf_counter()
-        calib = {p: dict(v) for p, v in collect(model, ir, rows, source=args.calib_source).items()}
-        timing["hessians_s"] = time.perf_counter() - t
-    if "fisher" in args.proxies:
-        t = time.perf_counter()
-        paths = [p for p, m in ir.meta.items() if is_eligible(p, m)]
-        for p, f in fisher_diag(model, rows, paths).items():
-            calib.setdefault(p, {})["fisher"] = f
-        timing["fisher_s"] = time.perf_counter() - t
+    needs = [p for p in args.proxies if p in ("fisher", "hessian")]
+    calib = calibrate(model, ir, tok, needs, source=args.calib_source, rows=args.calib_rows,
+                      length=args.calib_length)
+    timing = {f"calibration_{k}": v for k, v in calib.timing.items()}
     ctx = pl.Context(calibration=calib)
     log(f"calibration: {timing}")
 

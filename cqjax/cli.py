@@ -133,8 +133,27 @@ def _instantiate_error(name: str, pcfg: DictConfig, e: Exception) -> ConfigError
     return ConfigError(f"pipeline.{name} ({pcfg.get('_target_')}): {msg}")
 
 
+def _allocator(cfg: DictConfig, steps: list, overrides: dict | None):
+    """The ``allocate`` step of ``quant.bpw``: measured with the pipeline's own grid (RTN when
+    a round-to-nearest pass quantizes, else CQ); ``overrides`` and ``embed_bits`` stay fixed."""
+    from cqjax.passes.allocate import AllocateBits
+    from cqjax.passes.common import EMBED_ROLES
+    from cqjax.passes.gptq import GPTQRoundToNearest
+    from cqjax.passes.rtn import RoundToNearest
+
+    q = cfg.quant
+    fixed = dict(overrides or {})
+    if q.embed_bits is not None:
+        fixed.update({f"role:{r}": q.embed_bits for r in EMBED_ROLES if f"role:{r}" not in fixed})
+    inner = [getattr(p, "inner", p) for _, p in steps]
+    method = "rtn" if any(isinstance(p, (RoundToNearest, GPTQRoundToNearest)) for p in inner) else "cq"
+    return AllocateBits(bpw=float(q.bpw), choices=tuple(q.choices), proxy=q.proxy, fixed=fixed or None,
+                        method=method, block=q.block, seed=q.seed)
+
+
 def build_pipeline(cfg: DictConfig, progress: bool = True):
-    """The named chain of ``cfg.pipeline``; passes with ``bits: null`` get the ``quant`` rules."""
+    """The named chain of ``cfg.pipeline``; passes with ``bits: null`` get the ``quant`` rules,
+    and ``quant.bpw`` puts the bit allocator (``allocate``) first."""
     from hydra.utils import instantiate
 
     from cqjax.passes.common import bits_rules
@@ -155,6 +174,11 @@ def build_pipeline(cfg: DictConfig, progress: bool = True):
         if progress and isinstance(p, Pass) and type(p).__call__ is Pass.__call__:
             p = _TensorProgress(p, name)
         steps.append((name, p))
+    if q.get("bpw") is not None:
+        try:
+            steps.insert(0, ("allocate", _allocator(cfg, steps, overrides)))
+        except ValueError as e:
+            raise ConfigError(f"quant.bpw={q.bpw}: {e}") from e
     return named_chain(*steps)
 
 
@@ -272,16 +296,20 @@ def convert(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         data = ev.prepare(tokenizer, ecfg)
     with t("eval float"):
         base = ev.evaluate_model(from_nnx(model), data, model_id=f"{cfg.model.name}@{fingerprint(directory)}")
-    qir, passes, quant, rows = ir, [], None, []
+    qir, passes, quant, rows, calib = ir, [], None, [], None
     if recipe is not None:
+        if recipe.needs:
+            with t("calibrate"):
+                calib = _calibrate(cfg, model, ir, tokenizer, recipe.needs)
         with t("quantize"):
             log(f"quantizing: {', '.join(name for name, _ in recipe.steps)}")
-            qir, passes = pl.run(recipe, ir, pl.Context(rng_seed=cfg.seed))
+            qir, passes = pl.run(recipe, ir, pl.Context(rng_seed=cfg.seed, calibration=calib or {}, log=log))
         with t("tensor errors"):
             rows = tensor_stats(qir, ir)
         with t("save artifact"):
             extra = {"recipe": {"method": _choice("pipeline") or "custom", "model": cfg.model.name,
-                                "source": str(directory), **OmegaConf.to_container(cfg.quant, resolve=True)},
+                                "source": str(directory), **OmegaConf.to_container(cfg.quant, resolve=True),
+                                "calibration": None if calib is None else calib.describe()},
                      "passes": passes}
             artifact.save(qir, out_dir / "artifact", tokenizer_from=directory, extra=extra)
             log(f"saved {out_dir / 'artifact'}")
@@ -301,9 +329,24 @@ def convert(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "tensors": _tensor_rows(rows),
         "passes": [{"name": p["name"], "seconds": p["seconds"]} for p in passes],
         "quantized_runtime": None if recipe is None else _runtime(cfg),
+        "calibration": None if calib is None else {**calib.describe(), "rows": cfg.calib.rows,
+                                                   "length": cfg.calib.length},
         "timings": dict(t), "seconds": time.perf_counter() - start,
     })
     return finish(report, cfg, out_dir)
+
+
+def _calibrate(cfg: DictConfig, model, ir, tokenizer, needs):
+    """The statistics the pipeline's passes read, from ``cfg.calib`` rows (see :mod:`cqjax.calib`)."""
+    from cqjax.calib import calibrate
+
+    c = cfg.calib
+    log(f"calibrating ({', '.join(sorted(needs))}) on {c.rows} x {c.length} tokens from {c.source!r}")
+    calib = calibrate(model, ir, tokenizer, needs, source=os.path.expanduser(c.source) if c.source not in
+                      ("self", "squad") else c.source, rows=c.rows, length=c.length, seed=c.seed,
+                      progress=cfg.eval.progress)
+    log(f"calibration: {calib.describe()}")
+    return calib
 
 
 def _runtime(cfg: DictConfig) -> str:

@@ -14,7 +14,12 @@ key            group (``conf/<group>/``)            what
 ``model``      ``model/`` (``+model=<name>``)       :class:`ModelConfig`: hub id, packaged
                                                     model, local ``path``
 ``quant``      ``quant/``                           :class:`QuantConfig`: bits, embed_bits,
-                                                    block, codebook, seed, overrides
+                                                    block, codebook, seed, overrides, and the
+                                                    allocator (bpw, choices, proxy)
+—              ``bundle/`` (``+bundle=<name>``)     role bundles: per-role / per-tower widths
+                                                    written into ``quant.overrides``
+``calib``      —                                    :class:`CalibConfig`: calibration rows (used
+                                                    only by passes that need statistics)
 ``pipeline``   ``pipeline/`` (``cq`` | ``rtn``)     passes keyed by name (``Dict[str, Any]``),
                                                     each ``{_target_: <Pass class>, ...}``
 ``eval``       ``eval/`` (``default`` | ``quick``)  :class:`EvalSettings` (perplexity text and
@@ -87,6 +92,12 @@ class QuantConfig:
       codebook: ``analytic`` (data-free Lloyd–Max levels) or ``fitted`` (fitted per tensor).
       seed: rotation seed (each tensor derives its own from it and its path).
       overrides: ``{filter: bits}``, first match wins, e.g. ``{"role:lm_head": 8}``.
+      bpw: a target stored bits/weight over the eligible tensors: turns on the bit allocator
+        (:class:`cqjax.passes.allocate.AllocateBits`, run first), which chooses each tensor's
+        width from ``choices``; tensors that ``overrides`` or ``embed_bits`` cover keep those
+        widths and count against the budget. None: uniform ``bits``.
+      choices: the widths the allocator may give a tensor.
+      proxy: the allocator's sensitivity estimate: ``fisher`` | ``hessian`` | ``weight``.
     """
 
     bits: int = 3
@@ -95,6 +106,28 @@ class QuantConfig:
     codebook: str = "analytic"
     seed: int = 0
     overrides: Dict[str, int] = dataclasses.field(default_factory=dict)
+    bpw: Optional[float] = None
+    choices: List[int] = dataclasses.field(default_factory=lambda: [2, 3, 4])
+    proxy: str = "fisher"
+
+
+@dataclasses.dataclass
+class CalibConfig:
+    """Calibration rows, drawn only when a pass reads statistics (its ``needs``: the allocator's
+    ``fisher`` / ``hessian`` proxies, error feedback). Always disjoint from the evaluation text.
+
+    Attributes:
+      source: ``self`` (sampled by the float model from BOS: no dataset), ``squad`` (SQuAD
+        paragraphs), or a path to a UTF-8 text file.
+      rows: calibration sequences.
+      length: tokens per sequence (BOS included).
+      seed: sampling seed of ``self``.
+    """
+
+    source: str = "self"
+    rows: int = 16
+    length: int = 512
+    seed: int = 0
 
 
 @dataclasses.dataclass
@@ -180,6 +213,7 @@ class Config:
     mode: Mode = Mode.convert
     model: Optional[ModelConfig] = None
     quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
+    calib: CalibConfig = dataclasses.field(default_factory=CalibConfig)
     pipeline: Dict[str, Any] = dataclasses.field(default_factory=dict)
     eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)
     report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
@@ -219,6 +253,25 @@ def _check_quant(q: DictConfig) -> None:
     _allowed("quant.codebook", q.codebook, CODEBOOK_MODES)
     for pattern, bits in (q.overrides or {}).items():
         _allowed(f"quant.overrides[{pattern!r}]", bits, SUPPORTED_BITS)
+    if q.bpw is not None and not q.bpw > 0:
+        raise ConfigError(f"quant.bpw={q.bpw!r}: expected a positive stored bits/weight (or null: uniform quant.bits)")
+    if not q.choices:
+        raise ConfigError("quant.choices is empty: give the widths the allocator may use, e.g. [2,3,4]")
+    for i, bits in enumerate(q.choices):
+        _allowed(f"quant.choices[{i}]", bits, SUPPORTED_BITS)
+    from cqjax.passes.allocate import PROXIES
+
+    _allowed("quant.proxy", q.proxy, PROXIES)
+
+
+def _check_calib(c: DictConfig) -> None:
+    from cqjax.calib import SOURCES
+
+    if c.source not in SOURCES and not os.path.isfile(os.path.expanduser(c.source)):
+        raise ConfigError(f"calib.source={c.source!r} is not allowed; allowed values: {', '.join(SOURCES)} "
+                          "or the path of a UTF-8 text file")
+    _positive("calib.rows", c.rows)
+    _positive("calib.length", c.length, minimum=2)
 
 
 def _check_eval(e: DictConfig) -> None:
@@ -255,6 +308,7 @@ def validate(cfg: DictConfig) -> None:
     mode = cfg.mode.name if isinstance(cfg.mode, Mode) else str(cfg.mode)
     _allowed("mode", mode, [m.name for m in Mode])
     _check_quant(cfg.quant)
+    _check_calib(cfg.calib)
     _check_eval(cfg.eval)
     for name, p in (cfg.pipeline or {}).items():
         if p is not None and (not isinstance(p, DictConfig) or "_target_" not in p):

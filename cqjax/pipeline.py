@@ -115,7 +115,9 @@ class Pass:
     """Base of leaf-wise passes. Subclass as a frozen kw-only dataclass and define ``rewrite``.
 
     Class attributes: ``name`` (default: the class name in snake_case), ``default_where``
-    (the filter used when ``where`` is None), ``may_change`` (see :data:`PROTECTED`).
+    (the filter used when ``where`` is None), ``may_change`` (see :data:`PROTECTED`), ``needs``
+    (the calibration statistics it reads from ``ctx.calibration``, e.g. ``{"hessian"}``; a pass
+    may make it a property of its fields).
     A subclass may override ``__call__`` for a whole-IR pass; it must then touch only
     ``self.selected(ir)`` (``run`` checks it).
     """
@@ -123,6 +125,7 @@ class Pass:
     name: ClassVar[str] = "pass"
     default_where: ClassVar[Any] = True
     may_change: ClassVar[frozenset[str]] = frozenset()
+    needs: ClassVar[frozenset[str]] = frozenset()
 
     where: Any = None  # a cqjax.select filter; None means ``default_where``
 
@@ -240,6 +243,10 @@ class Chain:
     def may_change(self) -> frozenset[str]:
         return frozenset().union(*(getattr(p, "may_change", ()) for _, p in self.steps))
 
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset().union(*(getattr(p, "needs", ()) for _, p in self.steps))
+
     def __call__(self, ir: IR, ctx: Context | None = None) -> IR:
         ctx = Context() if ctx is None else ctx
         for _, p in self.steps:
@@ -278,6 +285,10 @@ class Masked:
     @property
     def may_change(self) -> frozenset[str]:
         return frozenset(getattr(self.inner, "may_change", ()))
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset(getattr(self.inner, "needs", ()))
 
     def selected(self, ir: IR) -> list[str]:
         paths = select_lib.select(ir, self.where)

@@ -70,6 +70,18 @@ def test_pass_meets_the_bpw_target_and_the_recipe_honours_it(method):
     assert err(q4) < err(q)
 
 
+def test_unreachable_targets_are_explained_in_bits_per_weight():
+    ir = make_ir(SPEC)
+    with pytest.raises(ValueError, match=r"bpw=1\.5 is out of reach: with every allocated tensor at 2 bits .* "
+                                         r"store [0-9.]+ bits/weight"):
+        AllocateBits(bpw=1.5, choices=(2, 3), proxy="weight")(ir)
+    with pytest.raises(ValueError, match=r"bpw=0\.05 is out of reach: the tensors with fixed widths alone"):
+        AllocateBits(bpw=0.05, proxy="weight", fixed={"role:embedding": 8})(ir)
+    assert AllocateBits(bpw=3, proxy="weight").needs == frozenset()
+    assert AllocateBits(bpw=3, proxy="hessian").needs == {"hessian"}
+    assert AllocateBits(bpw=3, random_seed=1).needs == frozenset()
+
+
 def test_random_baseline_and_missing_calibration_are_explicit():
     ir = make_ir(SPEC)
     out = AllocateBits(bpw=2.5, choices=(2, 3), random_seed=0)(ir)

@@ -117,3 +117,10 @@ def test_fisher_matches_torch_per_row_squared_gradients(tmp_path):
             expected[p] = expected[p] + (g.T if ir.meta[p].role in ("linear", "lm_head") else g) ** 2 / len(tokens)
     for p in paths:
         np.testing.assert_allclose(ours[p], expected[p], rtol=2e-3, atol=1e-6 * expected[p].max(), err_msg=p)
+
+
+def test_calibrate_rejects_unknown_statistics():
+    from cqjax.calib import calibrate
+
+    with pytest.raises(ValueError, match=r"\['curvature'\]: allowed \('hessian', 'fisher'\)"):
+        calibrate(None, None, None, {"curvature"})

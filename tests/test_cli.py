@@ -166,6 +166,29 @@ def test_multirun_sweep_writes_summary_and_pareto(checkpoint, tmp_path):
         assert {t["bits"] for t in r["tensors"] if t["role"] == "linear"} == {bits}
 
 
+def test_convert_with_allocator_and_error_feedback(checkpoint, tmp_path):
+    """quant.bpw turns the allocator on (calibrated on self-generated rows), pipeline=cq-ef adds
+    error feedback: one override each; the report says what calibration ran. (This tiny model
+    stores 4.87 bits/weight at uniform 2 bits and 5.32 at 3, its 4-bit embeddings included.)"""
+    path, text = checkpoint
+    proc = cqjax(["+model=hf", f"model.path={path}", "pipeline=cq-ef", "quant.bpw=5.1", "quant.choices=[2,3]",
+                  "calib.rows=2", "calib.length=24", f"eval.perplexity.path={text}", "eval.perplexity.max_tokens=63",
+                  "eval.perplexity.context=64", "eval.tasks=[]", "report.plots=false",
+                  f"hydra.run.dir={tmp_path / 'r'}"], tmp_path, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    check_schema(report)
+    assert report["pipeline"] == ["allocate", "rotate", "codebook", "pack"]
+    calib = report["calibration"]
+    assert calib["source"] == "self" and calib["tokens"] == 2 * 24 and calib["rows"] == 2
+    assert calib["fisher_s"] >= 0 and calib["hessian_s"] >= 0
+    linear_bits = [t["bits"] for t in report["tensors"] if t["role"] == "linear"]
+    assert set(linear_bits) <= {2, 3}
+    assert {t["bits"] for t in report["tensors"] if t["role"] in ("embedding", "lm_head")} == {4}
+    assert 4.87 < report["bits_per_weight"]["quantized_tensors"] <= 5.1
+    assert "allocate (fisher):" in proc.stderr and "calibrating (fisher, hessian)" in proc.stderr
+
+
 def test_missing_model_is_explained(tmp_path):
     proc = cqjax([f"hydra.run.dir={tmp_path / 'r'}"], tmp_path, tmp_path / "cache")
     assert proc.returncode != 0 and "+model=<name>" in proc.stderr

@@ -33,7 +33,8 @@ def test_config_dir_is_the_source_checkout():
 
 def test_every_group_has_options():
     assert {"smollm2-135m", "gemma3-270m", "hf", "gemma4", "qwen3", "llama-3.2"} <= set(options("model"))
-    assert set(options("pipeline")) == {"cq", "rtn"} and {"default", "quick"} <= set(options("eval"))
+    assert set(options("pipeline")) == {"cq", "cq-ef", "rtn", "gptq"} and {"default", "quick"} <= set(options("eval"))
+    assert {"mobile", "embed8"} <= set(options("bundle"))
     assert "production" in options("experiment")
 
 
@@ -55,7 +56,7 @@ def test_hub_models_take_a_local_path(model, tmp_path):
     assert model_dir(cfg.model) == tmp_path
 
 
-@pytest.mark.parametrize("group, option", [(g, o) for g in ("quant", "pipeline", "eval", "experiment")
+@pytest.mark.parametrize("group, option", [(g, o) for g in ("quant", "bundle", "pipeline", "eval", "experiment")
                                            for o in options(g)])
 def test_every_option_composes_validates_and_instantiates(group, option):
     cfg = composed("+model=smollm2-135m", f"{group}={option}")
@@ -66,6 +67,54 @@ def test_every_option_composes_validates_and_instantiates(group, option):
     recipe = build_pipeline(cfg, progress=False)
     assert isinstance(recipe, Chain) and [n for n, _ in recipe.steps] == list(cfg.pipeline)
     OmegaConf.to_yaml(cfg, resolve=True)  # every interpolation resolves
+
+
+def test_error_feedback_pipelines_ask_for_hessians():
+    assert build_pipeline(composed("+model=smollm2-135m"), progress=False).needs == frozenset()
+    for name in ("cq-ef", "gptq"):
+        assert build_pipeline(composed("+model=smollm2-135m", f"pipeline={name}"), progress=False).needs == {"hessian"}
+    recipe = build_pipeline(composed("+model=smollm2-135m", "pipeline=cq-ef", "pipeline.pack.basis=unrotated"))
+    assert getattr(recipe.steps[-1][1], "inner", recipe.steps[-1][1]).basis == "unrotated"
+
+
+@pytest.mark.parametrize("pipeline, method", [("cq", "cq"), ("cq-ef", "cq"), ("rtn", "rtn"), ("gptq", "rtn")])
+def test_bpw_puts_the_allocator_first(pipeline, method):
+    from cqjax.ir import TensorMeta
+    from cqjax.passes.allocate import AllocateBits
+
+    cfg = composed("+model=smollm2-135m", f"pipeline={pipeline}", "quant.bpw=2.6", "quant.choices=[2,3]",
+                   "quant.block=64", "quant.embed_bits=8")
+    cfg_lib.validate(cfg)
+    recipe = build_pipeline(cfg, progress=False)
+    name, alloc = recipe.steps[0]
+    assert name == "allocate" and isinstance(alloc, AllocateBits) and [n for n, _ in recipe.steps[1:]] == list(cfg.pipeline)
+    assert alloc.bpw == 2.6 and alloc.choices == (2, 3) and alloc.method == method and alloc.block == 64
+    assert alloc.proxy == "fisher" and "fisher" in recipe.needs
+    embed = TensorMeta(role="embedding", hf_name="e", shape=(64, 64), dtype="float32")
+    linear = TensorMeta(role="linear", hf_name="x", shape=(64, 64), dtype="float32")
+    assert alloc.fixed.get("embed_tokens/embedding", embed) == 8  # embed_bits stays fixed
+    assert alloc.fixed.get("layers/0/mlp/up_proj/kernel", linear) is None  # linears are allocated
+    weight = build_pipeline(composed("+model=smollm2-135m", "quant.bpw=3", "quant.proxy=weight"), progress=False)
+    assert weight.needs == frozenset()
+    free = build_pipeline(composed("+model=smollm2-135m", "quant.bpw=3", "quant.embed_bits=null"), progress=False)
+    assert free.steps[0][1].fixed is None  # embeddings allocated too
+
+
+def test_role_bundle_sets_rules_and_composes_with_the_allocator():
+    from cqjax.ir import TensorMeta
+
+    def meta(role, tower="text"):
+        return TensorMeta(role=role, hf_name="x", shape=(64, 64), dtype="float32", tower=tower)
+
+    cfg = composed("+model=smollm2-135m", "bundle=mobile", "quant.bits=4")
+    cfg_lib.validate(cfg)
+    rules = build_pipeline(cfg, progress=False).steps[1][1].bits
+    assert rules.get("v/l/kernel", meta("linear", "vision")) == 2 and rules.get("a/kernel", meta("linear", "audio")) == 2
+    assert rules.get("ple/embedding", meta("per_layer_embedding")) == 2
+    assert rules.get("embed/embedding", meta("embedding")) == 4 and rules.get("l/kernel", meta("linear")) == 4
+    alloc = build_pipeline(composed("+model=smollm2-135m", "bundle=mobile", "quant.bpw=3"), progress=False).steps[0][1]
+    assert alloc.fixed.get("v/l/kernel", meta("linear", "vision")) == 2
+    assert alloc.fixed.get("l/kernel", meta("linear")) is None
 
 
 @pytest.mark.parametrize("pipeline, bits", [("cq", 2), ("rtn", 4)])
@@ -117,6 +166,11 @@ def test_perplexity_path_maps_onto_eval_config(tmp_path):
     (["eval.perplexity.text=books"], ["eval.perplexity.text='books'", "wikipedia", "eval.perplexity.path"]),
     (["eval.perplexity.path=/no/such/file.txt"], ["eval.perplexity.path", "/no/such/file.txt", "not found"]),
     (["eval.limit=0"], ["eval.limit=0", ">= 1"]),
+    (["quant.bpw=-1"], ["quant.bpw=-1", "positive"]),
+    (["quant.choices=[2,5]"], ["quant.choices[1]=5", "1, 2, 3, 4, 8"]),
+    (["quant.proxy=magic"], ["quant.proxy='magic'", "fisher, hessian, weight"]),
+    (["calib.source=/no/such/text.txt"], ["calib.source", "self, squad", "text file"]),
+    (["calib.rows=0"], ["calib.rows=0", ">= 1"]),
 ])
 def test_bad_values_name_key_and_allowed_values(overrides, needles):
     with pytest.raises(ConfigError) as e:

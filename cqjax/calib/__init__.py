@@ -5,7 +5,8 @@
 ('self', 'squad')
 """
 
+from cqjax.calib.calibrate import STATS, calibrate
 from cqjax.calib.sequences import SOURCES, calibration_tokens
 from cqjax.calib.stats import Calibration, collect
 
-__all__ = ["SOURCES", "Calibration", "calibration_tokens", "collect"]
+__all__ = ["SOURCES", "STATS", "Calibration", "calibrate", "calibration_tokens", "collect"]

@@ -80,10 +80,13 @@ class Calibration(Mapping):
       source: where the calibration tokens came from (e.g. ``"self"``, ``"squad"``).
       tokens: unmasked calibration tokens seen.
       seconds: wall time of the collection.
+      timing: seconds per step (e.g. ``{"tokens_s": ..., "hessian_s": ...}``).
     """
 
-    def __init__(self, stats: dict[str, dict[str, Any]], *, source: str, tokens: int, seconds: float):
+    def __init__(self, stats: dict[str, dict[str, Any]], *, source: str, tokens: int, seconds: float,
+                 timing: dict[str, float] | None = None):
         self._stats, self.source, self.tokens, self.seconds = stats, source, tokens, seconds
+        self.timing = dict(timing or {})
 
     def __getitem__(self, path):
         return self._stats[path]
@@ -95,7 +98,8 @@ class Calibration(Mapping):
         return len(self._stats)
 
     def describe(self) -> dict[str, Any]:
-        return {"source": self.source, "tokens": self.tokens, "tensors": len(self), "seconds": round(self.seconds, 1)}
+        return {"source": self.source, "tokens": self.tokens, "tensors": len(self), "seconds": round(self.seconds, 1),
+                **{k: round(v, 1) for k, v in self.timing.items()}}
 
 
 def _probed(model: nnx.Module, ir: IR, tape: _Tape):

@@ -156,6 +156,13 @@ class AllocateBits(Pass):
         object.__setattr__(self, "choices", tuple(sorted(int(b) for b in self.choices)))
         object.__setattr__(self, "fixed", Rules.of(self.fixed) if self.fixed else None)
 
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        """The calibration statistic the proxy reads (none for ``weight`` or random promotion)."""
+        if self.random_seed is not None or self.proxy == "weight":
+            return frozenset()
+        return frozenset({self.proxy})
+
     def _quantizer(self, bits: int):
         from cqjax.passes.recipes import PIPELINES
 
@@ -167,9 +174,13 @@ class AllocateBits(Pass):
         """``{path: {bits: (damage, bytes)}}`` by quantizing each tensor alone at each width
         (damage 0 with ``sizes_only``)."""
         costs: dict[str, dict[int, tuple[float, int]]] = {}
+        from cqjax.eval.progress import Progress
+
         recipes = {b: self._quantizer(b) for b in self.choices}
         dequantize = dequantizer()
-        for i, path in enumerate(paths):
+        bar = Progress(f"allocate ({'sizes' if sizes_only else self.proxy})", total=len(paths), unit="tensors",
+                       every_s=10.0)
+        for path in paths:
             w = np.asarray(materialize(ir.params[path]), np.float32)
             costs[path] = {}
             for b, recipe in recipes.items():
@@ -177,7 +188,8 @@ class AllocateBits(Pass):
                 d = 0.0 if sizes_only else damage(self.proxy, w, np.asarray(dequantize(leaf)),
                                                   ctx.calibration.get(path), path)
                 costs[path][b] = (d, tensor_bytes(path, leaf, w.size))
-            ctx.log(f"allocate: measured {i + 1}/{len(paths)} {path}")
+            bar.update(1)
+        bar.close()
         return costs
 
     def __call__(self, ir: IR, ctx: Context | None = None) -> IR:
@@ -188,15 +200,28 @@ class AllocateBits(Pass):
         free = [p for p in paths if p not in fixed]
         params = sum(int(np.prod(ir.meta[p].shape)) for p in paths)
         budget = int(self.budget_bytes if self.budget_bytes is not None else self.bpw * params / 8)
-        for p, b in fixed.items():
-            leaf = self._quantizer(b)(sub_ir(ir, [p]), ctx).params[p]
-            budget -= tensor_bytes(p, leaf, int(np.prod(ir.meta[p].shape)))
+        fixed_bytes = sum(tensor_bytes(p, self._quantizer(b)(sub_ir(ir, [p]), ctx).params[p],
+                                       int(np.prod(ir.meta[p].shape))) for p, b in fixed.items())
+        target = f"bpw={self.bpw:g}" if self.bpw is not None else f"budget_bytes={self.budget_bytes:,}"
+        if fixed_bytes >= budget and free:
+            raise ValueError(f"allocate: {target} is out of reach: the tensors with fixed widths alone store "
+                             f"{8 * fixed_bytes / params:.3f} bits/weight of the eligible tensors")
+        budget -= fixed_bytes
+        costs = self.measure(ir, ctx, free, sizes_only=self.random_seed is not None)
+        floor = sum(min(nb for _, nb in costs[p].values()) for p in free)
+        if floor > budget:
+            raise ValueError(f"allocate: {target} is out of reach: with every allocated tensor at "
+                             f"{min(self.choices)} bits the eligible tensors store "
+                             f"{8 * (floor + fixed_bytes) / params:.3f} bits/weight")
         if self.random_seed is not None:
-            choice = random_promotion(self.measure(ir, ctx, free, sizes_only=True), budget, self.random_seed)
+            choice = random_promotion(costs, budget, self.random_seed)
         else:
-            choice = solve(self.measure(ir, ctx, free), budget)
+            choice = solve(costs, budget)
         choice.update(fixed)
         how = "random" if self.random_seed is not None else self.proxy
+        widths = [choice[p] for p in paths]
+        ctx.log(f"allocate ({how}): " + ", ".join(f"{widths.count(b)} tensors at {b} bits" for b in sorted(set(widths)))
+                + f" ({budget:,} bytes left for the {len(free)} allocated tensors)")
         meta = {p: ir.meta[p].replace(info={**ir.meta[p].info, "allocated_bits": int(choice[p]), "allocation": how})
                 for p in paths}
         return ir.replace(meta=meta)

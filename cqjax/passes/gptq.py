@@ -256,6 +256,8 @@ class ErrorFeedbackPack(_FallbackLog, Pass):
       gain: only ``"none"`` (kept so a Pack config converts by changing ``_target_``).
     """
 
+    needs = frozenset({"hessian"})
+
     default_where = ELIGIBLE
     basis: str = "rotated"
     percdamp: float = 0.01
@@ -300,6 +302,8 @@ class GPTQRoundToNearest(_FallbackLog, Pass):
       block: the RTN block along the input dim (fp16 scale + zero each).
       percdamp: Hessian damping, a fraction of its mean diagonal.
     """
+
+    needs = frozenset({"hessian"})
 
     name = "gptq_round_to_nearest"
     default_where = ELIGIBLE

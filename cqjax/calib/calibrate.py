@@ -1,0 +1,67 @@
+"""One call from a float model to the :class:`Calibration` a pipeline's passes need.
+
+A pass declares the statistics it reads from ``ctx.calibration`` in ``needs``
+(:class:`cqjax.pipeline.Pass`): ``"hessian"`` (input second moments of every linear, from
+:func:`cqjax.calib.stats.collect`) and ``"fisher"`` (the diagonal Fisher of every eligible
+tensor, from :func:`cqjax.calib.fisher.fisher_diag`). :func:`calibrate` draws the token rows
+once (:func:`cqjax.calib.sequences.calibration_tokens`) and gathers only what is asked for, timing
+each step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from cqjax.calib.fisher import fisher_diag
+from cqjax.calib.sequences import calibration_tokens
+from cqjax.calib.stats import Calibration, collect
+from cqjax.ir import IR
+
+STATS = ("hessian", "fisher")
+
+
+def calibrate(model, ir: IR, tokenizer, needs: Iterable[str], *, source: str = "self", rows: int = 16,
+              length: int = 512, seed: int = 0, progress: bool = True) -> Calibration:
+    """Calibration statistics ``needs`` (a subset of :data:`STATS`) of the float ``model``.
+
+    Args:
+      model: the float Flax model built from ``ir``.
+      ir: its IR (roles and eligibility).
+      tokenizer: the model's tokenizer (BOS for self-generated rows, text sources).
+      needs: statistics to gather.
+      source: ``"self"``, ``"squad"`` or a text file (:mod:`cqjax.calib.sequences`).
+      rows, length: calibration rows and tokens per row.
+      seed: sampling seed of self-generated rows.
+      progress: progress lines on stderr.
+
+    Returns:
+      A :class:`Calibration` whose ``timing`` holds the seconds of each step.
+
+    Raises:
+      ValueError: an unknown statistic or source.
+    """
+    from cqjax.passes.common import is_eligible
+
+    needs = set(needs)
+    unknown = needs - set(STATS)
+    if unknown:
+        raise ValueError(f"calibration statistics {sorted(unknown)}: allowed {STATS}")
+    start = time.perf_counter()
+    timing: dict[str, float] = {}
+    t = time.perf_counter()
+    tokens = calibration_tokens(source, tokenizer=tokenizer, model=model, n=rows, length=length, seed=seed)
+    timing["tokens_s"] = time.perf_counter() - t
+    stats: dict[str, dict] = {}
+    if "hessian" in needs:
+        t = time.perf_counter()
+        stats = {p: dict(v) for p, v in collect(model, ir, tokens, source=source, progress=progress).items()}
+        timing["hessian_s"] = time.perf_counter() - t
+    if "fisher" in needs:
+        t = time.perf_counter()
+        paths = [p for p, m in ir.meta.items() if is_eligible(p, m)]
+        for p, f in fisher_diag(model, tokens, paths, progress=progress).items():
+            stats.setdefault(p, {})["fisher"] = f
+        timing["fisher_s"] = time.perf_counter() - t
+    return Calibration(stats, source=source, tokens=int(tokens.size), seconds=time.perf_counter() - start,
+                       timing=timing)
