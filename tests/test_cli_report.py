@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from cqjax.report import check_schema, evals_table, markdown, summary_table
-from cqjax.report.plots import pareto, report_plots
+from cqjax.report.plots import _front, pareto, report_plots
 from cqjax.report.sweep import collect, write_summary
 
 
@@ -96,3 +96,18 @@ def test_sweep_summary_and_pareto(tmp_path):
     written = write_summary(tmp_path)
     assert [p.name for p in written] == ["summary.md", "pareto.png"]
     assert pareto([{**jobs[0], "bits_per_weight": {"quantized_tensors": None, "model": None}}], tmp_path / "x.png") is None
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    pts = [(4.2, 22.0), (2.6, 100.0), (3.0, 150.0), (3.4, 40.0), (4.0, 45.0)]
+    assert _front(pts) == [(2.6, 100.0), (3.4, 40.0), (4.2, 22.0)]
+
+
+def test_sweep_with_allocated_budgets(tmp_path):
+    jobs = [report("cq", 2, 2.6, 100.0, 2.0), report("cq", 3, 3.4, 40.0, 0.9), report("cq", 3, 3.0, 60.0, 1.2),
+            report("rtn", 2, 2.7, 300.0, 3.0), report("rtn", 3, 3.5, 80.0, 1.5)]
+    jobs[2]["config"]["quant"]["bpw"] = 3.0
+    table = summary_table(jobs)
+    assert "allocated to 3" in table
+    png = pareto(jobs, tmp_path / "p.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"

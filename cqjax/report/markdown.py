@@ -123,7 +123,8 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
         q = _row_value(r, "config.quant") or {}
         p = r.get("evals", {}).get("perplexity", {})
         cells = [r.get("job", ""), r["model"], r.get("pipeline_name") or ("float" if not r.get("pipeline") else "?"),
-                 _f(q.get("bits") if r.get("pipeline") else None, "d"),
+                 (f"allocated to {q['bpw']:g}" if q.get("bpw") is not None else _f(q.get("bits"), "d"))
+                 if r.get("pipeline") else "—",
                  _f(q.get("embed_bits") if r.get("pipeline") else None, "d"),
                  _f(r["bits_per_weight"]["quantized_tensors"], ".3f"), _f(r["bits_per_weight"]["model"], ".3f"),
                  _f(None if r["bytes"]["quantized"] is None else r["bytes"]["quantized"] / MB,

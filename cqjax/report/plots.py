@@ -8,8 +8,9 @@ tensor_errors.png      relative weight error ``‖W − Ŵ‖² / ‖W‖²`` of
                        head as dashed horizontal lines
 metrics.png            float vs quantized: perplexity (with KL and top-1) and task accuracies
                        with their standard errors
-pareto.png             (sweeps) perplexity and KL against stored bits/weight, one line per pipeline,
-                       the float model as a dashed line
+pareto.png             (sweeps) perplexity and KL against stored bits/weight, one line per pipeline
+                       (allocated budgets apart), the Pareto fronts of cqjax's configurations and
+                       of the RTN / GPTQ baselines, the float model as a dashed line
 =====================  ===========================================================================
 """
 
@@ -139,10 +140,35 @@ def metrics(report: dict[str, Any], path: str | os.PathLike) -> Path | None:
     return _save(fig, path)
 
 
+#: Pipelines that are baselines rather than cqjax's recipe (the front is drawn for the rest).
+BASELINES = ("rtn", "gptq")
+
+
+def _front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The Pareto-optimal points (no other point is smaller and better), by increasing size."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points):
+        if not front or y < front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def _sweep_label(r: dict[str, Any]) -> tuple[str, str]:
+    """(line label, point annotation) of a sweep job: pipeline (+ "allocated"), bits or budget."""
+    q = (r.get("config") or {}).get("quant") or {}
+    label = r.get("pipeline_name") or "quantized"
+    if q.get("bpw") is not None:
+        return f"{label} allocated", f"{q['bpw']:g} bpw"
+    return label, f"{q.get('bits')}-bit"
+
+
 def pareto(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path | None:
-    """Perplexity and KL against stored bits/weight, one line per (model, pipeline)."""
-    pts: dict[str, list[tuple[float, float | None, float | None, Any]]] = defaultdict(list)
+    """Perplexity and KL against stored bits/weight, one line per (model, pipeline), with the
+    Pareto front of cqjax's configurations and of the baselines (:data:`BASELINES`)."""
+    pts: dict[str, list[tuple[float, float | None, float | None, str]]] = defaultdict(list)
     floats: dict[str, float] = {}
+    fronts: dict[str, list[tuple[float, float, float | None]]] = defaultdict(list)
+    several = len({x["model"] for x in rows}) > 1
     for r in rows:
         p = r.get("evals", {}).get("perplexity") or {}
         if p.get("baseline") is not None:
@@ -150,11 +176,12 @@ def pareto(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path | None:
         bpw = r["bits_per_weight"]["quantized_tensors"]
         if bpw is None or p.get("quantized") is None:
             continue
-        bits = ((r.get("config") or {}).get("quant") or {}).get("bits")
-        label = r.get("pipeline_name") or "quantized"
-        if len({x["model"] for x in rows}) > 1:
-            label = f"{r['model']} {label}"
-        pts[label].append((bpw, p["quantized"], p.get("kl"), bits))
+        label, note = _sweep_label(r)
+        family = "baselines" if (r.get("pipeline_name") or "") in BASELINES else "cqjax"
+        if several:
+            label, family = f"{r['model']} {label}", f"{r['model']} {family}"
+        pts[label].append((bpw, p["quantized"], p.get("kl"), note))
+        fronts[family].append((bpw, p["quantized"], p.get("kl")))
     if not pts:
         return None
     fig = Figure(figsize=(12, 5), layout="constrained")
@@ -162,12 +189,20 @@ def pareto(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path | None:
     for i, label in enumerate(sorted(pts)):
         line = sorted(pts[label])
         xs = [p[0] for p in line]
-        ax1.plot(xs, [p[1] for p in line], marker="o", color=f"C{i}", label=label)
-        for x, y, _, b in line:
-            ax1.annotate(f"{b}-bit", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax1.plot(xs, [p[1] for p in line], marker="o", color=f"C{i}", label=label, alpha=0.8)
+        for x, y, _, note in line:
+            ax1.annotate(note, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         kl = [(p[0], p[2]) for p in line if p[2] is not None]
         if kl:
-            ax2.plot([k[0] for k in kl], [k[1] for k in kl], marker="o", color=f"C{i}", label=label)
+            ax2.plot([k[0] for k in kl], [k[1] for k in kl], marker="o", color=f"C{i}", label=label, alpha=0.8)
+    for family in sorted(f for f in fronts if len(fronts[f]) > 1):
+        style = {"color": "black" if "cqjax" in family else "gray", "linewidth": 2.5, "alpha": 0.35,
+                 "drawstyle": "steps-post", "zorder": 0}
+        f1 = _front([(x, y) for x, y, _ in fronts[family]])
+        ax1.plot(*zip(*f1), label=f"{family} Pareto front", **style)
+        f2 = _front([(x, k) for x, _, k in fronts[family] if k is not None])
+        if f2:
+            ax2.plot(*zip(*f2), label=f"{family} Pareto front", **style)
     for model, y in floats.items():
         ax1.axhline(y, linestyle="--", color="gray", label=f"{model} float (16 bits/weight)")
     ax1.set_yscale("log")
