@@ -102,3 +102,16 @@ def test_damage_proxies():
     assert damage("fisher", w, w_hat, {"fisher": F}, "p") == pytest.approx(0.5 * np.sum((w - w_hat)[0] ** 2))
     H = np.eye(8)
     assert damage("hessian", w, w_hat, {"hessian": H}, "p") == pytest.approx(damage("weight", w, w_hat, None, "p"))
+
+
+def test_one_plan_serves_every_budget_and_choice_subset():
+    import dataclasses
+
+    ir = make_ir(SPEC)
+    wide = AllocateBits(bpw=3.0, choices=(2, 3, 4), proxy="weight")
+    plan = wide.plan(ir)
+    for bpw, choices in ((2.5, (2, 3)), (3.5, (2, 3, 4))):
+        narrow = dataclasses.replace(wide, bpw=bpw, choices=choices)
+        direct = narrow(ir)
+        assert narrow.choose(plan) == {p: m.info["allocated_bits"] for p, m in direct.meta.items()
+                                      if "allocated_bits" in m.info}

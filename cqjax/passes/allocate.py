@@ -192,39 +192,75 @@ class AllocateBits(Pass):
         bar.close()
         return costs
 
-    def __call__(self, ir: IR, ctx: Context | None = None) -> IR:
+    def plan(self, ir: IR, ctx: Context | None = None) -> Plan:
+        """Measures what :meth:`choose` needs: the costs of every free tensor at every choice and
+        the bytes of the fixed ones. A plan serves any budget and any subset of ``choices``
+        (``dataclasses.replace(pass, bpw=..., choices=...).choose(ir, plan)``)."""
         ctx = Context() if ctx is None else ctx
         paths = self.selected(ir)
         fixed = {p: self.fixed.get(p, ir.meta[p]) for p in paths} if self.fixed else {}
         fixed = {p: int(b) for p, b in fixed.items() if b is not None}
         free = [p for p in paths if p not in fixed]
-        params = sum(int(np.prod(ir.meta[p].shape)) for p in paths)
-        budget = int(self.budget_bytes if self.budget_bytes is not None else self.bpw * params / 8)
         fixed_bytes = sum(tensor_bytes(p, self._quantizer(b)(sub_ir(ir, [p]), ctx).params[p],
                                        int(np.prod(ir.meta[p].shape))) for p, b in fixed.items())
-        target = f"bpw={self.bpw:g}" if self.bpw is not None else f"budget_bytes={self.budget_bytes:,}"
-        if fixed_bytes >= budget and free:
-            raise ValueError(f"allocate: {target} is out of reach: the tensors with fixed widths alone store "
-                             f"{8 * fixed_bytes / params:.3f} bits/weight of the eligible tensors")
-        budget -= fixed_bytes
         costs = self.measure(ir, ctx, free, sizes_only=self.random_seed is not None)
-        floor = sum(min(nb for _, nb in costs[p].values()) for p in free)
+        return Plan(costs=costs, fixed=fixed, fixed_bytes=fixed_bytes,
+                    params=sum(int(np.prod(ir.meta[p].shape)) for p in paths))
+
+    def choose(self, plan: Plan) -> dict[str, int]:
+        """``{path: bits}`` for every selected tensor: the knapsack (or random promotion) over the
+        free tensors' costs restricted to ``choices``, within this pass's budget.
+
+        Raises:
+          ValueError: the target is out of reach, in stored bits/weight.
+        """
+        budget = int(self.budget_bytes if self.budget_bytes is not None else self.bpw * plan.params / 8)
+        target = f"bpw={self.bpw:g}" if self.bpw is not None else f"budget_bytes={self.budget_bytes:,}"
+        if plan.fixed_bytes >= budget and plan.costs:
+            raise ValueError(f"allocate: {target} is out of reach: the tensors with fixed widths alone store "
+                             f"{8 * plan.fixed_bytes / plan.params:.3f} bits/weight of the eligible tensors")
+        budget -= plan.fixed_bytes
+        costs = {p: {b: c[b] for b in self.choices} for p, c in plan.costs.items()}
+        floor = sum(min(nb for _, nb in c.values()) for c in costs.values())
         if floor > budget:
             raise ValueError(f"allocate: {target} is out of reach: with every allocated tensor at "
                              f"{min(self.choices)} bits the eligible tensors store "
-                             f"{8 * (floor + fixed_bytes) / params:.3f} bits/weight")
+                             f"{8 * (floor + plan.fixed_bytes) / plan.params:.3f} bits/weight")
         if self.random_seed is not None:
             choice = random_promotion(costs, budget, self.random_seed)
         else:
             choice = solve(costs, budget)
-        choice.update(fixed)
+        return {**choice, **plan.fixed}
+
+    def apply(self, ir: IR, choice: Mapping[str, int], ctx: Context | None = None) -> IR:
+        """``ir`` with ``meta.info["allocated_bits"]`` (and ``"allocation"``) set from ``choice``."""
         how = "random" if self.random_seed is not None else self.proxy
-        widths = [choice[p] for p in paths]
-        ctx.log(f"allocate ({how}): " + ", ".join(f"{widths.count(b)} tensors at {b} bits" for b in sorted(set(widths)))
-                + f" ({budget:,} bytes left for the {len(free)} allocated tensors)")
-        meta = {p: ir.meta[p].replace(info={**ir.meta[p].info, "allocated_bits": int(choice[p]), "allocation": how})
-                for p in paths}
+        widths = list(choice.values())
+        (Context() if ctx is None else ctx).log(
+            f"allocate ({how}): " + ", ".join(f"{widths.count(b)} tensors at {b} bits" for b in sorted(set(widths))))
+        meta = {p: ir.meta[p].replace(info={**ir.meta[p].info, "allocated_bits": int(b), "allocation": how})
+                for p, b in choice.items()}
         return ir.replace(meta=meta)
+
+    def __call__(self, ir: IR, ctx: Context | None = None) -> IR:
+        return self.apply(ir, self.choose(self.plan(ir, ctx)), ctx)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What :meth:`AllocateBits.plan` measured (see there).
+
+    Attributes:
+      costs: ``{path: {bits: (damage, bytes)}}`` of the allocated tensors.
+      fixed: ``{path: bits}`` of the tensors that fixed rules cover.
+      fixed_bytes: their stored bytes.
+      params: parameters of all selected tensors (the bits/weight denominator).
+    """
+
+    costs: Mapping[str, Mapping[int, tuple[float, int]]]
+    fixed: Mapping[str, int]
+    fixed_bytes: int
+    params: int
 
 
 def random_promotion(costs: Mapping[str, Mapping[int, tuple[float, int]]], budget: int, seed: int) -> dict[str, int]:

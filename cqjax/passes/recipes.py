@@ -28,7 +28,8 @@ from cqjax.pipeline import Chain, named_chain
 
 
 def cq_pipeline(bits: int = 3, embed_bits: int | None = 4, block: int = 128, seed: int = 0,
-                codebook: str = "analytic", gain: str = "none", overrides: Any = None) -> Chain:
+                codebook: str = "analytic", gain: str = "none", overrides: Any = None,
+                error_feedback: str | None = None) -> Chain:
     """Rotate → fit codebook → pack.
 
     Args:
@@ -39,10 +40,19 @@ def cq_pipeline(bits: int = 3, embed_bits: int | None = 4, block: int = 128, see
       codebook: ``"analytic"`` (data-free) or ``"fitted"`` (Lloyd–Max on the tensor).
       gain: norm gain, ``"none"``, ``"ls"`` or ``"norm"``.
       overrides: ``{filter: bits}`` rules tried first.
+      error_feedback: None, or the basis (``"rotated"`` | ``"unrotated"``) of GPTQ-style error
+        feedback: ``pack`` is then :class:`~cqjax.passes.gptq.ErrorFeedbackPack`, which reads
+        calibration Hessians (``gain`` must stay ``"none"``).
     """
+    if error_feedback is None:
+        pack = Pack(gain=gain)
+    else:
+        from cqjax.passes.gptq import ErrorFeedbackPack
+
+        pack = ErrorFeedbackPack(basis=error_feedback, gain=gain)
     return named_chain(("rotate", Rotate(block=block, seed=seed)),
                        ("codebook", FitCodebook(bits=bits_rules(bits, embed_bits, overrides), mode=codebook)),
-                       ("pack", Pack(gain=gain)))
+                       ("pack", pack))
 
 
 def rtn_pipeline(bits: int = 3, embed_bits: int | None = 4, block: int = 128, overrides: Any = None) -> Chain:
