@@ -22,7 +22,6 @@ recipe with rotated-basis error feedback, and RoundToNearest; the row records th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from cqjax import pipeline
 from cqjax.io import artifact, hf
-from cqjax.ir import IR, TensorMeta, materialize
+from cqjax.ir import IR, TensorMeta
 from cqjax.kernels import backend
 from cqjax.kernels.qarrays import CQArray, RTNArray, is_quantized
 from cqjax.passes.awq import ActivationScale, channel_scales, compose, output_error, scaled_entry
