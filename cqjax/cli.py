@@ -145,7 +145,12 @@ def _allocator(cfg: DictConfig, steps: list, overrides: dict | None):
     fixed = dict(overrides or {})
     if q.embed_bits is not None:
         fixed.update({f"role:{r}": q.embed_bits for r in EMBED_ROLES if f"role:{r}" not in fixed})
-    inner = [getattr(p, "inner", p) for _, p in steps]
+    def leaves(p):
+        p = getattr(p, "inner", p)
+        sub = getattr(p, "steps", None) or ([("", p.recipe)] if getattr(p, "recipe", None) is not None else [])
+        return [p] + [x for _, q in sub for x in leaves(q)]
+
+    inner = [x for _, p in steps for x in leaves(p)]
     method = "rtn" if any(isinstance(p, (RoundToNearest, GPTQRoundToNearest)) for p in inner) else "cq"
     return AllocateBits(bpw=float(q.bpw), choices=tuple(q.choices), proxy=q.proxy, fixed=fixed or None,
                         method=method, block=q.block, seed=q.seed)
@@ -156,6 +161,7 @@ def build_pipeline(cfg: DictConfig, progress: bool = True):
     and ``quant.bpw`` puts the bit allocator (``allocate``) first."""
     from hydra.utils import instantiate
 
+    from cqjax.passes.awq import compose
     from cqjax.passes.common import bits_rules
     from cqjax.pipeline import Pass, named_chain
 
@@ -174,7 +180,11 @@ def build_pipeline(cfg: DictConfig, progress: bool = True):
         if progress and isinstance(p, Pass) and type(p).__call__ is Pass.__call__:
             p = _TensorProgress(p, name)
         steps.append((name, p))
-    if q.get("bpw") is not None:
+    try:
+        steps = list(compose(steps).steps)  # an `awq` step wraps the quantizing steps
+    except ValueError as e:
+        raise ConfigError(f"pipeline: {e}") from e
+    if q.get("bpw") is not None:  # first, on the float IR (never inside a wrapping step)
         try:
             steps.insert(0, ("allocate", _allocator(cfg, steps, overrides)))
         except ValueError as e:
@@ -194,59 +204,6 @@ def _overrides() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
-def _dequantizer():
-    """A jitted ``leaf -> float array``, compiled once per leaf shape and format.
-
-    ``seed`` (a static field of CQ leaves that only records how the rotation was drawn; the
-    rotation itself is in the leaf's arrays) is zeroed first, or every tensor would compile anew.
-    """
-    import jax
-
-    run = jax.jit(lambda leaf: leaf.dequantize())
-    return lambda leaf: run(leaf.replace(seed=0) if getattr(leaf, "seed", 0) else leaf)
-
-
-def tensor_stats(qir, float_ir=None) -> list[dict]:
-    """:func:`cqjax.quant_stats.tensors` rows with ``rel_error`` from a jitted dequantize.
-
-    (One compile per leaf structure instead of op-by-op dispatch: ~10x faster than
-    ``quant_stats.tensors(qir, float_ir)``, same definition.)
-    """
-    from cqjax import quant_stats
-    from cqjax.eval.progress import Progress
-    from cqjax.ir import materialize
-    from cqjax.kernels.qarrays import is_quantized
-
-    rows = quant_stats.tensors(qir)
-    if float_ir is None:
-        return rows
-    dequantize = _dequantizer()
-    todo = [r for r in rows if is_quantized(qir.params[r["path"]]) and r["path"] in float_ir.params]
-    bar = Progress("relative error", total=len(todo), unit="tensors", every_s=10.0)
-    for r in todo:
-        r["rel_error"] = quant_stats.rel_error(materialize(float_ir.params[r["path"]]),
-                                               dequantize(qir.params[r["path"]]))
-        bar.update(1)
-    bar.close()
-    return rows
-
-
-def eval_model(qir, packed: bool):
-    """The Flax model to evaluate for ``qir``: its packed runtime, or (``packed=False``) the float
-    model of its weights dequantized once to float32 (the same function up to float rounding,
-    and several times faster on CPU: the packed runtime decodes every weight on every call)."""
-    import numpy as np
-
-    from cqjax.io import hf
-    from cqjax.kernels.qarrays import is_quantized
-
-    if packed:
-        return hf.to_model(qir)
-    dequantize = _dequantizer()
-    params = {p: np.asarray(dequantize(leaf), np.float32) for p, leaf in qir.params.items() if is_quantized(leaf)}
-    return hf.to_model(qir.replace(params=params, meta={p: qir.meta[p] for p in params}))
 
 
 def _tensor_rows(rows: list[dict]) -> list[dict]:
@@ -305,7 +262,7 @@ def convert(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             log(f"quantizing: {', '.join(name for name, _ in recipe.steps)}")
             qir, passes = pl.run(recipe, ir, pl.Context(rng_seed=cfg.seed, calibration=calib or {}, log=log))
         with t("tensor errors"):
-            rows = tensor_stats(qir, ir)
+            rows = quant_stats.tensors(qir, ir, progress=cfg.eval.progress)
         with t("save artifact"):
             extra = {"recipe": {"method": _choice("pipeline") or "custom", "model": cfg.model.name,
                                 "source": str(directory), **OmegaConf.to_container(cfg.quant, resolve=True),
@@ -314,7 +271,7 @@ def convert(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             artifact.save(qir, out_dir / "artifact", tokenizer_from=directory, extra=extra)
             log(f"saved {out_dir / 'artifact'}")
         with t("eval quantized"):
-            quant = ev.evaluate_model(from_nnx(eval_model(qir, cfg.eval.packed)), data, reference=from_nnx(model))
+            quant = ev.evaluate_model(from_nnx(_eval_model(qir, cfg.eval.packed)), data, reference=from_nnx(model))
     stored = quant_stats.storage(qir, quant_stats.tensors(qir) if not rows else rows)
     report = _base_report(cfg, "convert")
     report.update({
@@ -347,6 +304,15 @@ def _calibrate(cfg: DictConfig, model, ir, tokenizer, needs):
                       progress=cfg.eval.progress)
     log(f"calibration: {calib.describe()}")
     return calib
+
+
+def _eval_model(qir, packed: bool):
+    """The model to evaluate: the packed runtime, or (default) :func:`cqjax.runtime.dequantized_model`
+    (the same function up to float rounding, several times faster on CPU)."""
+    from cqjax import runtime
+    from cqjax.io import hf
+
+    return hf.to_model(qir) if packed else runtime.dequantized_model(qir)
 
 
 def _runtime(cfg: DictConfig) -> str:
@@ -389,9 +355,9 @@ def evaluate_artifact(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         with t("eval float"):
             base = ev.evaluate_model(ref, data, model_id=f"{name}@{fingerprint(directory)}")
     with t("eval quantized"):
-        quant = ev.evaluate_model(from_nnx(q.model if cfg.eval.packed else eval_model(q.ir, False)), data,
+        quant = ev.evaluate_model(from_nnx(_eval_model(q.ir, cfg.eval.packed)), data,
                                   reference=ref)
-    rows = tensor_stats(q.ir, fir)
+    rows = quant_stats.tensors(q.ir, fir, progress=cfg.eval.progress)
     stored = quant_stats.storage(q.ir, rows)
     report = _base_report(cfg, "eval")
     report.update({

@@ -61,13 +61,18 @@ def dequantizer():
     return lambda leaf: run(leaf.replace(seed=0) if getattr(leaf, "seed", 0) else leaf)
 
 
-def tensors(ir: IR, float_ir: IR | None = None) -> list[dict]:
+def tensors(ir: IR, float_ir: IR | None = None, *, progress: bool = False) -> list[dict]:
     """One row per tensor: ``{path, role, eligible, kind, bits, params, bytes, bits_per_weight}``
-    plus ``rel_error`` for quantized tensors when ``float_ir`` (the unquantized IR) is given.
+    plus ``rel_error`` for quantized tensors when ``float_ir`` (the unquantized IR) is given
+    (with a progress line on stderr if ``progress``).
 
     ``bits`` is the nominal bit width (16 for float tensors)."""
+    from cqjax.eval.progress import Progress
+
     rows = []
     dequantize = dequantizer()
+    bar = Progress("relative error", total=len(ir.meta), unit="tensors", every_s=10.0,
+                   enabled=progress and float_ir is not None)
     for path, meta in ir.meta.items():
         leaf, n = ir.params[path], int(np.prod(meta.shape))
         q = is_quantized(leaf)
@@ -75,9 +80,11 @@ def tensors(ir: IR, float_ir: IR | None = None) -> list[dict]:
         row = {"path": path, "role": meta.role, "eligible": is_eligible(path, meta),
                "kind": leaf.format if q else "float", "bits": int(leaf.bits) if q else 16, "params": n,
                "bytes": nbytes, "bits_per_weight": 8 * nbytes / n if n else 0.0}
-        if q and float_ir is not None:
+        if q and float_ir is not None and path in float_ir.params:
             row["rel_error"] = rel_error(materialize(float_ir.params[path]), dequantize(leaf))
         rows.append(row)
+        bar.update(1)
+    bar.close()
     return rows
 
 

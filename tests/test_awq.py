@@ -197,10 +197,8 @@ def test_one_override_adds_the_stage(pipe):
 
     cfg = _composed(f"pipeline={pipe}", "+pipeline.awq._target_=cqjax.passes.awq.ActivationScale",
                     "+pipeline.awq.grid=5")
-    steps = build_pipeline(cfg, progress=True).steps
-    assert [n for n, _ in steps][-1] == "awq"  # appended last by the override ...
-    chain = compose(steps)  # ... and made to wrap the others
-    assert [n for n, _ in chain.steps] == ["awq"]
+    chain = build_pipeline(cfg, progress=True)  # appended last by the override, composed to wrap the others
+    assert [n for n, _ in chain.steps] == ["awq"] and chain.needs == {"hessian"}
     awq = chain.steps[0][1]
     assert isinstance(awq, ActivationScale) and awq.grid == 5
     inner = [n for n, _ in awq.recipe.steps]
@@ -209,6 +207,11 @@ def test_one_override_adds_the_stage(pipe):
     assert compose(chain) == chain  # idempotent
     plain = build_pipeline(_composed(f"pipeline={pipe}"), progress=False)
     assert compose(plain).steps == plain.steps
+    # With the allocator, allocation runs first on the float IR, outside the wrapped recipe,
+    # and measures with the wrapped recipe's grid.
+    alloc = build_pipeline(_composed(f"pipeline={pipe}", "+pipeline.awq._target_=cqjax.passes.awq.ActivationScale",
+                                     "quant.bpw=3"), progress=False)
+    assert [n for n, _ in alloc.steps] == ["allocate", "awq"] and alloc.steps[0][1].method == pipe
 
 
 def test_bad_use_is_named():

@@ -134,6 +134,11 @@ class ActivationScale(Pass):
     def may_change(self) -> frozenset[str]:  # type: ignore[override]
         return frozenset(getattr(self.recipe, "may_change", ()))
 
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        """Calibration Hessians, plus what the wrapped recipe reads."""
+        return frozenset({"hessian"}) | frozenset(getattr(self.recipe, "needs", ()))
+
     def around(self, recipe: Any) -> ActivationScale:
         """This pass wrapping ``recipe``."""
         return dataclasses.replace(self, recipe=recipe)
