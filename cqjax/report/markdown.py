@@ -56,8 +56,10 @@ def _protocol_lines(evals: dict[str, Any], runtime: str | None = None) -> list[s
     for name, e in evals.items():
         if name != "perplexity":
             pr = e.get("protocol") or {}
-            out.append(f"- {name}: first {e['n']} documents of {pr.get('source', name)} ({pr.get('split', '?')} split); "
-                       "accuracy = the choice with the highest summed log-likelihood.")
+            how = ("zero-shot requests rebuilt from the documents" if pr.get("requests") == "zero-shot from doc"
+                   else "requests as written")
+            out.append(f"- {name}: first {e['n']} documents of {pr.get('source', name)} ({pr.get('split', '?')} split), "
+                       f"{how}; accuracy = the choice with the highest summed log-likelihood.")
     return out
 
 
