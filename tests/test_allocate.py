@@ -102,6 +102,14 @@ def test_damage_proxies():
     assert damage("fisher", w, w_hat, {"fisher": F}, "p") == pytest.approx(0.5 * np.sum((w - w_hat)[0] ** 2))
     H = np.eye(8)
     assert damage("hessian", w, w_hat, {"hessian": H}, "p") == pytest.approx(damage("weight", w, w_hat, None, "p"))
+    # A gathered table [V, D]: rows weighted by add-one smoothed token counts (one-hot inputs).
+    counts = np.zeros(8)
+    counts[2] = 1e6
+    table = damage("hessian", w, w_hat, {"counts": counts}, "t")
+    row2 = np.sum((w - w_hat)[2] ** 2) / np.sum(w[2] ** 2)
+    assert table == pytest.approx(row2, rel=1e-3)
+    uniform = damage("hessian", w, w_hat, {"counts": np.zeros(8)}, "t")
+    assert uniform == pytest.approx(damage("weight", w, w_hat, None, "t"))
 
 
 def test_one_plan_serves_every_budget_and_choice_subset():

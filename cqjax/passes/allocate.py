@@ -12,7 +12,9 @@ proxy           estimated damage ``d_t(b)`` of quantizing ``t`` alone at ``b`` b
 ``fisher``      ``½ Σ F ⊙ (W − Ŵ_b)²`` with ``F`` the diagonal Fisher of the float model
                 (``calibration[path]["fisher"]``): a second-order estimate of the KL it causes
 ``hessian``     ``tr((W − Ŵ_b)ᵀ H (W − Ŵ_b)) / tr(Wᵀ H W)``: relative output error of the layer
-                on calibration inputs (``calibration[path]["hessian"]``); every layer weighs the same
+                on calibration inputs (``calibration[path]["hessian"]``); every layer weighs the same.
+                A gathered table (one-hot inputs): ``H = diag(p)``, ``p`` its add-one smoothed token
+                counts (``calibration[path]["counts"]``)
 ``weight``      ``‖W − Ŵ_b‖² / ‖W‖²`` (data-free)
 ==============  ===================================================================================
 
@@ -46,6 +48,12 @@ def damage(proxy: str, w: np.ndarray, w_hat: np.ndarray, stats: Mapping[str, Any
     d = np.asarray(w, np.float64) - np.asarray(w_hat, np.float64)
     if proxy == "weight":
         return float(np.sum(d * d) / max(np.sum(np.square(w, dtype=np.float64)), 1e-30))
+    if proxy == "hessian" and stats is not None and "hessian" not in stats and "counts" in stats:
+        # A gathered table: its input is one-hot, E[x xᵀ] = diag(p) with p the token frequencies
+        # (add-one smoothed: ids unseen in calibration still count).
+        p = np.asarray(stats["counts"], np.float64) + 1.0
+        wf = np.asarray(w, np.float64)
+        return float(np.sum(p[:, None] * d * d) / max(np.sum(p[:, None] * wf * wf), 1e-30))
     if stats is None or proxy not in ("fisher", "hessian") or (proxy == "fisher" and "fisher" not in stats) \
             or (proxy == "hessian" and "hessian" not in stats):
         raise KeyError(f"{path}: proxy {proxy!r} needs calibration[{path!r}][{proxy!r}] "
