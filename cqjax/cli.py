@@ -95,6 +95,7 @@ class _TensorProgress:
 
     def __init__(self, inner: Any, label: str):
         self.inner, self.label = inner, label
+        self.unwrapped = inner  # for steps that rerun it (cqjax.passes.awq.compose): no progress lines
         self.name, self.may_change = inner.name, inner.may_change
 
     def selected(self, ir):

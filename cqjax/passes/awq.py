@@ -249,6 +249,5 @@ def compose(steps: Chain | Sequence[tuple[str, Any]]) -> Chain:
 
 
 def _unprogress(p: Any) -> Any:
-    from cqjax.cli import _TensorProgress
-
-    return p.inner if isinstance(p, _TensorProgress) else p
+    """``p`` without a display-only wrapper (one that says what it wraps as ``unwrapped``)."""
+    return getattr(p, "unwrapped", p)
