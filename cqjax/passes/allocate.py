@@ -64,7 +64,8 @@ def damage(proxy: str, w: np.ndarray, w_hat: np.ndarray, stats: Mapping[str, Any
     wf = np.asarray(w, np.float64)
     if H.shape[0] != wf.shape[0]:  # a tied table [V, D] used as a head: rows are outputs
         wf, d = wf.T, d.T
-    return float(np.einsum("kn,kl,ln->", d, H, d) / max(np.einsum("kn,kl,ln->", wf, H, wf), 1e-30))
+    # tr(Dᵀ H D) as sum(D ⊙ H D): one BLAS matmul (a 3-operand einsum loops in C: ~30x slower)
+    return float(np.sum(d * (H @ d)) / max(np.sum(wf * (H @ wf)), 1e-30))
 
 
 def solve(costs: Mapping[str, Mapping[int, tuple[float, int]]], budget: int, *,
