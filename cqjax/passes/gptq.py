@@ -198,7 +198,7 @@ def rtn_gptq(rows: np.ndarray, H: np.ndarray, bits: int, block: int = 128, percd
     """GPTQ on the RTN grid (:mod:`cqjax.passes.rtn_core`), column by column.
 
     Each block's scale and zero come from its updated values at the block start, computed as
-    :func:`rtn_core.rtn_quantize` does (float32 min/max, fp16 scale and zero); a column's code
+    :func:`rtn_core.rtn_quantize` does (:func:`rtn_core.scale_zero`: fp16 scale and zero); a column's code
     is ``clip(rint((w − zero) / scale), 0, 2**bits − 1)``.
 
     Returns:
@@ -210,12 +210,7 @@ def rtn_gptq(rows: np.ndarray, H: np.ndarray, bits: int, block: int = 128, percd
 
     def begin(j, values):
         x = values.astype(np.float32)
-        lo, hi = x.min(axis=1), x.max(axis=1)
-        if max(np.abs(lo).max(), np.abs(hi).max(), ((hi - lo) / levels).max()) > _F16_MAX:
-            raise ValueError(f"{path}: a block min/max/scale overflows float16 during error feedback")
-        scale = ((hi - lo) / levels).astype(np.float16)
-        scale = np.where(scale > 0, scale, np.float16(1))
-        zero = lo.astype(np.float16)
+        scale, zero = rtn_core.scale_zero(x.min(axis=1), x.max(axis=1), bits, f"{path} (error feedback)")
         return scale, zero, scale.astype(np.float32), zero.astype(np.float32)
 
     def quantize(j, state, c0, values):

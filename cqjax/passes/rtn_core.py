@@ -53,6 +53,20 @@ def _padded(w: np.ndarray, block: int) -> np.ndarray:
     return w.reshape(rows, nb, block)
 
 
+def scale_zero(lo: np.ndarray, hi: np.ndarray, bits: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """float16 ``(scale, zero)`` of blocks with minima ``lo`` and maxima ``hi``: ``zero = lo``,
+    ``scale = (hi − lo) / (2^bits − 1)`` (1 for a constant block).
+
+    Raises:
+      ValueError: naming ``what`` when a minimum, maximum or scale overflows float16.
+    """
+    levels = (1 << bits) - 1
+    if max(np.abs(lo).max(), np.abs(hi).max(), ((hi - lo) / levels).max()) > _F16_MAX:
+        raise ValueError(f"{what}: a block min/max/scale overflows float16 (max {_F16_MAX})")
+    scale = ((hi - lo) / levels).astype(np.float16)
+    return np.where(scale > 0, scale, np.float16(1)), lo.astype(np.float16)
+
+
 def rtn_quantize(w: np.ndarray, bits: int, block: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quantize rows of ``w [rows, K]`` with per-(row, block) float16 scale and zero.
 
@@ -73,12 +87,7 @@ def rtn_quantize(w: np.ndarray, bits: int, block: int = 128) -> tuple[np.ndarray
     levels = (1 << bits) - 1
     rows, K = w.shape
     wb = _padded(w, block)  # edge padding does not change min/max
-    lo, hi = wb.min(axis=2), wb.max(axis=2)
-    if max(np.abs(lo).max(), np.abs(hi).max(), ((hi - lo) / levels).max()) > _F16_MAX:
-        raise ValueError(f"rtn_quantize: a block min/max/scale overflows float16 (max {_F16_MAX})")
-    scale = ((hi - lo) / levels).astype(np.float16)
-    scale = np.where(scale > 0, scale, np.float16(1))
-    zero = lo.astype(np.float16)
+    scale, zero = scale_zero(wb.min(axis=2), wb.max(axis=2), bits, "rtn_quantize")
     q = np.rint((wb - zero[..., None].astype(np.float32)) / scale[..., None].astype(np.float32))
     codes = np.clip(q, 0, levels).astype(np.uint8).reshape(rows, -1)[:, :K]
     return np.ascontiguousarray(codes), scale, zero
