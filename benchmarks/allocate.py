@@ -22,9 +22,9 @@ import platform
 import sys
 import time
 
-from transformers import AutoTokenizer
+from common import add_calibration_args, load_float
 
-from cqjax import data, quant_stats, runtime
+from cqjax import quant_stats, runtime
 from cqjax import eval as ev
 from cqjax import pipeline as pl
 from cqjax.calib import calibrate
@@ -66,19 +66,14 @@ def main(argv=None) -> int:
                     help="calibrated recipes besides the plain one: error feedback (rotated, unrotated basis), "
                          "activation-aware scales (awq), or both (awq+rotated)")
     ap.add_argument("--variant-proxies", nargs="*", default=["fisher"], help="proxies also run with the variants")
-    ap.add_argument("--calib-source", default="self")
-    ap.add_argument("--calib-rows", type=int, default=16)
-    ap.add_argument("--calib-length", type=int, default=512)
+    add_calibration_args(ap)
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--limit", type=int, default=0, help="documents per multiple-choice task (0: none)")
     ap.add_argument("--json", required=True)
     ap.add_argument("--md")
     args = ap.parse_args(argv)
 
-    directory = data.model_dir(args.model) if args.model in data.MODELS else hf.resolve(args.model)
-    ir = hf.import_checkpoint(directory)
-    model = hf.to_model(ir)
-    tok = AutoTokenizer.from_pretrained(directory)
+    directory, ir, model, tok = load_float(args.model)
     tasks = TASKS if args.limit else ()
     evdata = ev.prepare(tok, ev.EvalConfig(max_tokens=args.max_tokens, tasks=tasks, limit=args.limit or None,
                                            progress=False))

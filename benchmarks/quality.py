@@ -17,7 +17,7 @@ import platform
 import sys
 import time
 
-from transformers import AutoTokenizer
+from common import load_float
 
 from cqjax import api, data, runtime
 from cqjax import eval as ev
@@ -41,12 +41,10 @@ def main(argv=None) -> int:
     ap.add_argument("--md")
     args = ap.parse_args(argv)
 
-    directory = data.model_dir(args.model) if args.model in data.MODELS else hf.resolve(args.model)
-    ir = hf.import_checkpoint(directory)
-    model = hf.to_model(ir)
+    directory, ir, model, tok = load_float(args.model)
     tasks = ("arc_easy", "piqa", "hellaswag") if args.limit else ()
     cfg = ev.EvalConfig(max_tokens=args.max_tokens, limit=args.limit or None, tasks=tasks, progress=False)
-    evdata = ev.prepare(AutoTokenizer.from_pretrained(directory), cfg)
+    evdata = ev.prepare(tok, cfg)
     ref = from_nnx(model)
     rows = []
     # Same model id as the CLI's float baseline, so both share the eval cache.

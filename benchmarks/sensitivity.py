@@ -20,14 +20,13 @@ import sys
 import time
 
 import numpy as np
-from transformers import AutoTokenizer
+from common import add_calibration_args, load_float
 
-from cqjax import data, runtime
+from cqjax import runtime
 from cqjax import eval as ev
 from cqjax import pipeline as pl
 from cqjax.calib import calibrate
 from cqjax.eval.scoring import from_nnx
-from cqjax.io import hf
 from cqjax.io.atomic import write_json, write_text
 from cqjax.passes.allocate import PROXIES, AllocateBits
 from cqjax.passes.common import is_eligible
@@ -64,18 +63,13 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--layers", type=int, nargs="+", default=[0, 10, 20, 29])
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3])
-    ap.add_argument("--calib-source", default="self")
-    ap.add_argument("--calib-rows", type=int, default=16)
-    ap.add_argument("--calib-length", type=int, default=512)
+    add_calibration_args(ap)
     ap.add_argument("--max-tokens", type=int, default=2044, help="scored tokens of the direct KL")
     ap.add_argument("--json", required=True)
     ap.add_argument("--md")
     args = ap.parse_args(argv)
 
-    directory = data.model_dir(args.model) if args.model in data.MODELS else hf.resolve(args.model)
-    ir = hf.import_checkpoint(directory)
-    model = hf.to_model(ir)
-    tok = AutoTokenizer.from_pretrained(directory)
+    directory, ir, model, tok = load_float(args.model)
     evdata = ev.prepare(tok, ev.EvalConfig(max_tokens=args.max_tokens, tasks=(), progress=False))
     ref = from_nnx(model)
     paths = sample(ir, args.layers)
