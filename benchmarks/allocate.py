@@ -22,7 +22,7 @@ import platform
 import sys
 import time
 
-from common import add_calibration_args, load_float
+from common import VARIANTS, add_calibration_args, load_float, recipe
 
 from cqjax import quant_stats, runtime
 from cqjax import eval as ev
@@ -32,22 +32,9 @@ from cqjax.eval.scoring import from_nnx
 from cqjax.io import hf
 from cqjax.io.atomic import write_json, write_text
 from cqjax.passes.allocate import AllocateBits
-from cqjax.passes.awq import ActivationScale
 from cqjax.passes.common import EMBED_ROLES
-from cqjax.passes.recipes import cq_pipeline
 
 TASKS = ("arc_easy", "piqa", "hellaswag")
-
-#: Recipe per variant name (every one measured with the same allocation and fixed widths).
-VARIANTS = {
-    "plain": lambda embed_bits: cq_pipeline(bits=2, embed_bits=embed_bits),
-    "rotated": lambda embed_bits: cq_pipeline(bits=2, embed_bits=embed_bits, error_feedback="rotated"),
-    "unrotated": lambda embed_bits: cq_pipeline(bits=2, embed_bits=embed_bits, error_feedback="unrotated"),
-    "awq": lambda embed_bits: ActivationScale(recipe=cq_pipeline(bits=2, embed_bits=embed_bits)),
-    "awq+rotated": lambda embed_bits: ActivationScale(
-        recipe=cq_pipeline(bits=2, embed_bits=embed_bits, error_feedback="rotated")),
-}
-
 
 def log(msg: str) -> None:
     print(f"[allocate] {msg}", file=sys.stderr, flush=True)
@@ -62,7 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--choices", type=int, nargs="+", default=[2, 3, 4], help="widths the allocator may use")
     ap.add_argument("--proxies", nargs="+", default=["fisher", "hessian", "weight"])
     ap.add_argument("--random-seeds", type=int, default=3)
-    ap.add_argument("--variants", nargs="*", default=["rotated"], choices=list(VARIANTS)[1:],
+    ap.add_argument("--variants", nargs="*", default=["rotated"], choices=VARIANTS[1:],
                     help="calibrated recipes besides the plain one: error feedback (rotated, unrotated basis), "
                          "activation-aware scales (awq), or both (awq+rotated)")
     ap.add_argument("--variant-proxies", nargs="*", default=["fisher"], help="proxies also run with the variants")
@@ -110,7 +97,7 @@ def main(argv=None) -> int:
     def evaluate(name: str, alloc: AllocateBits, plan, variant: str) -> dict:
         t = time.perf_counter()
         ir_in = alloc.apply(ir, alloc.choose(plan), ctx)
-        q, _ = pl.run(VARIANTS[variant](args.embed_bits), ir_in, ctx, progress=False)
+        q, _ = pl.run(recipe(variant, args.embed_bits), ir_in, ctx, progress=False)
         quantize_s = time.perf_counter() - t
         out = ev.evaluate_model(from_nnx(runtime.dequantized_model(q)), evdata, reference=ref)
         sim = out["similarity"]

@@ -33,3 +33,21 @@ def add_calibration_args(ap: argparse.ArgumentParser, rows: int = 16) -> None:
     ap.add_argument("--calib-source", default="self")
     ap.add_argument("--calib-rows", type=int, default=rows)
     ap.add_argument("--calib-length", type=int, default=512)
+
+
+#: Recipe variants measured with the same allocation and fixed widths: the plain data-free recipe,
+#: GPTQ-style error feedback in the rotated or unrotated basis, activation-aware scales, both.
+VARIANTS = ("plain", "rotated", "unrotated", "awq", "awq+rotated")
+
+
+def recipe(variant: str, embed_bits: int):
+    """The CQ pipeline of one of :data:`VARIANTS` (linears' widths come from an allocation or
+    overrides; 2 is the fallback), embeddings and the LM head at ``embed_bits``."""
+    from cqjax.passes.awq import ActivationScale
+    from cqjax.passes.recipes import cq_pipeline
+
+    if variant not in VARIANTS:
+        raise ValueError(f"recipe variant {variant!r}; allowed: {VARIANTS}")
+    ef = {"rotated": "rotated", "unrotated": "unrotated", "awq+rotated": "rotated"}.get(variant)
+    base = cq_pipeline(bits=2, embed_bits=embed_bits, error_feedback=ef)
+    return ActivationScale(recipe=base) if variant.startswith("awq") else base

@@ -272,7 +272,9 @@ def hf_tensor_name(gguf_name: str, arch: str, *, source: str = "<gguf>") -> str:
     raise GGUFConversionError(f"{source}: tensor {gguf_name!r} has no Hugging Face equivalent for architecture {arch!r}")
 
 
-def _dequantize(tensor: Any, source: str) -> np.ndarray:
+def dequantize_tensor(tensor: Any, source: str = "<gguf>") -> np.ndarray:
+    """A GGUF reader tensor as float32 ``[rows, cols]`` (numpy order: outermost dim first), in llama.cpp's
+    layout (no permutation undone); names the file and tensor if the gguf package cannot decode its type."""
     from gguf.quants import dequantize
 
     try:
@@ -292,7 +294,7 @@ def iter_hf_tensors(reader: Any, config: Mapping[str, Any], *, source: str = "<g
     arch = "llama" if config["model_type"] == "llama" else "gemma3"
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name, arch, source=source)
-        w = _dequantize(tensor, source)
+        w = dequantize_tensor(tensor, source)
         if arch == "llama" and tensor.name.endswith(".attn_q.weight"):
             w = unpermute_qk(w, config["num_attention_heads"])
         elif arch == "llama" and tensor.name.endswith(".attn_k.weight"):
