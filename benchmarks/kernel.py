@@ -24,7 +24,8 @@ The kernel path (``avx512vbmi``/``avx512``/``avx2``/``neon_dot``/``neon``/``ref`
 per record; the kernel quantizes activations to int8 (``--kl`` measures what that costs at model
 level). Also a ``chained`` record: 4096x4096 layers applied in sequence inside one jit.
 ``--e2e`` adds greedy-decode tokens/s of SmolLM2-135M (float, CQ 4 and 2 bits through the
-kernel and through pure JAX).
+kernel and through pure JAX) and, when ``llama-cpp-python`` is installed (``setup_peers.sh``),
+llama.cpp on the same model at F32, Q4_K_M and Q2_K with the same prompt, tokens and threads.
 """
 
 from __future__ import annotations
@@ -225,7 +226,42 @@ def e2e(args) -> dict:
         for mode in ("ffi", "jax"):
             res["rows"].append({"model": f"cq{bits}", "mode": mode, "tokens_per_s": round(tps(q.model, mode), 2)})
             print(json.dumps(res["rows"][-1]), file=sys.stderr, flush=True)
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        res["llama_cpp"] = "not installed (bash benchmarks/setup_peers.sh)"
+        return res
+    for ftype in ("F32", "Q4_K_M", "Q2_K"):
+        res["rows"].append({"model": f"llama.cpp {ftype}", "mode": "llama.cpp",
+                            "tokens_per_s": round(llama_tps(ftype, prompt[0], args.e2e_tokens), 2)})
+        print(json.dumps(res["rows"][-1]), file=sys.stderr, flush=True)
     return res
+
+
+def llama_tps(ftype: str, prompt, new_tokens: int) -> float:
+    """Greedy decode tokens/s of llama.cpp on the same model (its F32 GGUF quantized to ``ftype``),
+    same prompt, token count and threads (all CPUs, as the cqjax rows), prompt included."""
+    import peer_llamacpp as lc
+    from llama_cpp import Llama
+
+    from cqjax import data
+
+    work = lc.work_dir("smollm2-135m")
+    path = lc.float_f32(data.gguf_path("smollm2-135m"), work / "float-f32.gguf")
+    if ftype != "F32":
+        path = lc.quantize(path, work / f"{ftype}.gguf", ftype, os.cpu_count())
+    llm = Llama(model_path=str(path), n_ctx=len(prompt) + new_tokens + 8, n_threads=os.cpu_count(),
+                n_threads_batch=os.cpu_count(), verbose=False)
+
+    def run() -> float:
+        t = time.perf_counter()
+        for n, _ in enumerate(llm.generate([int(x) for x in prompt], top_k=1, temp=0.0, reset=True), 1):
+            if n == new_tokens:
+                break
+        return time.perf_counter() - t
+
+    run()  # warm-up
+    return new_tokens / min(run() for _ in range(3))
 
 
 def kl(args) -> dict:
