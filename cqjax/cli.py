@@ -107,7 +107,7 @@ class _TensorProgress:
 
         ctx = Context() if ctx is None else ctx
         paths = self.inner.selected(ir)
-        bar = Progress(f"pass {self.label}", total=len(paths), unit="tensors", every_s=5.0)
+        bar = Progress(f"pass {self.label}", total=len(paths), unit="tensors", every_s=5.0, tag="cqjax")
         params, meta = {}, {}
         for path in paths:
             params[path], meta[path] = self.inner.rewrite(path, ir.params[path], ir.meta[path], ctx)

@@ -72,7 +72,7 @@ def tensors(ir: IR, float_ir: IR | None = None, *, progress: bool = False) -> li
     rows = []
     dequantize = dequantizer()
     bar = Progress("relative error", total=len(ir.meta), unit="tensors", every_s=10.0,
-                   enabled=progress and float_ir is not None)
+                   enabled=progress and float_ir is not None, tag="cqjax")
     for path, meta in ir.meta.items():
         leaf, n = ir.params[path], int(np.prod(meta.shape))
         q = is_quantized(leaf)

@@ -102,13 +102,15 @@ def _decode_step(graphdef, temperature: float, top_k: int | None):
 
 def generate(model: nnx.Module, prompt: Sequence[int] | np.ndarray, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
-             eos_token_id: int | Sequence[int] | None = None) -> np.ndarray:
+             eos_token_id: int | Sequence[int] | None = None,
+             on_step: Callable[[int], None] | None = None) -> np.ndarray:
     """Generates continuations of ``prompt`` (``[T]`` or ``[B, T]`` token ids, equal lengths).
 
     Args:
       temperature: 0 for greedy decoding, else sampling from ``softmax(logits / temperature)``.
       top_k: sample only among the ``top_k`` most likely tokens.
       eos_token_id: stop when every row has produced one of these.
+      on_step: called with the batch size after each decoding step (for progress reports).
 
     Returns:
       ``[B, T + n]`` token ids (``n <= max_new_tokens``), prompt included.
@@ -128,6 +130,8 @@ def generate(model: nnx.Module, prompt: Sequence[int] | np.ndarray, *, max_new_t
         nxt, caches = step(state, caches, tokens, positions, sub)
         nxt = np.asarray(nxt)
         out.append(nxt[:, None])
+        if on_step is not None:
+            on_step(b)
         if eos and all(int(x) in eos for x in nxt):
             break
         tokens = jnp.asarray(nxt[:, None])

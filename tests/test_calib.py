@@ -72,7 +72,7 @@ def test_masked_tokens_do_not_count(tmp_path):
             np.testing.assert_allclose(a[path]["hessian"], b[path]["hessian"], rtol=1e-4, atol=1e-7)
 
 
-def test_calibration_tokens_sources(tmp_path):
+def test_calibration_tokens_sources(tmp_path, capsys):
     write_checkpoint(CASES["llama"](), tmp_path)
     model, _ = hf.load(tmp_path)
 
@@ -84,8 +84,9 @@ def test_calibration_tokens_sources(tmp_path):
 
     rows = calibration_tokens("self", tokenizer=Tok(), model=model, n=3, length=9, seed=0)
     assert rows.shape == (3, 9) and (rows[:, 0] == 1).all() and rows.max() < 97
-    again = calibration_tokens("self", tokenizer=Tok(), model=model, n=3, length=9, seed=0)
+    again = calibration_tokens("self", tokenizer=Tok(), model=model, n=3, length=9, seed=0, progress=True)
     np.testing.assert_array_equal(rows, again)
+    assert "[cqjax.calib] self-generated calibration: 24/24 tok" in capsys.readouterr().err
     text = tmp_path / "calib.txt"
     text.write_text("abcdefghij" * 10)
     rows = calibration_tokens(str(text), tokenizer=Tok(), n=4, length=6)

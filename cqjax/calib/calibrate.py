@@ -50,7 +50,8 @@ def calibrate(model, ir: IR, tokenizer, needs: Iterable[str], *, source: str = "
     start = time.perf_counter()
     timing: dict[str, float] = {}
     t = time.perf_counter()
-    tokens = calibration_tokens(source, tokenizer=tokenizer, model=model, n=rows, length=length, seed=seed)
+    tokens = calibration_tokens(source, tokenizer=tokenizer, model=model, n=rows, length=length, seed=seed,
+                                progress=progress)
     timing["tokens_s"] = time.perf_counter() - t
     stats: dict[str, dict] = {}
     if "hessian" in needs:

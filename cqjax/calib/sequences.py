@@ -25,16 +25,20 @@ SOURCES = ("self", "squad")
 
 
 def self_generated(model, *, n: int, length: int, bos_token_id: int, seed: int = 0,
-                   temperature: float = 1.0, batch: int = 16) -> np.ndarray:
-    """``n`` sequences of ``length`` tokens sampled by ``model`` from ``[BOS]``."""
+                   temperature: float = 1.0, batch: int = 16, progress: bool = False) -> np.ndarray:
+    """``n`` sequences of ``length`` tokens sampled by ``model`` from ``[BOS]`` (with a progress
+    line on stderr every 10 s if ``progress``)."""
     from cqjax import runtime
+    from cqjax.eval.progress import Progress
 
+    bar = Progress("self-generated calibration", total=n * (length - 1), tag="cqjax.calib", enabled=progress)
     rows = []
     for i in range(0, n, batch):
         b = min(batch, n - i)
         prompt = np.full((b, 1), bos_token_id, np.int32)
         rows.append(runtime.generate(model, prompt, max_new_tokens=length - 1, temperature=temperature,
-                                     seed=seed + i))
+                                     seed=seed + i, on_step=bar.update))
+    bar.close()
     return np.concatenate(rows)[:, :length].astype(np.int32)
 
 
@@ -52,7 +56,7 @@ def from_text(tokenizer, text: str, *, n: int, length: int) -> np.ndarray:
 
 
 def calibration_tokens(source: str, *, tokenizer, model=None, n: int = 32, length: int = 512,
-                       seed: int = 0) -> np.ndarray:
+                       seed: int = 0, progress: bool = False) -> np.ndarray:
     """Token rows from ``source`` (see the module table).
 
     Raises:
@@ -63,7 +67,7 @@ def calibration_tokens(source: str, *, tokenizer, model=None, n: int = 32, lengt
         bos = getattr(tokenizer, "bos_token_id", None)
         if model is None or bos is None:
             raise ValueError("calibration source 'self' needs the float model and a tokenizer with a BOS token")
-        return self_generated(model, n=n, length=length, bos_token_id=int(bos), seed=seed)
+        return self_generated(model, n=n, length=length, bos_token_id=int(bos), seed=seed, progress=progress)
     if source == "squad":
         from cqjax.eval.texts import squad_paragraphs
 

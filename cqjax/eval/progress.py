@@ -21,8 +21,8 @@ class Progress:
     """
 
     def __init__(self, label: str, total: int, *, unit: str = "tok", every_s: float = 10.0,
-                 enabled: bool = True, stream: TextIO | None = None):
-        self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
+                 enabled: bool = True, stream: TextIO | None = None, tag: str = "cqjax.eval"):
+        self.label, self.total, self.unit, self.every_s, self.tag = label, total, unit, every_s, tag
         self.enabled = enabled
         self.stream = stream if stream is not None else sys.stderr
         self.done = 0
@@ -34,7 +34,7 @@ class Progress:
         elapsed = max(now - self.start, 1e-9)
         rate = self.done / elapsed
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        return (f"[cqjax.eval] {self.label}: {self.done:,}/{self.total:,} {self.unit} ({pct:.0f}%), "
+        return (f"[{self.tag}] {self.label}: {self.done:,}/{self.total:,} {self.unit} ({pct:.0f}%), "
                 f"{rate:,.1f} {self.unit}/s, {elapsed:.1f} s")
 
     def update(self, n: int) -> None:

@@ -188,7 +188,7 @@ class AllocateBits(Pass):
         recipes = {b: self._quantizer(b) for b in self.choices}
         dequantize = dequantizer()
         bar = Progress(f"allocate ({'sizes' if sizes_only else self.proxy})", total=len(paths), unit="tensors",
-                       every_s=10.0)
+                       every_s=10.0, tag="cqjax")
         for path in paths:
             w = np.asarray(materialize(ir.params[path]), np.float32)
             costs[path] = {}

@@ -181,7 +181,7 @@ class ActivationScale(Pass):
             return base.replace(meta={p: _info(base.meta[p], alpha=0.0) for p in paths})
         dequantize = dequantizer()
         params, meta = {}, {}
-        bar = Progress(f"pass {self.name}", total=len(paths), unit="tensors", every_s=10.0)
+        bar = Progress(f"pass {self.name}", total=len(paths), unit="tensors", every_s=10.0, tag="cqjax")
         for path in paths:
             params[path], meta[path] = self._one(path, ir, base, ctx, recipe, dequantize)
             bar.update(1)
