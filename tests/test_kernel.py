@@ -46,8 +46,10 @@ from test_kernel_support import (
 
 PATHS = [p for p, ok in _ffi.kernel_paths().items() if ok]
 SIMD_PATHS = [p for p in PATHS if p != "ref"]
-SIZES = [  # (M, N, K): batch 1/3/7/129, ragged N, K with tails and padding
+SIZES = [  # (M, N, K): batch 1/3/7/129, ragged N, K with tails and padding; up to 16 blocks per
+    # row (scales in registers on AVX-512) and more (scales through memory)
     (1, 5, 100), (3, 7, 576), (7, 129, 200), (2, 9, 17), (1, 3, 8), (129, 6, 256), (3, 33, 1000),
+    (5, 4, 2048), (2, 11, 2600),
 ]
 
 

@@ -20,7 +20,11 @@ CQ512_TARGET inline __m512i Lut512(const uint8_t* lut16) {
   return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut16)));
 }
 
-template <int BITS, int MB>
+// REG (nb <= 16): the per-(row, block) scales norm * fx live in one register
+// per activation row and each chunk permutes its lanes' scales out of it; the
+// general path goes through memory (scalar stores then a vector load per chunk,
+// which stalls on store forwarding: a large cost on the short rows of K <= 2048).
+template <int BITS, int MB, bool REG>
 CQ512_TARGET void Rows512(const Plan& p, const Prepared& q, const uint8_t* codes,
                        const uint16_t* norms, int n0, int n1, int m0, float* y, int N,
                        float* nf, float* wsc) {
@@ -49,15 +53,28 @@ CQ512_TARGET void Rows512(const Plan& p, const Prepared& q, const uint8_t* codes
   const float* fxall = q.fx.data();
   const size_t row_bytes = p.row_bytes;
   const int hi_offset = p.hi_offset;
+  const __mmask16 nbmask = static_cast<__mmask16>(nb >= 16 ? 0xFFFF : (1u << nb) - 1);
+  __m512 fxv[MB];
+  if (REG) {
+    #pragma GCC unroll 8
+    for (int mi = 0; mi < MB; ++mi) fxv[mi] = _mm512_maskz_loadu_ps(nbmask, fxall + static_cast<size_t>(m0 + mi) * nb);
+  }
 
   for (int n = n0; n < n1; ++n) {
     const uint8_t* row = codes + n * row_bytes;
-    NormsToFloat512(norms + static_cast<size_t>(n) * nb, nb, nf);
-    #pragma GCC unroll 8
-    for (int mi = 0; mi < MB; ++mi) {
-      const float* fx = fxall + static_cast<size_t>(m0 + mi) * nb;
-      float* w = wsc + mi * W;
-      for (int j = 0; j < nb; ++j) w[j] = nf[j] * fx[j];
+    __m512 wreg[MB];
+    if (REG) {
+      const __m512 nfv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(nbmask, norms + static_cast<size_t>(n) * nb));
+      #pragma GCC unroll 8
+      for (int mi = 0; mi < MB; ++mi) wreg[mi] = _mm512_mul_ps(nfv, fxv[mi]);
+    } else {
+      NormsToFloat512(norms + static_cast<size_t>(n) * nb, nb, nf);
+      #pragma GCC unroll 8
+      for (int mi = 0; mi < MB; ++mi) {
+        const float* fx = fxall + static_cast<size_t>(m0 + mi) * nb;
+        float* w = wsc + mi * W;
+        for (int j = 0; j < nb; ++j) w[j] = nf[j] * fx[j];
+      }
     }
     __m512 facc[MB];
     #pragma GCC unroll 8
@@ -128,9 +145,11 @@ CQ512_TARGET void Rows512(const Plan& p, const Prepared& q, const uint8_t* codes
       }
       const __m512i li = _mm512_loadu_si512(lane_block + c * 16);
       const int b0 = chunk_b0[c];
+      const __m512i lia = _mm512_add_epi32(li, _mm512_set1_epi32(b0));
       #pragma GCC unroll 8
       for (int mi = 0; mi < MB; ++mi) {
-        const __m512 s = _mm512_permutexvar_ps(li, _mm512_loadu_ps(wsc + mi * W + b0));
+        const __m512 s = REG ? _mm512_permutexvar_ps(lia, wreg[mi])
+                             : _mm512_permutexvar_ps(li, _mm512_loadu_ps(wsc + mi * W + b0));
         facc[mi] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[mi]), s, facc[mi]);
       }
     }
@@ -146,13 +165,18 @@ CQ512_TARGET void Dispatch512(const Plan& p, const Prepared& q, const uint8_t* c
                            const uint16_t* norms, int n0, int n1, float* y, int N) {
   const int nb = p.nblocks;
   std::vector<float> nf(nb + 16, 0.0f), wsc(static_cast<size_t>(kMaxMB) * (nb + 16), 0.0f);
+  const bool reg = nb <= 16;
   for (int m0 = 0; m0 < q.M; m0 += kMaxMB) {
+#define CQ512_ROWS(MB_)                                                                        \
+  (reg ? Rows512<BITS, MB_, true>(p, q, codes, norms, n0, n1, m0, y, N, nf.data(), wsc.data()) \
+       : Rows512<BITS, MB_, false>(p, q, codes, norms, n0, n1, m0, y, N, nf.data(), wsc.data()))
     switch (std::min(kMaxMB, q.M - m0)) {
-      case 1: Rows512<BITS, 1>(p, q, codes, norms, n0, n1, m0, y, N, nf.data(), wsc.data()); break;
-      case 2: Rows512<BITS, 2>(p, q, codes, norms, n0, n1, m0, y, N, nf.data(), wsc.data()); break;
-      case 3: Rows512<BITS, 3>(p, q, codes, norms, n0, n1, m0, y, N, nf.data(), wsc.data()); break;
-      default: Rows512<BITS, 4>(p, q, codes, norms, n0, n1, m0, y, N, nf.data(), wsc.data());
+      case 1: CQ512_ROWS(1); break;
+      case 2: CQ512_ROWS(2); break;
+      case 3: CQ512_ROWS(3); break;
+      default: CQ512_ROWS(4);
     }
+#undef CQ512_ROWS
   }
 }
 
