@@ -232,15 +232,19 @@ def e2e(args) -> dict:
         res["llama_cpp"] = "not installed (bash benchmarks/setup_peers.sh)"
         return res
     for ftype in ("F32", "Q4_K_M", "Q2_K"):
-        res["rows"].append({"model": f"llama.cpp {ftype}", "mode": "llama.cpp",
-                            "tokens_per_s": round(llama_tps(ftype, prompt[0], args.e2e_tokens), 2)})
+        tps_, stored = llama_tps(ftype, prompt[0], args.e2e_tokens)
+        res["rows"].append({"model": f"llama.cpp {ftype}", "mode": "llama.cpp", "tokens_per_s": round(tps_, 2),
+                            "bits_per_weight": round(stored["bits_per_weight"], 3),
+                            "tensor_types": stored["tensor_types"]})
         print(json.dumps(res["rows"][-1]), file=sys.stderr, flush=True)
     return res
 
 
-def llama_tps(ftype: str, prompt, new_tokens: int) -> float:
+def llama_tps(ftype: str, prompt, new_tokens: int) -> tuple[float, dict]:
     """Greedy decode tokens/s of llama.cpp on the same model (its F32 GGUF quantized to ``ftype``),
-    same prompt, token count and threads (all CPUs, as the cqjax rows), prompt included."""
+    same prompt, token count and threads (all CPUs, as the cqjax rows), prompt included; and the
+    file's stored bits/weight and tensor types (k-quants fall back to other types where a row
+    length is not a multiple of 256, as SmolLM2's 576 is)."""
     import peer_llamacpp as lc
     from llama_cpp import Llama
 
@@ -261,7 +265,7 @@ def llama_tps(ftype: str, prompt, new_tokens: int) -> float:
         return time.perf_counter() - t
 
     run()  # warm-up
-    return new_tokens / min(run() for _ in range(3))
+    return new_tokens / min(run() for _ in range(3)), lc.storage(path)
 
 
 def kl(args) -> dict:
