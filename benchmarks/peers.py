@@ -119,10 +119,25 @@ class Harness:
             if prev.get("model") == args.model and prev.get("protocol") == protocol:
                 self.result["rows"] = prev["rows"]
                 log(f"resuming: {len(prev['rows'])} rows from {old}")
-        self.grid: dict[str, dict] = {}  # grid name -> weight_error dict, for calibrated rows
+        self._gaussian = None
+
+    @property
+    def gaussian(self):
+        """The grid check's IR: every linear replaced by Gaussian data (drawn once)."""
+        if self._gaussian is None:
+            self._gaussian = gaussian_ir(self.ir)
+        return self._gaussian
+
+    def row(self, method: str, config: str) -> dict | None:
+        return next((r for r in self.result["rows"] if r["method"] == method and r["config"] == config), None)
 
     def done(self, method: str, config: str) -> bool:
-        return any(r["method"] == method and r["config"] == config for r in self.result["rows"])
+        return self.row(method, config) is not None
+
+    def grid(self, method: str, config: str) -> dict | None:
+        """The weight error (model / Gaussian) of a data-free row, for calibrated rows on its grid."""
+        r = self.row(method, config)
+        return r["weight_error"] if r else None
 
     def score(self, method: str, config: str, forward, bits_per_weight: float, weight_error: dict | None,
               seconds: float, **extra) -> None:
@@ -163,9 +178,8 @@ def data_free(h: Harness, method: str, config: str, make) -> None:
     t = time.perf_counter()
     q, _ = pl.run(make(), h.ir, progress=False)
     seconds = time.perf_counter() - t
-    gq, _ = pl.run(make(), gaussian_ir(h.ir), progress=False)
-    we = weight_error(linear_error(h.ir, q), linear_error(gaussian_ir(h.ir), gq))
-    h.grid[f"{method} {config}"] = we
+    gq, _ = pl.run(make(), h.gaussian, progress=False)
+    we = weight_error(linear_error(h.ir, q), linear_error(h.gaussian, gq))
     h.score_ir(method, config, q, seconds, we)
 
 
@@ -183,7 +197,7 @@ def run_rtn_gptq(h: Harness, ctx, bits_list, methods) -> None:
             t = time.perf_counter()
             q, _ = pl.run(GPTQRoundToNearest(bits=bits_rules(bits, e), block=128), h.ir, ctx(), progress=False)
             h.score_ir("gptq", f"{bits}-bit block 128", q, time.perf_counter() - t,
-                       h.grid.get(f"rtn {bits}-bit block 128"), grid="rtn (same bits, block 128)")
+                       h.grid("rtn", f"{bits}-bit block 128"), grid="rtn (same bits, block 128)")
 
 
 def run_cqjax(h: Harness, ctx, bits_list) -> None:
@@ -206,7 +220,7 @@ def run_cqjax(h: Harness, ctx, bits_list) -> None:
             return
         q, _ = pl.run(recipe("rotated", embed_bits), ir_in, c, progress=False)
         bits = [int(q.params[p].bits) for p in linear_paths(h.ir)]
-        grid = h.grid.get(f"cqjax {max(set(bits), key=bits.count)}-bit")
+        grid = h.grid("cqjax", f"{max(set(bits), key=bits.count)}-bit")
         h.score_ir("cqjax", config, q, time.perf_counter() - t, grid, grid="cqjax uniform (same majority width)",
                    linear_bits={str(b): bits.count(b) for b in sorted(set(bits))})
 
@@ -247,7 +261,7 @@ def run_hqq(h: Harness, bits_list) -> None:
 
     embeddings = tuple(f"role:{r}" for r in EMBED_ROLES)
     emb, _ = pl.run(pl.masked(cq_pipeline(bits=4, embed_bits=h.args.embed_bits), embeddings), h.ir, progress=False)
-    gauss = gaussian_ir(h.ir)
+    gauss = h.gaussian
     for bits in bits_list:
         for group in (64, 128):
             config = f"{bits}-bit group {group}"
