@@ -24,9 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 _PLAIN = FuncFormatter(lambda y, _: f"{y:g}")
+
+
+def _log_labels(ax) -> None:
+    """Plain numbers on a log y axis; minor ticks labelled only when it spans under ~1.5 decades
+    (more would print overlapping labels such as 2e5 3e5 ... 9e5)."""
+    lo, hi = ax.get_ylim()
+    ax.yaxis.set_major_formatter(_PLAIN)
+    ax.yaxis.set_minor_formatter(_PLAIN if lo > 0 and hi / lo < 30 else NullFormatter())
 
 _LAYER = re.compile(r"(?:^|.*/)layers/(\d+)/(.+)$")
 FLOAT_COLOR, QUANT_COLOR = "#4c72b0", "#dd8452"
@@ -81,8 +89,7 @@ def tensor_errors(report: dict[str, Any], path: str | os.PathLike) -> Path | Non
                    label=f"{_kind(t['path'])} ({t['bits']}-bit)")
     ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.yaxis.set_major_formatter(_PLAIN)
-    ax.yaxis.set_minor_formatter(_PLAIN)
+    _log_labels(ax)
     ax.set_xlabel("layer index")
     ax.set_ylabel("relative weight error ‖W − Ŵ‖² / ‖W‖²  (log scale)")
     ax.set_title(f"{report['model']}: weight error of each quantized tensor\n{_subtitle(report)}", fontsize=11)
@@ -214,9 +221,8 @@ def pareto(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path | None:
     ax2.set_ylabel("KL(float ‖ quantized), nats/token (log scale)")
     ax2.set_title("Divergence from the float model vs size", fontsize=10)
     for ax in (ax1, ax2):
-        ax.yaxis.set_major_formatter(_PLAIN)
-        ax.yaxis.set_minor_formatter(_PLAIN)
         ax.margins(x=0.12, y=0.08)
+        _log_labels(ax)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, title="pipeline", title_fontsize=8)
     models = sorted({r["model"] for r in rows})
