@@ -215,9 +215,12 @@ def e2e(args) -> dict:
         with backend.use_kernel(mode):
             # compile: the same cache size as the timed run (the KV cache holds prompt + new tokens)
             runtime.generate(model, prompt, max_new_tokens=args.e2e_tokens)
-            t = time.perf_counter()
-            runtime.generate(model, prompt, max_new_tokens=args.e2e_tokens)
-            return args.e2e_tokens / (time.perf_counter() - t)
+            best = float("inf")
+            for _ in range(3):  # best of 3, as for llama.cpp below
+                t = time.perf_counter()
+                runtime.generate(model, prompt, max_new_tokens=args.e2e_tokens)
+                best = min(best, time.perf_counter() - t)
+            return args.e2e_tokens / best
 
     res["rows"].append({"model": "float", "mode": "jax", "tokens_per_s": round(tps(hf.to_model(ir), "jax"), 2)})
     print(json.dumps(res["rows"][-1]), file=sys.stderr, flush=True)
