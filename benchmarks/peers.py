@@ -408,6 +408,8 @@ def markdown(result: dict) -> str:
     for r in sorted(result["rows"], key=lambda r: (r["bits_per_weight"], r["perplexity"])):
         we = r.get("weight_error")
         wes = "—" if not we else f"{we['model']:.4f} / {we['gaussian']:.4f} ({we['ratio']:.2f})"
+        if we and r.get("grid"):  # a calibrated row: the figures are its grid's
+            wes = f"grid of {r['grid']}: ratio {we['ratio']:.2f}"
         lines.append(f"| {r['method']} | {r['config']} | {r['bits_per_weight']:.3f} | {r['perplexity']:.3f} "
                      f"| {r['kl']:.4f} | {r['top1']:.4f} |" + "".join(f" {r['accuracy'][t]:.3f} |" for t in tasks)
                      + f" {wes} | {'yes' if r['grid_aligned'] else 'no'} |")
