@@ -11,7 +11,8 @@ method         configurations
 =============  ===============================================================================
 cqjax          uniform 2/3/4 (data-free), the same with error feedback (rotated basis),
                allocated budgets (Fisher proxy, error feedback): halfway between uniform 2/3
-               and 3/4, 4.5 and 5.0 (widths {2, 3, 4, 8}), and 4-bit with 8-bit embeddings
+               and 3/4, ``--budgets`` (4.5 and 5.0; widths {2, 3, 4, 8}), 4-bit with 8-bit
+               embeddings
 rtn            round-to-nearest, blocks of 128 and 64 (fp16 scale + zero per block)
 gptq           GPTQ on the RTN grid, block 128 (our pass; no rotation)
 hqq            HQQ at 2/3/4 bits, groups 64 and 128, on the linears
@@ -249,7 +250,7 @@ def run_cqjax(h: Harness, ctx, bits_list) -> None:
         if a in sizes and b in sizes:
             bpw = 0.5 * (sizes[a] + sizes[b])
             calibrated(f"allocated {bpw:.2f} +ef", allocated(bpw, (2, 3, 4)))
-    for bpw in (4.5, 5.0):
+    for bpw in h.args.budgets:
         calibrated(f"allocated {bpw:.2f} +ef (2/3/4/8)", allocated(bpw, (2, 3, 4, 8)))
     calibrated("4-bit +ef, 8-bit embeddings", allocated(16, (4,), embed_bits=8), embed_bits=8)
 
@@ -331,6 +332,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     ap.add_argument("--llama-types", nargs="+", default=["Q2_K", "Q3_K_M", "Q4_K_M", "Q4_0"])
     ap.add_argument("--embed-bits", type=int, default=4)
+    ap.add_argument("--budgets", nargs="*", type=float, default=[4.5, 5.0],
+                    help="allocated budgets (stored bits/weight) with widths 2/3/4/8 to match the peers' sizes")
     ap.add_argument("--max-tokens", type=int, default=4096, help="scored perplexity tokens")
     ap.add_argument("--limit", type=int, default=0, help="documents per multiple-choice task (0: none)")
     ap.add_argument("--grid-ratio", type=float, default=0.5,
