@@ -22,7 +22,7 @@ import platform
 import sys
 import time
 
-from common import VARIANTS, add_calibration_args, load_float, recipe
+from common import TASKS, VARIANTS, add_calibration_args, load_float, recipe
 
 from cqjax import quant_stats, runtime
 from cqjax import eval as ev
@@ -34,7 +34,6 @@ from cqjax.io.atomic import write_json, write_text
 from cqjax.passes.allocate import AllocateBits
 from cqjax.passes.common import EMBED_ROLES
 
-TASKS = ("arc_easy", "piqa", "hellaswag")
 
 def log(msg: str) -> None:
     print(f"[allocate] {msg}", file=sys.stderr, flush=True)

@@ -35,6 +35,9 @@ def add_calibration_args(ap: argparse.ArgumentParser, rows: int = 16) -> None:
     ap.add_argument("--calib-length", type=int, default=512)
 
 
+#: Multiple-choice tasks the benchmarks report (``--limit`` documents each).
+TASKS = ("arc_easy", "piqa", "hellaswag")
+
 #: Recipe variants measured with the same allocation and fixed widths: the plain data-free recipe,
 #: GPTQ-style error feedback in the rotated or unrotated basis, activation-aware scales, both.
 VARIANTS = ("plain", "rotated", "unrotated", "awq", "awq+rotated")

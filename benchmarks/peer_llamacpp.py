@@ -121,16 +121,12 @@ def weight_error(float_path: Path, q_path: Path) -> float:
     import gguf
 
     from cqjax.io.gguf import dequantize_tensor
+    from cqjax.quant_stats import error_sums
 
     ref = {t.name: t for t in gguf.GGUFReader(float_path).tensors if len(t.shape) >= 2}
-    num = den = 0.0
-    for t in gguf.GGUFReader(q_path).tensors:
-        if t.name not in ref:
-            continue
-        w = dequantize_tensor(ref[t.name]).astype(np.float64)
-        num += float(np.sum((w - dequantize_tensor(t)) ** 2))
-        den += float(np.sum(w * w))
-    return num / den
+    sums = [error_sums(dequantize_tensor(ref[t.name]), dequantize_tensor(t))
+            for t in gguf.GGUFReader(q_path).tensors if t.name in ref]
+    return sum(s[0] for s in sums) / sum(s[1] for s in sums)
 
 
 class Runner:

@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import add_calibration_args, load_float, recipe
+from common import TASKS, add_calibration_args, load_float, recipe
 
 from cqjax import data, quant_stats, runtime
 from cqjax import eval as ev
@@ -59,10 +59,10 @@ from cqjax.eval.scoring import from_nnx
 from cqjax.io import hf
 from cqjax.io.atomic import write_json, write_text
 from cqjax.ir import materialize
+from cqjax.kernels.qarrays import is_quantized
 from cqjax.passes.common import EMBED_ROLES, bits_rules, rows_of
 
 METHODS = ("cqjax", "rtn", "gptq", "hqq", "llama.cpp")
-TASKS = ("arc_easy", "piqa", "hellaswag")
 
 
 def log(msg: str) -> None:
@@ -86,14 +86,10 @@ def gaussian_ir(ir, seed: int = 0):
 def linear_error(float_ir, q_ir) -> float:
     """``Σ‖w − ŵ‖² / Σ‖w‖²`` over the linears of a quantized IR."""
     dequantize = quant_stats.dequantizer()
-    num = den = 0.0
-    for p in linear_paths(float_ir):
-        w = np.asarray(materialize(float_ir.params[p]), np.float64)
-        leaf = q_ir.params[p]
-        w_hat = np.asarray(dequantize(leaf) if hasattr(leaf, "dequantize") else materialize(leaf), np.float64)
-        num += float(np.sum((w - w_hat) ** 2))
-        den += float(np.sum(w * w))
-    return num / den
+    sums = [quant_stats.error_sums(materialize(float_ir.params[p]),
+                                   dequantize(leaf) if is_quantized(leaf) else materialize(leaf))
+            for p in linear_paths(float_ir) for leaf in [q_ir.params[p]]]
+    return sum(s[0] for s in sums) / sum(s[1] for s in sums)
 
 
 class Harness:
@@ -278,8 +274,9 @@ def run_hqq(h: Harness, bits_list) -> None:
                         w_hat, n = peer_hqq.quantize(rows, bits, group)
                     except (AssertionError, RuntimeError) as err_:
                         raise RuntimeError(f"hqq {config}: cannot quantize {p} {rows.shape}: {err_}") from err_
-                    err[which][0] += float(np.sum((rows.astype(np.float64) - w_hat) ** 2))
-                    err[which][1] += float(np.sum(rows.astype(np.float64) ** 2))
+                    num, den = quant_stats.error_sums(rows, w_hat)
+                    err[which][0] += num
+                    err[which][1] += den
                     if which == "model":
                         params[p], nbytes[p] = (w_hat.T if transposed else w_hat), n
             seconds = time.perf_counter() - t

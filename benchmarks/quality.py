@@ -17,7 +17,7 @@ import platform
 import sys
 import time
 
-from common import load_float
+from common import TASKS, load_float
 
 from cqjax import api, data, runtime
 from cqjax import eval as ev
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     directory, ir, model, tok = load_float(args.model)
-    tasks = ("arc_easy", "piqa", "hellaswag") if args.limit else ()
+    tasks = TASKS if args.limit else ()
     cfg = ev.EvalConfig(max_tokens=args.max_tokens, limit=args.limit or None, tasks=tasks, progress=False)
     evdata = ev.prepare(tok, cfg)
     ref = from_nnx(model)

@@ -41,10 +41,16 @@ def tensor_bytes(path: str, leaf: Any, numel: int) -> int:
     return encoded_nbytes(path, leaf) if is_quantized(leaf) else FLOAT_BYTES * numel
 
 
+def error_sums(w: Any, w_hat: Any) -> tuple[float, float]:
+    """``(‖w − ŵ‖², ‖w‖²)`` in float64; summed over several tensors, their ratio is the pooled
+    relative error."""
+    w, w_hat = np.asarray(w, np.float64), np.asarray(w_hat, np.float64)
+    return float(np.sum((w - w_hat) ** 2)), float(np.sum(w * w))
+
+
 def rel_error(w: Any, w_hat: Any) -> float:
     """``‖w − ŵ‖² / ‖w‖²`` in float64 (0 when both are zero)."""
-    w, w_hat = np.asarray(w, np.float64), np.asarray(w_hat, np.float64)
-    den, num = float(np.sum(w * w)), float(np.sum((w - w_hat) ** 2))
+    num, den = error_sums(w, w_hat)
     return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
 
 
