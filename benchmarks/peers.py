@@ -229,8 +229,7 @@ def run_cqjax(h: Harness, ctx, bits_list) -> None:
                 plan.append(AllocateBits(bpw=16, choices=(2, 3, 4, 8), proxy="fisher", fixed=alloc.fixed).plan(h.ir, c))
                 h.result["fisher_measure_s"] = time.perf_counter() - t
             p = plan[0]
-            reach = [8 * (p.fixed_bytes + sum(f(c_[b] for b in choices) for c_ in p.costs.values())) / p.params
-                     for f in (lambda v: min(nb for _, nb in v), lambda v: max(nb for _, nb in v))]
+            reach = alloc.reach(p)
             if not reach[0] <= bpw <= reach[1] and bpw < 16:
                 log(f"skipping bpw={bpw:.2f}: widths {choices} reach {reach[0]:.3f}..{reach[1]:.3f} bits/weight")
                 return None

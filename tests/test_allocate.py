@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -77,6 +78,16 @@ def test_unreachable_targets_are_explained_in_bits_per_weight():
         AllocateBits(bpw=1.5, choices=(2, 3), proxy="weight")(ir)
     with pytest.raises(ValueError, match=r"bpw=0\.05 is out of reach: the tensors with fixed widths alone"):
         AllocateBits(bpw=0.05, proxy="weight", fixed={"role:embedding": 8})(ir)
+    # reach() names the targets choose() can meet: its ends are met exactly, beyond them is refused.
+    alloc = AllocateBits(bpw=3, choices=(2, 4), proxy="weight", fixed={"role:embedding": 8})
+    plan = alloc.plan(ir)
+    low, high = alloc.reach(plan)
+    assert low < high
+    for bpw, widths in ((low, {2}), (high, {4})):
+        choice = dataclasses.replace(alloc, bpw=bpw * (1 + 1e-9)).choose(plan)
+        assert {choice[p] for p in plan.costs} == widths and choice["embed/embedding"] == 8
+    with pytest.raises(ValueError, match="out of reach"):
+        dataclasses.replace(alloc, bpw=low * 0.999).choose(plan)
     assert AllocateBits(bpw=3, proxy="weight").needs == frozenset()
     assert AllocateBits(bpw=3, proxy="hessian").needs == {"hessian"}
     assert AllocateBits(bpw=3, random_seed=1).needs == frozenset()

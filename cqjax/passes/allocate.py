@@ -230,16 +230,25 @@ class AllocateBits(Pass):
                              f"{8 * plan.fixed_bytes / plan.params:.3f} bits/weight of the eligible tensors")
         budget -= plan.fixed_bytes
         costs = {p: {b: c[b] for b in self.choices} for p, c in plan.costs.items()}
-        floor = sum(min(nb for _, nb in c.values()) for c in costs.values())
-        if floor > budget:
+        low, _ = self._extreme_bytes(plan)
+        if low > budget + plan.fixed_bytes:
             raise ValueError(f"allocate: {target} is out of reach: with every allocated tensor at "
                              f"{min(self.choices)} bits the eligible tensors store "
-                             f"{8 * (floor + plan.fixed_bytes) / plan.params:.3f} bits/weight")
+                             f"{8 * low / plan.params:.3f} bits/weight")
         if self.random_seed is not None:
             choice = random_promotion(costs, budget, self.random_seed)
         else:
             choice = solve(costs, budget)
         return {**choice, **plan.fixed}
+
+    def reach(self, plan: Plan) -> tuple[float, float]:
+        """The stored bits/weight of the eligible tensors with every allocated tensor at the
+        smallest, and at the largest, of ``choices``: the targets :meth:`choose` can meet."""
+        return tuple(8 * nb / plan.params for nb in self._extreme_bytes(plan))
+
+    def _extreme_bytes(self, plan: Plan) -> tuple[int, int]:
+        return tuple(plan.fixed_bytes + sum(f(c[b][1] for b in self.choices) for c in plan.costs.values())
+                     for f in (min, max))
 
     def apply(self, ir: IR, choice: Mapping[str, int], ctx: Context | None = None) -> IR:
         """``ir`` with ``meta.info["allocated_bits"]`` (and ``"allocation"``) set from ``choice``."""
