@@ -280,10 +280,7 @@ def run_hqq(h: Harness, bits_list) -> None:
                         params[p], nbytes[p] = (w_hat.T if transposed else w_hat), n
             seconds = time.perf_counter() - t
             q_ir = h.ir.replace(params={**h.ir.params, **params})
-            rows_ = quant_stats.tensors(q_ir)
-            for r in rows_:
-                if r["path"] in nbytes:
-                    r["bytes"] = nbytes[r["path"]]
+            rows_ = quant_stats.tensors(q_ir, external=nbytes)
             bpw = quant_stats.storage(q_ir, rows_)["bits_per_weight"]["quantized_tensors"]
             h.score("hqq", config, from_nnx(runtime.dequantized_model(q_ir)), bpw,
                     weight_error(*(e[0] / e[1] for e in err.values())), seconds,

@@ -24,6 +24,7 @@ tensor are not free).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -67,12 +68,15 @@ def dequantizer():
     return lambda leaf: run(leaf.replace(seed=0) if getattr(leaf, "seed", 0) else leaf)
 
 
-def tensors(ir: IR, float_ir: IR | None = None, *, progress: bool = False) -> list[dict]:
+def tensors(ir: IR, float_ir: IR | None = None, *, progress: bool = False,
+            external: Mapping[str, int] | None = None) -> list[dict]:
     """One row per tensor: ``{path, role, eligible, kind, bits, params, bytes, bits_per_weight}``
     plus ``rel_error`` for quantized tensors when ``float_ir`` (the unquantized IR) is given
     (with a progress line on stderr if ``progress``).
 
-    ``bits`` is the nominal bit width (16 for float tensors)."""
+    ``bits`` is the nominal bit width (16 for float tensors). ``external`` gives the stored bytes
+    of tensors that another tool quantized (``ir`` holds their decoded float copies; their rows
+    say ``kind: "external"``), e.g. a peer in the benchmarks."""
     from cqjax.eval.progress import Progress
 
     rows = []
@@ -82,9 +86,10 @@ def tensors(ir: IR, float_ir: IR | None = None, *, progress: bool = False) -> li
     for path, meta in ir.meta.items():
         leaf, n = ir.params[path], int(np.prod(meta.shape))
         q = is_quantized(leaf)
-        nbytes = tensor_bytes(path, leaf, n)
+        ext = external is not None and path in external
+        nbytes = external[path] if ext else tensor_bytes(path, leaf, n)
         row = {"path": path, "role": meta.role, "eligible": is_eligible(path, meta),
-               "kind": leaf.format if q else "float", "bits": int(leaf.bits) if q else 16, "params": n,
+               "kind": leaf.format if q else "external" if ext else "float", "bits": int(leaf.bits) if q else 16, "params": n,
                "bytes": nbytes, "bits_per_weight": 8 * nbytes / n if n else 0.0}
         if q and float_ir is not None and path in float_ir.params:
             row["rel_error"] = rel_error(materialize(float_ir.params[path]), dequantize(leaf))

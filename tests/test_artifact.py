@@ -207,6 +207,11 @@ def test_storage_counted_by_hand():
     assert s["bits_per_weight"]["model"] == pytest.approx((expect + 144) * 8 / 2952)
     assert s["bytes"] == {"float": 2 * 2952, "quantized": expect + 144, "eligible": expect}
     assert s["params"] == {"eligible": 2880, "quantized": 2880, "model": 2952}
+    # A float copy of another tool's quantization is charged the bytes that tool stores.
+    ext = {r["path"]: r for r in quant_stats.tensors(ir, external={"w/kernel": 999})}
+    assert ext["w/kernel"]["kind"] == "external" and ext["w/kernel"]["bytes"] == 999
+    assert ext["n/weight"]["kind"] == "float"
+    assert quant_stats.storage(ir, list(ext.values()))["bytes"]["eligible"] == 999
 
 
 def test_storage_counts_float_eligible_tensors_at_16_bits_and_matches_the_artifact(irs, tmp_path):
