@@ -178,7 +178,7 @@ def read_golden(path: Path = GOLDEN_TXT) -> list[dict]:
 
 def golden_to_cq(c: dict) -> CQArray:
     blocks = tuple(int(b) for b in c["blocks"])
-    nb, kpad = len(blocks), sum(blocks)
+    nb = len(blocks)
     return CQArray(
         codes=jnp.asarray(c["codes"].astype(np.uint8).reshape(c["N"], -1)),
         norms=jnp.asarray(c["norms"].astype(np.uint16).view(np.float16).reshape(c["N"], nb)),

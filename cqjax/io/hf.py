@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 import cqjax.models.families  # noqa: F401  (registers the built-in families)
-import cqjax.models.gemma4  # noqa: F401
+import cqjax.models.gemma4  # noqa: F401  (registers the Gemma 4 family)
 from cqjax.errors import CheckpointError
 from cqjax.io.safetensors_lazy import SafetensorsFile
 from cqjax.ir import IR, LazyTensor, TensorMeta, materialize
