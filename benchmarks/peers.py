@@ -11,7 +11,8 @@ method         configurations
 =============  ===============================================================================
 cqjax          uniform 2/3/4 (data-free), the same with error feedback (rotated basis),
                allocated budgets (Fisher proxy, error feedback): halfway between uniform 2/3
-               and 3/4, ``--budgets`` (4.5 and 5.0; widths {2, 3, 4, 8}), 4-bit with 8-bit
+               and 3/4, ``--budgets`` (4.5 and 5.0; widths {2, 3, 4, 8}; with
+               ``--allocate-embeddings`` also over the embeddings), 4-bit with 8-bit
                embeddings
 rtn            round-to-nearest, blocks of 128 and 64 (fp16 scale + zero per block)
 gptq           GPTQ on the RTN grid, block 128 (our pass; no rotation)
@@ -204,7 +205,7 @@ def run_cqjax(h: Harness, ctx, bits_list) -> None:
     e = h.args.embed_bits
     for bits in bits_list:
         data_free(h, "cqjax", f"{bits}-bit", lambda bits=bits: cq_pipeline(bits=bits, embed_bits=e))
-    plan: list = []  # one Fisher measurement (widths 2/3/4/8) serves every allocation
+    plans: dict = {}  # one Fisher measurement (widths 2/3/4/8) per embedding policy serves every allocation
 
     def calibrated(config: str, make_input, embed_bits: int = e) -> None:
         """Error feedback (rotated basis) on the IR that ``make_input(ctx)`` returns."""
@@ -219,16 +220,23 @@ def run_cqjax(h: Harness, ctx, bits_list) -> None:
         bits = [int(q.params[p].bits) for p in linear_paths(h.ir)]
         grid = h.grid("cqjax", f"{max(set(bits), key=bits.count)}-bit")
         h.score_ir("cqjax", config, q, time.perf_counter() - t, grid, grid="cqjax uniform (same majority width)",
-                   linear_bits={str(b): bits.count(b) for b in sorted(set(bits))})
+                   linear_bits={str(b): bits.count(b) for b in sorted(set(bits))},
+                   embedding_bits={p: int(q.params[p].bits) for p, m in h.ir.meta.items()
+                                   if m.role in EMBED_ROLES and is_quantized(q.params[p])})
 
-    def allocated(bpw: float, choices: tuple[int, ...], embed_bits: int = e):
+    def allocated(bpw: float, choices: tuple[int, ...], embed_bits: int = e, free_embeddings: bool = False):
+        """The float IR with widths allocated to ``bpw``; embeddings fixed at ``embed_bits``, or
+        allocated like the linears if ``free_embeddings``."""
         def make(c):
-            alloc = AllocateBits(bpw=bpw, choices=choices, proxy="fisher", fixed={f"role:{r}": e for r in EMBED_ROLES})
-            if not plan:
+            fixed = None if free_embeddings else {f"role:{r}": e for r in EMBED_ROLES}
+            alloc = AllocateBits(bpw=bpw, choices=choices, proxy="fisher", fixed=fixed)
+            if free_embeddings not in plans:
                 t = time.perf_counter()
-                plan.append(AllocateBits(bpw=16, choices=(2, 3, 4, 8), proxy="fisher", fixed=alloc.fixed).plan(h.ir, c))
-                h.result["fisher_measure_s"] = time.perf_counter() - t
-            p = plan[0]
+                plans[free_embeddings] = AllocateBits(bpw=16, choices=(2, 3, 4, 8), proxy="fisher",
+                                                      fixed=fixed).plan(h.ir, c)
+                h.result["fisher_measure_s" + ("_with_embeddings" if free_embeddings else "")] = \
+                    time.perf_counter() - t
+            p = plans[free_embeddings]
             reach = alloc.reach(p)
             if not reach[0] <= bpw <= reach[1] and bpw < 16:
                 log(f"skipping bpw={bpw:.2f}: widths {choices} reach {reach[0]:.3f}..{reach[1]:.3f} bits/weight")
@@ -247,6 +255,9 @@ def run_cqjax(h: Harness, ctx, bits_list) -> None:
             calibrated(f"allocated {bpw:.2f} +ef", allocated(bpw, (2, 3, 4)))
     for bpw in h.args.budgets:
         calibrated(f"allocated {bpw:.2f} +ef (2/3/4/8)", allocated(bpw, (2, 3, 4, 8)))
+        if h.args.allocate_embeddings:
+            calibrated(f"allocated {bpw:.2f} +ef (2/3/4/8, embeddings too)",
+                       allocated(bpw, (2, 3, 4, 8), free_embeddings=True))
     calibrated("4-bit +ef, 8-bit embeddings", allocated(16, (4,), embed_bits=8), embed_bits=8)
 
 
@@ -327,6 +338,9 @@ def main(argv=None) -> int:
     ap.add_argument("--embed-bits", type=int, default=4)
     ap.add_argument("--budgets", nargs="*", type=float, default=[4.5, 5.0],
                     help="allocated budgets (stored bits/weight) with widths 2/3/4/8 to match the peers' sizes")
+    ap.add_argument("--allocate-embeddings", action="store_true",
+                    help="also allocate each budget over the embeddings (else fixed at --embed-bits): "
+                         "matters where they are most of the model, e.g. Gemma 3 270M")
     ap.add_argument("--max-tokens", type=int, default=4096, help="scored perplexity tokens")
     ap.add_argument("--limit", type=int, default=0, help="documents per multiple-choice task (0: none)")
     ap.add_argument("--grid-ratio", type=float, default=0.5,
