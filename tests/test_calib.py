@@ -36,11 +36,12 @@ def torch_hessians(ref, tokens, mask):
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3", "qwen2"])
-def test_hessians_and_counts_match_torch_hooks(name, tmp_path):
+def test_hessians_and_counts_match_torch_hooks(name, tmp_path, capsys):
     ref = write_checkpoint(CASES[name](), tmp_path)
     model, ir = hf.load(tmp_path)
     tokens, mask = batch(97)
-    calib = collect(model, ir, tokens, mask=mask, batch_size=2, progress=False)  # 3 rows: one padded batch
+    calib = collect(model, ir, tokens, mask=mask, batch_size=2, progress=True)  # 3 rows: one padded batch
+    assert "[cqjax.calib] statistics: 3/3 rows (100%)" in capsys.readouterr().err  # padding not counted
     expected = torch_hessians(ref, tokens, mask)
     checked = 0
     for path, meta in ir.meta.items():
@@ -98,14 +99,15 @@ def test_calibration_tokens_sources(tmp_path, capsys):
         calibration_tokens("wiki", tokenizer=Tok())
 
 
-def test_fisher_matches_torch_per_row_squared_gradients(tmp_path):
+def test_fisher_matches_torch_per_row_squared_gradients(tmp_path, capsys):
     from cqjax.calib.fisher import fisher_diag
 
     ref = write_checkpoint(CASES["llama"](), tmp_path)
     model, ir = hf.load(tmp_path)
     tokens = np.random.default_rng(3).integers(0, 97, (3, 10)).astype(np.int32)
     paths = ["layers/1/mlp/down_proj/kernel", "lm_head/kernel", "embed_tokens/embedding"]
-    ours = fisher_diag(model, tokens, paths, progress=False)
+    ours = fisher_diag(model, tokens, paths, progress=True)
+    assert "[cqjax.calib] fisher: 3/3 rows (100%)" in capsys.readouterr().err
     params = dict(ref.named_parameters())
     expected = {p: 0.0 for p in paths}
     for row in tokens:

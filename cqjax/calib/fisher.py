@@ -9,14 +9,14 @@ weights ``w + δw``: the sensitivity proxy of :mod:`cqjax.passes.allocate`.
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from cqjax.eval.progress import Progress
 
 
 def fisher_diag(model: nnx.Module, tokens: np.ndarray, paths: Sequence[str], *,
@@ -47,12 +47,11 @@ def fisher_diag(model: nnx.Module, tokens: np.ndarray, paths: Sequence[str], *,
     jstep = jax.jit(step, donate_argnums=1)
     acc = {p: jnp.zeros(flat[p].get_value().shape, jnp.float32) for p in paths}
     tokens = np.asarray(tokens, np.int32)
-    start = time.perf_counter()
+    bar = Progress("fisher", total=len(tokens), unit="rows", enabled=progress, tag="cqjax.calib")
     for i in range(len(tokens)):
         acc = jstep(params, acc, jnp.asarray(tokens[i:i + 1]))
-        if progress:
-            print(f"\r[cqjax.calib] fisher: {i + 1}/{len(tokens)} rows, {time.perf_counter() - start:.0f} s",
-                  end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr, flush=True)
+        if progress:  # count a row when it is computed, not when it is dispatched
+            jax.block_until_ready(acc)
+        bar.update(1)
+    bar.close()
     return {p: np.asarray(a) / len(tokens) for p, a in acc.items()}

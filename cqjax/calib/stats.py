@@ -21,7 +21,6 @@ tokens count. The reductions run inside jit; only ``[K, K]`` sums leave the devi
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from cqjax.eval.progress import Progress
 from cqjax.ir import IR
 
 KERNEL_ROLES = ("linear", "lm_head")
@@ -158,6 +158,7 @@ def collect(model: nnx.Module, ir: IR, tokens: np.ndarray, *, mask: np.ndarray |
     jstep = jax.jit(step)
     sums: list[np.ndarray] | None = None
     n_rows = tokens.shape[0]
+    bar = Progress("statistics", total=n_rows, unit="rows", enabled=progress, tag="cqjax.calib")
     for i in range(0, n_rows, batch_size):
         tok, counted = tokens[i:i + batch_size], mask[i:i + batch_size]
         pad = batch_size - len(tok)
@@ -168,11 +169,8 @@ def collect(model: nnx.Module, ir: IR, tokens: np.ndarray, *, mask: np.ndarray |
         out = jstep(state, jnp.asarray(tok), jnp.asarray(m), jnp.asarray(counted))
         batch = [np.asarray(h, np.float64) for h in out]
         sums = batch if sums is None else [s + b for s, b in zip(sums, batch)]
-        if progress:
-            print(f"\r[cqjax.calib] statistics: {min(i + batch_size, n_rows)}/{n_rows} rows", end="",
-                  file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr, flush=True)
+        bar.update(len(tok) - pad)
+    bar.close()
     n_tokens = int(mask.sum())
     hess = [s / max(n_tokens, 1) for s in (sums or [])]
     counts = np.bincount(tokens[mask].reshape(-1), minlength=1)
