@@ -121,12 +121,11 @@ def weight_error(float_path: Path, q_path: Path) -> float:
     import gguf
 
     from cqjax.io.gguf import dequantize_tensor
-    from cqjax.quant_stats import error_sums
+    from cqjax.quant_stats import error_sums, pooled_rel_error
 
     ref = {t.name: t for t in gguf.GGUFReader(float_path).tensors if len(t.shape) >= 2}
-    sums = [error_sums(dequantize_tensor(ref[t.name]), dequantize_tensor(t))
-            for t in gguf.GGUFReader(q_path).tensors if t.name in ref]
-    return sum(s[0] for s in sums) / sum(s[1] for s in sums)
+    return pooled_rel_error(error_sums(dequantize_tensor(ref[t.name]), dequantize_tensor(t))
+                            for t in gguf.GGUFReader(q_path).tensors if t.name in ref)
 
 
 class Runner:

@@ -87,10 +87,10 @@ def gaussian_ir(ir, seed: int = 0):
 def linear_error(float_ir, q_ir) -> float:
     """``Σ‖w − ŵ‖² / Σ‖w‖²`` over the linears of a quantized IR."""
     dequantize = quant_stats.dequantizer()
-    sums = [quant_stats.error_sums(materialize(float_ir.params[p]),
-                                   dequantize(leaf) if is_quantized(leaf) else materialize(leaf))
-            for p in linear_paths(float_ir) for leaf in [q_ir.params[p]]]
-    return sum(s[0] for s in sums) / sum(s[1] for s in sums)
+    return quant_stats.pooled_rel_error(
+        quant_stats.error_sums(materialize(float_ir.params[p]),
+                               dequantize(leaf) if is_quantized(leaf) else materialize(leaf))
+        for p in linear_paths(float_ir) for leaf in [q_ir.params[p]])
 
 
 class Harness:
@@ -276,7 +276,7 @@ def run_hqq(h: Harness, bits_list) -> None:
                 continue
             t = time.perf_counter()
             params = {p: emb.params[p] for p, m in h.ir.meta.items() if m.role in EMBED_ROLES}
-            nbytes, err = {}, {"model": [0.0, 0.0], "gaussian": [0.0, 0.0]}
+            nbytes, sums = {}, {"model": [], "gaussian": []}
             for p in linear_paths(h.ir):
                 for which, src in (("model", h.ir), ("gaussian", gauss)):
                     rows, transposed = rows_of(src.params[p], h.ir.meta[p])
@@ -284,9 +284,7 @@ def run_hqq(h: Harness, bits_list) -> None:
                         w_hat, n = peer_hqq.quantize(rows, bits, group)
                     except (AssertionError, RuntimeError) as err_:
                         raise RuntimeError(f"hqq {config}: cannot quantize {p} {rows.shape}: {err_}") from err_
-                    num, den = quant_stats.error_sums(rows, w_hat)
-                    err[which][0] += num
-                    err[which][1] += den
+                    sums[which].append(quant_stats.error_sums(rows, w_hat))
                     if which == "model":
                         params[p], nbytes[p] = (w_hat.T if transposed else w_hat), n
             seconds = time.perf_counter() - t
@@ -294,7 +292,7 @@ def run_hqq(h: Harness, bits_list) -> None:
             rows_ = quant_stats.tensors(q_ir, external=nbytes)
             bpw = quant_stats.storage(q_ir, rows_)["bits_per_weight"]["quantized_tensors"]
             h.score("hqq", config, from_nnx(runtime.dequantized_model(q_ir)), bpw,
-                    weight_error(*(e[0] / e[1] for e in err.values())), seconds,
+                    weight_error(*(quant_stats.pooled_rel_error(v) for v in sums.values())), seconds,
                     embeddings=f"cqjax CQ {h.args.embed_bits}-bit")
 
 

@@ -24,7 +24,7 @@ tensor are not free).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,12 @@ def error_sums(w: Any, w_hat: Any) -> tuple[float, float]:
     relative error."""
     w, w_hat = np.asarray(w, np.float64), np.asarray(w_hat, np.float64)
     return float(np.sum((w - w_hat) ** 2)), float(np.sum(w * w))
+
+
+def pooled_rel_error(sums: Iterable[tuple[float, float]]) -> float:
+    """``Σ‖w − ŵ‖² / Σ‖w‖²`` over several tensors' :func:`error_sums`."""
+    sums = list(sums)
+    return sum(s[0] for s in sums) / sum(s[1] for s in sums)
 
 
 def rel_error(w: Any, w_hat: Any) -> float:

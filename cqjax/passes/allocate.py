@@ -228,13 +228,13 @@ class AllocateBits(Pass):
         if plan.fixed_bytes >= budget and plan.costs:
             raise ValueError(f"allocate: {target} is out of reach: the tensors with fixed widths alone store "
                              f"{8 * plan.fixed_bytes / plan.params:.3f} bits/weight of the eligible tensors")
-        budget -= plan.fixed_bytes
-        costs = {p: {b: c[b] for b in self.choices} for p, c in plan.costs.items()}
         low, _ = self._extreme_bytes(plan)
-        if low > budget + plan.fixed_bytes:
+        if low > budget:
             raise ValueError(f"allocate: {target} is out of reach: with every allocated tensor at "
                              f"{min(self.choices)} bits the eligible tensors store "
                              f"{8 * low / plan.params:.3f} bits/weight")
+        budget -= plan.fixed_bytes
+        costs = {p: {b: c[b] for b in self.choices} for p, c in plan.costs.items()}
         if self.random_seed is not None:
             choice = random_promotion(costs, budget, self.random_seed)
         else:
@@ -247,6 +247,7 @@ class AllocateBits(Pass):
         return tuple(8 * nb / plan.params for nb in self._extreme_bytes(plan))
 
     def _extreme_bytes(self, plan: Plan) -> tuple[int, int]:
+        """Stored bytes of the eligible tensors at the ends of :meth:`reach`."""
         return tuple(plan.fixed_bytes + sum(f(c[b][1] for b in self.choices) for c in plan.costs.values())
                      for f in (min, max))
 
