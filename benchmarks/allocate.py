@@ -32,7 +32,7 @@ from cqjax.eval.scoring import from_nnx
 from cqjax.io import hf
 from cqjax.io.atomic import write_json, write_text
 from cqjax.passes.allocate import AllocateBits
-from cqjax.passes.common import EMBED_ROLES
+from cqjax.ir import EMBED_ROLES
 
 
 def log(msg: str) -> None:
@@ -76,11 +76,20 @@ def main(argv=None) -> int:
     fixed = {f"role:{r}": args.embed_bits for r in EMBED_ROLES}
     choices = tuple(sorted(set(args.choices) | set(args.uniform)))
     plans = {}
+
+    def plan(proxy: str, variant: str = "plain"):
+        """The proxy's measurement with the variant's own recipe (measured once, then reused)."""
+        if (proxy, variant) not in plans:
+            t = time.perf_counter()
+            alloc = AllocateBits(recipe=recipe(variant, args.embed_bits), bpw=16, choices=choices, proxy=proxy,
+                                 fixed=fixed)
+            plans[proxy, variant] = alloc.plan(ir, ctx)
+            timing[f"measure_{proxy}_{variant}_s"] = time.perf_counter() - t
+            log(f"measured {proxy} with the {variant} recipe: {timing[f'measure_{proxy}_{variant}_s']:.0f} s")
+        return plans[proxy, variant]
+
     for proxy in args.proxies:
-        t = time.perf_counter()
-        plans[proxy] = AllocateBits(bpw=16, choices=choices, proxy=proxy, fixed=fixed).plan(ir, ctx)
-        timing[f"measure_{proxy}_s"] = time.perf_counter() - t
-        log(f"measured {proxy}: {timing[f'measure_{proxy}_s']:.0f} s")
+        plan(proxy)
     any_plan = next(iter(plans.values()))
 
     results: list[dict] = []
@@ -93,14 +102,14 @@ def main(argv=None) -> int:
               "timing": timing, "machine": platform.platform(), "runtime": "dequantized to float32",
               "rows": results}
 
-    def evaluate(name: str, alloc: AllocateBits, plan, variant: str) -> dict:
+    def evaluate(name: str, alloc: AllocateBits, measured, variant: str) -> dict:
         t = time.perf_counter()
-        ir_in = alloc.apply(ir, alloc.choose(plan), ctx)
-        q, _ = pl.run(recipe(variant, args.embed_bits), ir_in, ctx, progress=False)
+        ir_in = alloc.apply(ir, alloc.choose(measured), measured, ctx)
+        q, _ = pl.run(alloc.recipe, ir_in, ctx, progress=False)
         quantize_s = time.perf_counter() - t
         out = ev.evaluate_model(from_nnx(runtime.dequantized_model(q)), evdata, reference=ref)
         sim = out["similarity"]
-        bits = [int(q.params[p].bits) for p, m in ir.meta.items() if m.role == "linear" and p in plan.costs]
+        bits = [int(q.params[p].bits) for p, m in ir.meta.items() if m.role == "linear" and p in measured.costs]
         row = {"config": name, "variant": variant,
                "bits_per_weight": quant_stats.storage(q)["bits_per_weight"]["quantized_tensors"],
                "perplexity": sim["perplexity"], "kl": sim["kl"], "top1": sim["top1"],
@@ -118,18 +127,21 @@ def main(argv=None) -> int:
     uniform = {}
     for variant in variants:
         for b in args.uniform:
-            alloc = AllocateBits(bpw=16, choices=(b,), fixed=fixed, proxy="weight")
+            alloc = AllocateBits(recipe=recipe(variant, args.embed_bits), bpw=16, choices=(b,), fixed=fixed,
+                                 proxy="weight")
             uniform[(variant, b)] = evaluate(f"uniform {b}", alloc, any_plan, variant)
     budgets = list(args.bpw)
     if ("plain", 2) in uniform and ("plain", 3) in uniform:
         budgets.insert(0, 0.5 * (uniform[("plain", 2)]["bits_per_weight"] + uniform[("plain", 3)]["bits_per_weight"]))
     for bpw in budgets:
         for variant in variants:
-            for proxy in args.proxies if variant == "plain" else [p for p in args.variant_proxies if p in plans]:
-                alloc = AllocateBits(bpw=bpw, choices=tuple(args.choices), proxy=proxy, fixed=fixed)
-                evaluate(f"allocated {bpw:.3f} ({proxy})", alloc, plans[proxy], variant)
+            for proxy in args.proxies if variant == "plain" else [p for p in args.variant_proxies if p in args.proxies]:
+                alloc = AllocateBits(recipe=recipe(variant, args.embed_bits), bpw=bpw, choices=tuple(args.choices),
+                                     proxy=proxy, fixed=fixed)
+                evaluate(f"allocated {bpw:.3f} ({proxy})", alloc, plan(proxy, variant), variant)
         for seed in range(args.random_seeds):
-            alloc = AllocateBits(bpw=bpw, choices=tuple(args.choices), fixed=fixed, random_seed=seed)
+            alloc = AllocateBits(recipe=recipe("plain", args.embed_bits), bpw=bpw, choices=tuple(args.choices),
+                                 fixed=fixed, random_seed=seed)
             evaluate(f"random {bpw:.3f} (seed {seed})", alloc, any_plan, "plain")
     if ("plain", 2) in uniform and ("plain", 3) in uniform:
         lo, hi = math.log(uniform[("plain", 2)]["perplexity"]), math.log(uniform[("plain", 3)]["perplexity"])

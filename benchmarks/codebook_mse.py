@@ -46,7 +46,7 @@ from cqjax.passes.codebook_core import (
     quantize_rows,
     relative_mse,
 )
-from cqjax.passes.rotate_core import make_rotation, rotate_rows_np
+from cqjax.formats.rotation import make_rotation, rotate_rows_np
 from cqjax.passes.rtn_core import rtn_dequantize, rtn_quantize
 
 THEORY_D128 = {1: 0.361, 2: 0.116, 3: 0.034, 4: 0.0093}

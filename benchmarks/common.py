@@ -44,13 +44,15 @@ VARIANTS = ("plain", "rotated", "unrotated", "awq", "awq+rotated")
 
 
 def recipe(variant: str, embed_bits: int):
-    """The CQ pipeline of one of :data:`VARIANTS` (linears' widths come from an allocation or
-    overrides; 2 is the fallback), embeddings and the LM head at ``embed_bits``."""
-    from cqjax.passes.awq import ActivationScale
-    from cqjax.passes.recipes import cq_pipeline
+    """The recipe of one of :data:`VARIANTS` from the config group (:func:`cqjax.recipes.recipe`;
+    linears' widths come from an allocation or overrides, 2 is the fallback), embeddings and the
+    LM head at ``embed_bits``."""
+    from cqjax import recipes
 
     if variant not in VARIANTS:
         raise ValueError(f"recipe variant {variant!r}; allowed: {VARIANTS}")
-    ef = {"rotated": "rotated", "unrotated": "unrotated", "awq+rotated": "rotated"}.get(variant)
-    base = cq_pipeline(bits=2, embed_bits=embed_bits, error_feedback=ef)
-    return ActivationScale(recipe=base) if variant.startswith("awq") else base
+    name = "cq-ef" if variant in ("rotated", "unrotated", "awq+rotated") else "cq"
+    steps = {"pack": {"basis": "unrotated"}} if variant == "unrotated" else {}
+    if variant.startswith("awq"):
+        steps["awq"] = {"_target_": "cqjax.passes.awq.ActivationScale"}
+    return recipes.recipe(name, bits=2, embed_bits=embed_bits, steps=steps)

@@ -41,8 +41,8 @@ def main(argv=None) -> dict:
     from cqjax import data, pipeline, quant_stats
     from cqjax.io import hf
     from cqjax.ir import materialize
-    from cqjax.passes.common import is_eligible
-    from cqjax.passes.recipes import PIPELINES
+    from cqjax.quant_stats import is_eligible
+    from cqjax.recipes import recipe
 
     path = args.model if os.path.isdir(args.model) else data.model_dir(args.model)
     ir = hf.import_checkpoint(path)
@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
 
     runs = []
     for bits in args.bits:
-        pipe = PIPELINES[args.method](bits=bits, embed_bits=args.embed_bits, block=args.block)
+        pipe = recipe(args.method, bits=bits, embed_bits=args.embed_bits, block=args.block)
         qir, report = pipeline.run(pipe, ir, progress=False)
         total = sum(r["seconds"] for r in report)
         st = quant_stats.storage(qir)

@@ -35,9 +35,10 @@ KERNELS = ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_att
 def decode_rows(leaf) -> np.ndarray:
     """float64 rows ``[N, K]`` of a CQ or RTN leaf, decoded in NumPy."""
     from cqjax.formats import cq as fmt
-    from cqjax.kernels.qarrays import CQArray, rtn_kpad
+    from cqjax.formats import rtn
+    from cqjax.kernels.qarrays import CQArray
     from cqjax.passes import codebook_core, rtn_core
-    from cqjax.passes.rotate_core import Rotation, unrotate_rows_np
+    from cqjax.formats.rotation import Rotation, unrotate_rows_np
 
     if isinstance(leaf, CQArray):
         codes = fmt.unpack_codes(np.asarray(leaf.codes), leaf.bits, sum(leaf.blocks))
@@ -46,7 +47,7 @@ def decode_rows(leaf) -> np.ndarray:
         rot = Rotation(leaf.blocks, leaf.seed, np.asarray(leaf.s1), np.asarray(leaf.s2), np.asarray(leaf.perm))
         rows = unrotate_rows_np(rows.astype(np.float64), rot, leaf.K)
     else:
-        codes = fmt.unpack_codes(np.asarray(leaf.codes), leaf.bits, rtn_kpad(leaf.K))[:, : leaf.K]
+        codes = fmt.unpack_codes(np.asarray(leaf.codes), leaf.bits, rtn.kpad(leaf.K))[:, : leaf.K]
         rows = rtn_core.rtn_dequantize(codes, np.asarray(leaf.scales), np.asarray(leaf.zeros),
                                        leaf.blocks[0]).astype(np.float64)
     if getattr(leaf, "in_scale", None) is not None:  # the leaf stands for decode(codes) / s

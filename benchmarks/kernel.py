@@ -77,7 +77,7 @@ def child(args) -> list[dict]:
     from cqjax import _ffi, _xla_ext
     from cqjax.formats import cq as fmt
     from cqjax.kernels.qarrays import CQArray
-    from cqjax.passes import rotate_core
+    from cqjax.formats import rotation
 
     threads = args.threads
     _ffi.set_kernel_threads(threads)
@@ -117,7 +117,7 @@ def child(args) -> list[dict]:
             wbytes = N * (kpad * bits // 8 + 2 * len(blocks))
             nl = max(2, -(-stream // wbytes))
             cb = np.tile(np.sort(rng.standard_normal(1 << bits)), (len(blocks), 1)).astype(np.float16)
-            rot = rotate_core.make_rotation(K, blocks, 0)
+            rot = rotation.make_rotation(K, blocks, 0)
             rot_ops = (jnp.asarray(cb), jnp.asarray(rot.s1), jnp.asarray(rot.s2), jnp.asarray(rot.perm))
             layers = []
             for _ in range(nl):
@@ -157,13 +157,13 @@ def chained(args, threads, path, read_bw) -> list[dict]:
 
     from cqjax import _ffi
     from cqjax.formats import cq as fmt
-    from cqjax.passes import rotate_core
+    from cqjax.formats import rotation
 
     rng = np.random.default_rng(1)
     N = K = 4096
     out = []
     blocks = fmt.block_plan(K)
-    rot = rotate_core.make_rotation(K, blocks, 0)
+    rot = rotation.make_rotation(K, blocks, 0)
     for bits in args.bits:
         wbytes = N * (K * bits // 8 + 2 * len(blocks))
         nl = max(4, -(-(max(args.stream_mb << 20, 2 * _llc_bytes())) // wbytes))

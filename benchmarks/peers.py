@@ -61,7 +61,8 @@ from cqjax.io import hf
 from cqjax.io.atomic import write_json, write_text
 from cqjax.ir import materialize
 from cqjax.kernels.qarrays import is_quantized
-from cqjax.passes.common import EMBED_ROLES, bits_rules, rows_of
+from cqjax.ir import EMBED_ROLES
+from cqjax.passes.common import rows_of
 
 METHODS = ("cqjax", "rtn", "gptq", "hqq", "llama.cpp")
 
@@ -182,30 +183,30 @@ def data_free(h: Harness, method: str, config: str, make) -> None:
 
 
 def run_rtn_gptq(h: Harness, ctx, bits_list, methods) -> None:
-    from cqjax.passes.gptq import GPTQRoundToNearest
-    from cqjax.passes.recipes import rtn_pipeline
+    from cqjax import recipes
 
     e = h.args.embed_bits
     for bits in bits_list:
         for block in (128, 64):
             if "rtn" in methods:
                 data_free(h, "rtn", f"{bits}-bit block {block}",
-                          lambda bits=bits, block=block: rtn_pipeline(bits=bits, embed_bits=e, block=block))
+                          lambda bits=bits, block=block: recipes.recipe("rtn", bits=bits, embed_bits=e, block=block))
         if "gptq" in methods and not h.done("gptq", f"{bits}-bit block 128"):
             t = time.perf_counter()
-            q, _ = pl.run(GPTQRoundToNearest(bits=bits_rules(bits, e), block=128), h.ir, ctx(), progress=False)
+            q, _ = pl.run(recipes.recipe("gptq", bits=bits, embed_bits=e, block=128), h.ir, ctx(), progress=False)
             h.score_ir("gptq", f"{bits}-bit block 128", q, time.perf_counter() - t,
                        h.grid("rtn", f"{bits}-bit block 128"), grid="rtn (same bits, block 128)")
 
 
 def run_cqjax(h: Harness, ctx, bits_list) -> None:
+    from cqjax import recipes
     from cqjax.passes.allocate import AllocateBits
-    from cqjax.passes.recipes import cq_pipeline
 
     e = h.args.embed_bits
     for bits in bits_list:
-        data_free(h, "cqjax", f"{bits}-bit", lambda bits=bits: cq_pipeline(bits=bits, embed_bits=e))
+        data_free(h, "cqjax", f"{bits}-bit", lambda bits=bits: recipes.recipe("cq", bits=bits, embed_bits=e))
     plans: dict = {}  # one Fisher measurement (widths 2/3/4/8) per embedding policy serves every allocation
+    measured = recipe("rotated", e)  # allocations measure the recipe they run (error feedback)
 
     def calibrated(config: str, make_input, embed_bits: int = e) -> None:
         """Error feedback (rotated basis) on the IR that ``make_input(ctx)`` returns."""
@@ -216,7 +217,7 @@ def run_cqjax(h: Harness, ctx, bits_list) -> None:
         ir_in = make_input(c)
         if ir_in is None:
             return
-        q, _ = pl.run(recipe("rotated", embed_bits), ir_in, c, progress=False)
+        q, _ = pl.run(measured if embed_bits == e else recipe("rotated", embed_bits), ir_in, c, progress=False)
         bits = [int(q.params[p].bits) for p in linear_paths(h.ir)]
         grid = h.grid("cqjax", f"{max(set(bits), key=bits.count)}-bit")
         h.score_ir("cqjax", config, q, time.perf_counter() - t, grid, grid="cqjax uniform (same majority width)",
@@ -229,10 +230,10 @@ def run_cqjax(h: Harness, ctx, bits_list) -> None:
         allocated like the linears if ``free_embeddings``."""
         def make(c):
             fixed = None if free_embeddings else {f"role:{r}": e for r in EMBED_ROLES}
-            alloc = AllocateBits(bpw=bpw, choices=choices, proxy="fisher", fixed=fixed)
+            alloc = AllocateBits(recipe=measured, bpw=bpw, choices=choices, proxy="fisher", fixed=fixed)
             if free_embeddings not in plans:
                 t = time.perf_counter()
-                plans[free_embeddings] = AllocateBits(bpw=16, choices=(2, 3, 4, 8), proxy="fisher",
+                plans[free_embeddings] = AllocateBits(recipe=measured, bpw=16, choices=(2, 3, 4, 8), proxy="fisher",
                                                       fixed=fixed).plan(h.ir, c)
                 h.result["fisher_measure_s" + ("_with_embeddings" if free_embeddings else "")] = \
                     time.perf_counter() - t
@@ -242,7 +243,7 @@ def run_cqjax(h: Harness, ctx, bits_list) -> None:
                 log(f"skipping bpw={bpw:.2f}: widths {choices} reach {reach[0]:.3f}..{reach[1]:.3f} bits/weight")
                 return None
             choice = {**alloc.choose(p), **{path: embed_bits for path in p.fixed}}
-            return alloc.apply(h.ir, choice, c)
+            return alloc.apply(h.ir, choice, p, c)
         return make
 
     for bits in bits_list:
@@ -264,10 +265,11 @@ def run_cqjax(h: Harness, ctx, bits_list) -> None:
 def run_hqq(h: Harness, bits_list) -> None:
     import peer_hqq
 
-    from cqjax.passes.recipes import cq_pipeline
+    from cqjax import recipes
 
     embeddings = tuple(f"role:{r}" for r in EMBED_ROLES)
-    emb, _ = pl.run(pl.masked(cq_pipeline(bits=4, embed_bits=h.args.embed_bits), embeddings), h.ir, progress=False)
+    emb, _ = pl.run(pl.masked(recipes.recipe("cq", bits=4, embed_bits=h.args.embed_bits), embeddings), h.ir,
+                    progress=False, strict=False)
     gauss = h.gaussian
     for bits in bits_list:
         for group in (64, 128):

@@ -29,8 +29,8 @@ from cqjax.calib import calibrate
 from cqjax.eval.scoring import from_nnx
 from cqjax.io.atomic import write_json, write_text
 from cqjax.passes.allocate import PROXIES, AllocateBits
-from cqjax.passes.common import is_eligible
-from cqjax.passes.recipes import cq_pipeline
+from cqjax.quant_stats import is_eligible
+from cqjax.recipes import recipe
 
 
 def log(msg: str) -> None:
@@ -80,8 +80,9 @@ def main(argv=None) -> int:
     where = tuple(re.escape(p) for p in paths)
     proxies = {}
     for proxy in PROXIES:
-        plan = AllocateBits(bpw=16, choices=tuple(args.bits), proxy=proxy, where=where).plan(ir, ctx)
-        proxies[proxy] = {p: {b: plan.costs[p][b][0] for b in args.bits} for p in paths}
+        plan = AllocateBits(recipe=recipe("cq", bits=2, embed_bits=None), bpw=16, choices=tuple(args.bits),
+                            proxy=proxy, where=where).plan(ir, ctx)
+        proxies[proxy] = {p: {b: plan.costs[p][b].damage for b in args.bits} for p in paths}
     rows = []
     result = {"model": args.model, "bits": args.bits,
               "protocol": {"text": "wikipedia (BoolQ passages)", "context": 512, "max_tokens": args.max_tokens},
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for i, path in enumerate(paths):
         for b in args.bits:
-            q, _ = pl.run(pl.masked(cq_pipeline(bits=b, embed_bits=b), re.escape(path)), ir, progress=False)
+            q, _ = pl.run(pl.masked(recipe("cq", bits=b, embed_bits=b), re.escape(path)), ir, progress=False)
             sim = ev.evaluate_model(from_nnx(runtime.dequantized_model(q)), evdata, reference=ref)["similarity"]
             rows.append({"path": path, "role": ir.meta[path].role, "bits": b, "kl": sim["kl"],
                          **{proxy: proxies[proxy][path][b] for proxy in PROXIES}})

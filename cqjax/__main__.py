@@ -17,39 +17,13 @@ Examples:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
-import cqjax.config  # noqa: F401  (registers the structured config schema `cqjax_schema`)
+from cqjax.config import config_dir  # importing cqjax.config registers the schema `cqjax_schema`
 from cqjax.errors import CqjaxError
-
-
-def config_dir() -> str:
-    """Returns the absolute path of the Hydra config directory.
-
-    Returns:
-        ``<repo>/conf`` when this module runs from a source checkout (a
-        ``pyproject.toml`` and ``conf/config.yaml`` beside the package),
-        else the installed package data ``cqjax/conf``.
-
-    Raises:
-        FileNotFoundError: neither location holds ``config.yaml``.
-    """
-    pkg = Path(__file__).resolve().parent
-    repo = pkg.parent
-    if (repo / "pyproject.toml").is_file() and (repo / "conf" / "config.yaml").is_file():
-        return str(repo / "conf")
-    installed = pkg / "conf"
-    if (installed / "config.yaml").is_file():
-        return str(installed)
-    raise FileNotFoundError(
-        f"cqjax: no Hydra config found: neither {repo / 'conf' / 'config.yaml'} "
-        f"nor {installed / 'config.yaml'} exists; reinstall cqjax (`pip install .`)."
-    )
 
 
 @hydra.main(version_base=None, config_path=config_dir(), config_name="config")

@@ -4,9 +4,10 @@
 call                                               does
 =================================================  ==============================================
 ``quantize(src, bits=3, embed_bits=4)``            imports ``src`` (checkpoint dir / hub id / IR /
-                                                   ``(model, ir)``), runs the CQ recipe (or
-                                                   ``method="rtn"``, or your ``pipeline``) and
-                                                   returns a :class:`Quantized`
+                                                   ``(model, ir)``), runs a recipe of
+                                                   ``conf/pipeline/`` (``method="cq"``, ``"rtn"``,
+                                                   ``"cq-ef"``, ...: :mod:`cqjax.recipes`) or your
+                                                   ``pipeline``, and returns a :class:`Quantized`
 ``save(q, directory)``                             writes the artifact (:mod:`cqjax.io.artifact`),
                                                    with the source's tokenizer files
 ``load(directory)``                                reads it back as a :class:`Quantized`
@@ -46,12 +47,9 @@ import numpy as np
 from flax import nnx
 
 from cqjax import pipeline as pipeline_lib
-from cqjax import quant_stats, runtime
+from cqjax import quant_stats, recipes, runtime
 from cqjax.io import artifact, hf
 from cqjax.ir import IR
-from cqjax.passes.recipes import PIPELINES
-
-METHODS = tuple(PIPELINES)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -104,37 +102,66 @@ def _source(model_or_path: Any) -> tuple[IR, Path | None]:
 
 
 def quantize(model_or_path: Any, *, bits: int = 3, embed_bits: int | None = 4, method: str = "cq",
-             pipeline: Any = None, progress: bool = True, dtype=jnp.float32, **recipe_kw) -> Quantized:
-    """Quantizes a model with the data-free CQ recipe (or RTN, or any pipeline).
+             pipeline: Any = None, steps: dict | None = None, calib: dict | None = None, progress: bool = True,
+             dtype=jnp.float32, **quant: Any) -> Quantized:
+    """Quantizes a model with a recipe of ``conf/pipeline/`` (the CLI's) or any pipeline.
 
     Args:
       model_or_path: a checkpoint directory or hub id, an IR, or ``(model, ir)`` as from
         :func:`cqjax.io.hf.load`.
       bits: bit width of linear layers.
       embed_bits: bit width of embeddings and the LM head.
-      method: ``"cq"`` (:func:`cqjax.passes.recipes.cq_pipeline`) or ``"rtn"``.
-      pipeline: a pass or chain to run instead (then ``bits``/``method``/``recipe_kw`` are unused).
+      method: a recipe name (:func:`cqjax.recipes.names`: ``"cq"``, ``"cq-ef"``, ``"rtn"``, ``"gptq"``).
+      pipeline: a pass or chain to run instead (then ``bits``/``method``/``steps``/``quant`` are unused).
+      steps: per-step options of the recipe, e.g. ``{"pack": {"gain": "ls"}}``.
+      calib: :class:`cqjax.config.CalibConfig` values for a recipe that needs calibration
+        (``source``, ``rows``, ``length``, ``seed``); it needs a checkpoint with a tokenizer.
       progress: print one line per pass.
       dtype: float dtype of the model's remaining float parameters.
-      **recipe_kw: passed to the recipe (``block``, ``seed``, ``codebook``, ``gain``, ``overrides``).
+      **quant: more :class:`cqjax.config.QuantConfig` values: ``block``, ``seed``, ``codebook``,
+        ``overrides``, ``roles``, ``bpw``, ``choices``, ``proxy``.
 
     Returns:
       A :class:`Quantized`.
+
+    Raises:
+      ConfigError: a bad value, or a ``quant.overrides`` pattern that matches no tensor.
     """
-    if pipeline is None:
-        if method not in PIPELINES:
-            raise ValueError(f"quantize: method={method!r}; allowed: {METHODS}")
-        pipeline = PIPELINES[method](bits=bits, embed_bits=embed_bits, **recipe_kw)
-        recipe = {"method": method, "bits": bits, "embed_bits": embed_bits, **recipe_kw}
-    else:
-        recipe = {"method": "custom", "pipeline": pipeline_lib.pass_name(pipeline)}
     ir, source = _source(model_or_path)
-    qir, report = pipeline_lib.run(pipeline, ir, progress=progress)
+    if pipeline is None:
+        cfg = recipes.config(method, {"bits": bits, "embed_bits": embed_bits, **quant}, steps)
+        pipeline = recipes.build(cfg)
+        recipes.check_rules(cfg, ir)
+        recipe = {"method": method, "bits": bits, "embed_bits": embed_bits, **quant, "steps": steps}
+    else:
+        cfg, recipe = None, {"method": "custom", "pipeline": pipeline_lib.to_pass(pipeline).name}
+    ctx = pipeline_lib.Context(progress=progress)
+    needs = pipeline_lib.to_pass(pipeline).needs
+    if needs.calibration:
+        stats = _calibration(ir, source, needs, calib or {}, progress)
+        ctx = ctx.replace(calibration=stats, rows=stats.rows)
+        recipe["calibration"] = stats.describe()
+    qir, report = pipeline_lib.run(pipeline, ir, ctx, progress=progress)
     tok = source if source is not None and _has_tokenizer(source) else None
     if source is not None:
         recipe["source"] = str(source)
     return Quantized(model=hf.to_model(qir, dtype), ir=qir, report=report, storage=quant_stats.storage(qir),
                      tokenizer_path=tok, recipe=recipe)
+
+
+def _calibration(ir: IR, source: Path | None, needs, calib: dict, progress: bool):
+    """The :class:`cqjax.calib.Calibration` (statistics and rows) from the float model of ``ir``."""
+    from omegaconf import OmegaConf
+
+    from cqjax.calib import calibrate
+    from cqjax.config import CalibConfig
+
+    if source is None or not _has_tokenizer(source):
+        raise ValueError("quantize: this recipe needs calibration, which needs the checkpoint directory with its "
+                         "tokenizer (pass the path, not an IR), or run it with pipeline=... and your own Context")
+    c = OmegaConf.merge(OmegaConf.structured(CalibConfig), calib)
+    return calibrate(hf.to_model(ir), ir, load_tokenizer(source), needs.statistics, source=c.source, rows=c.rows,
+                     length=c.length, seed=c.seed, progress=progress)
 
 
 def save(q: Quantized, directory: str | os.PathLike) -> Path:

@@ -41,19 +41,40 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+from pathlib import Path
 from typing import Any, Dict, List, Optional  # noqa: UP035  (OmegaConf needs typing generics)
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from cqjax.errors import ConfigError
+from cqjax.formats.cq import SUPPORTED_BITS
 
-#: Bit widths the packed formats store (:data:`cqjax.formats.cq.SUPPORTED_BITS`).
-SUPPORTED_BITS = (1, 2, 3, 4, 8)
-#: Codebook modes of :class:`cqjax.passes.cq.FitCodebook`.
-CODEBOOK_MODES = ("analytic", "fitted")
 #: Built-in perplexity texts (:func:`cqjax.eval.load_text`).
 TEXTS = ("wikipedia", "wikipedia+squad")
+
+
+def config_dir() -> str:
+    """Returns the absolute path of the Hydra config directory.
+
+    Returns:
+        ``<repo>/conf`` when cqjax runs from a source checkout (a ``pyproject.toml`` and
+        ``conf/config.yaml`` beside the package), else the installed package data ``cqjax/conf``.
+
+    Raises:
+        FileNotFoundError: neither location holds ``config.yaml``.
+    """
+    pkg = Path(__file__).resolve().parent
+    repo = pkg.parent
+    if (repo / "pyproject.toml").is_file() and (repo / "conf" / "config.yaml").is_file():
+        return str(repo / "conf")
+    installed = pkg / "conf"
+    if (installed / "config.yaml").is_file():
+        return str(installed)
+    raise FileNotFoundError(
+        f"cqjax: no Hydra config found: neither {repo / 'conf' / 'config.yaml'} "
+        f"nor {installed / 'config.yaml'} exists; reinstall cqjax (`pip install .`)."
+    )
 
 
 class Mode(enum.Enum):
@@ -91,11 +112,15 @@ class QuantConfig:
       block: input-dim block of the rotation, norms and RTN scales (a power of two >= 16).
       codebook: ``analytic`` (data-free Lloyd–Max levels) or ``fitted`` (fitted per tensor).
       seed: rotation seed (each tensor derives its own from it and its path).
-      overrides: ``{filter: bits}``, first match wins, e.g. ``{"role:lm_head": 8}``.
+      overrides: ``{filter: bits}``, first match wins, e.g. ``{"role:lm_head": 8}``; a filter
+        that matches no eligible tensor of the model is an error (naming the nearest paths).
+      roles: ``{filter: bits}`` of a role bundle (``conf/bundle/``), tried after ``overrides``;
+        rules that match nothing on a model (no vision tower, a tied head) are skipped and
+        listed in report.json.
       bpw: a target stored bits/weight over the eligible tensors: turns on the bit allocator
         (:class:`cqjax.passes.allocate.AllocateBits`, run first), which chooses each tensor's
-        width from ``choices``; tensors that ``overrides`` or ``embed_bits`` cover keep those
-        widths and count against the budget. None: uniform ``bits``.
+        width from ``choices``; tensors that ``overrides``, ``roles`` or ``embed_bits`` cover
+        keep those widths and count against the budget. None: uniform ``bits``.
       choices: the widths the allocator may give a tensor.
       proxy: the allocator's sensitivity estimate: ``fisher`` | ``hessian`` | ``weight``.
     """
@@ -106,6 +131,7 @@ class QuantConfig:
     codebook: str = "analytic"
     seed: int = 0
     overrides: Dict[str, int] = dataclasses.field(default_factory=dict)
+    roles: Dict[str, int] = dataclasses.field(default_factory=dict)
     bpw: Optional[float] = None
     choices: List[int] = dataclasses.field(default_factory=lambda: [2, 3, 4])
     proxy: str = "fisher"
@@ -250,9 +276,12 @@ def _check_quant(q: DictConfig) -> None:
         _allowed("quant.embed_bits", q.embed_bits, SUPPORTED_BITS, " or null (as quant.bits)")
     if q.block < 16 or q.block & (q.block - 1):
         raise ConfigError(f"quant.block={q.block!r}: expected a power of two >= 16 (16, 32, 64, 128, ...)")
+    from cqjax.passes.cq import CODEBOOK_MODES
+
     _allowed("quant.codebook", q.codebook, CODEBOOK_MODES)
-    for pattern, bits in (q.overrides or {}).items():
-        _allowed(f"quant.overrides[{pattern!r}]", bits, SUPPORTED_BITS)
+    for key in ("overrides", "roles"):
+        for pattern, bits in (q.get(key) or {}).items():
+            _allowed(f"quant.{key}[{pattern!r}]", bits, SUPPORTED_BITS)
     if q.bpw is not None and not q.bpw > 0:
         raise ConfigError(f"quant.bpw={q.bpw!r}: expected a positive stored bits/weight (or null: uniform quant.bits)")
     if not q.choices:

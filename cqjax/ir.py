@@ -33,6 +33,12 @@ Role = Literal[
 Tower = Literal["text", "vision", "audio"]
 ROLES: tuple[str, ...] = Role.__args__  # type: ignore[attr-defined]
 TOWERS: tuple[str, ...] = Tower.__args__  # type: ignore[attr-defined]
+#: Roles of the tensors that recipes quantize (2-D ones: :data:`cqjax.quant_stats.ELIGIBLE`).
+ELIGIBLE_ROLES: tuple[str, ...] = ("linear", "embedding", "per_layer_embedding", "lm_head")
+#: Roles stored as ``[in, out]`` kernels (a quantized kernel's rows are its columns).
+KERNEL_ROLES: tuple[str, ...] = ("linear", "lm_head")
+#: Gathered tables and the output head (``quant.embed_bits`` covers these).
+EMBED_ROLES: tuple[str, ...] = ("embedding", "per_layer_embedding", "lm_head")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -1,10 +1,14 @@
 """Passes: pure rewrites of the IR, their composition, and a runner that times and checks them.
 
-A **pass** is any callable ``(ir, ctx) -> IR`` that returns a new IR and never mutates its
-input. :class:`Pass` is the convenient base: a frozen keyword-only dataclass whose fields are
-its hyperparameters plus a ``where`` filter (see :mod:`cqjax.select`); a subclass implements
-:meth:`Pass.rewrite` per selected leaf. The same dataclass is its Hydra structured config
-(``_target_: cqjax.passes.x.MyPass`` calls the constructor with the YAML fields).
+A **pass** is an object ``(ir, ctx) -> IR`` that returns a new IR and never mutates its input,
+and says what it needs and what it may touch: the five members of :class:`PassLike`. What it
+reads besides the IR (calibration statistics, calibration rows, the float reference) it
+declares as :class:`Needs` and finds in the :class:`Context`. :class:`Pass` is the convenient
+base: a frozen keyword-only dataclass whose fields are its hyperparameters plus a ``where``
+filter (see :mod:`cqjax.select`); a subclass implements :meth:`Pass.rewrite` per selected
+leaf. The same dataclass is its Hydra structured config (``_target_: cqjax.passes.x.MyPass``
+calls the constructor with the YAML fields). A plain function becomes a pass with
+:func:`as_pass` (``chain`` and ``masked`` do that for you).
 
 ==========================  ===================================================================
 law / contract              checked by
@@ -14,6 +18,8 @@ law / contract              checked by
                             ``masked(p, False)`` is the identity
 unselected leaves           come back as the same objects (``run`` verifies: identity, else bits)
 ``meta.role/tower/...``     unchanged unless the pass lists the field in ``may_change``
+written filters            a ``where`` or mask written for a step selects at least one path
+                            of the input IR (``run`` checks it before any pass runs)
 ==========================  ===================================================================
 
 Example: a user-written pass that records a bit width (layer 0 at 4 bits, the rest at 2),
@@ -61,13 +67,14 @@ import time
 import zlib
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
 from cqjax import ir as ir_lib
 from cqjax import select as select_lib
 from cqjax.ir import IR, TensorMeta
+from cqjax.progress import Progress
 
 #: Metadata fields a pass may change only if it lists them in ``may_change``; ``"paths"`` there
 #: allows adding or removing paths (within the pass's selection).
@@ -78,29 +85,93 @@ class PassError(ValueError):
     """A pass broke an IR invariant or the pass contract; the message names the pass and path."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Needs:
+    """What a pass reads besides the IR it rewrites; the run's :class:`Context` carries it.
+
+    ==============  ============================================  ============================
+    field           the pass reads                                provided by
+    ==============  ============================================  ============================
+    ``statistics``  ``ctx.calibration[path][name]`` per tensor    calibration (``"hessian"``,
+                    (a pass falls back where one is missing)      ``"fisher"``)
+    ``rows``        ``ctx.rows``: calibration token rows          calibration
+                    ``[n, length]``
+    ``reference``   ``ctx.reference``: the float IR               :func:`run` (its input IR)
+    ==============  ============================================  ============================
+
+    ``a | b`` is what a pass made of ``a`` and ``b`` needs; a ``Needs()`` is falsy.
+    """
+
+    statistics: frozenset[str] = frozenset()
+    rows: bool = False
+    reference: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "statistics", frozenset(self.statistics))
+
+    def __or__(self, other: Needs) -> Needs:
+        return Needs(self.statistics | other.statistics, self.rows or other.rows, self.reference or other.reference)
+
+    def __bool__(self) -> bool:
+        return bool(self.statistics) or self.rows or self.reference
+
+    @property
+    def calibration(self) -> bool:
+        """Whether calibration rows must be drawn (for statistics or for the rows themselves)."""
+        return bool(self.statistics) or self.rows
+
+
+@runtime_checkable
 class PassLike(Protocol):
+    """The whole pass protocol: what :func:`chain`, :func:`masked` and :func:`run` use.
+
+    =================  ======================================================================
+    member             meaning
+    =================  ======================================================================
+    ``name``           the name in reports
+    ``needs``          a :class:`Needs`: what it reads from the :class:`Context`
+    ``may_change``     :data:`PROTECTED` meta fields it may change (``"paths"``: add/remove)
+    ``selected(ir)``   the paths it may change, or None for "it does not say"
+    ``__call__``       ``(ir, ctx) -> IR``, a new IR; the input is never mutated
+    =================  ======================================================================
+
+    :class:`Pass` (a dataclass, per-leaf ``rewrite``), :class:`Chain`, :class:`Masked` and
+    :func:`as_pass` (a plain function) implement it.
+    """
+
+    name: str
+    needs: Needs
+    may_change: frozenset[str]
+
+    def selected(self, ir: IR) -> list[str] | None: ...
+
     def __call__(self, ir: IR, ctx: Context | None = None) -> IR: ...
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Context:
-    """Read-only things shared by all passes of a run.
+    """Read-only things shared by all passes of a run (see :class:`Needs`).
 
     Attributes:
-      calibration: statistics collected by a separate calibration step, keyed by path.
+      calibration: per-path statistics, ``{path: {"hessian": ..., "fisher": ...}}``.
+      rows: calibration token rows ``int32 [n, length]`` (None: not drawn).
+      reference: the float IR the run started from (:func:`run` sets it when a pass needs it).
       rng_seed: the run's seed; use :meth:`seed_for` for a per-path seed.
       log: a callback for one-line messages (default: the ``cqjax.pipeline`` logger).
-      extra: anything else a pass needs (keep it read-only).
+      progress: passes print progress lines on stderr.
+      step: the name of the step running (set by :func:`run`, for progress lines).
     """
 
     calibration: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    rows: Any = None
+    reference: IR | None = None
     rng_seed: int = 0
     log: Callable[[str], None] = logging.getLogger(__name__).info
-    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    progress: bool = False
+    step: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "calibration", MappingProxyType(dict(self.calibration)))
-        object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
 
     def seed_for(self, path: str) -> int:
         """A deterministic 32-bit seed for ``path`` derived from ``rng_seed``."""
@@ -116,8 +187,7 @@ class Pass:
 
     Class attributes: ``name`` (default: the class name in snake_case), ``default_where``
     (the filter used when ``where`` is None), ``may_change`` (see :data:`PROTECTED`), ``needs``
-    (the calibration statistics it reads from ``ctx.calibration``, e.g. ``{"hessian"}``; a pass
-    may make it a property of its fields).
+    (a :class:`Needs`; a pass may make it a property of its fields).
     A subclass may override ``__call__`` for a whole-IR pass; it must then touch only
     ``self.selected(ir)`` (``run`` checks it).
     """
@@ -125,7 +195,7 @@ class Pass:
     name: ClassVar[str] = "pass"
     default_where: ClassVar[Any] = True
     may_change: ClassVar[frozenset[str]] = frozenset()
-    needs: ClassVar[frozenset[str]] = frozenset()
+    needs: ClassVar[Needs] = Needs()
 
     where: Any = None  # a cqjax.select filter; None means ``default_where``
 
@@ -135,7 +205,7 @@ class Pass:
             cls.name = re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
 
     def __post_init__(self):
-        object.__setattr__(self, "where", select_lib._freeze(self.where))
+        object.__setattr__(self, "where", select_lib.freeze(self.where))
         try:
             select_lib.to_predicate(self.filter)
         except ValueError as e:
@@ -155,15 +225,24 @@ class Pass:
 
     def __call__(self, ir: IR, ctx: Context | None = None) -> IR:
         ctx = Context() if ctx is None else ctx
+        paths = self.selected(ir)
+        bar = Progress(f"pass {ctx.step or self.name}", total=len(paths), unit="tensors", every_s=5.0, tag="cqjax",
+                       enabled=ctx.progress)
         params, meta = {}, {}
-        for path in self.selected(ir):
+        for path in paths:
             params[path], meta[path] = self.rewrite(path, ir.params[path], ir.meta[path], ctx)
+            bar.update(1)
+        bar.close()
         return ir.replace(params=params, meta=meta)
 
 
-def pass_name(p: Any) -> str:
-    """The name of a pass for reports: its ``name``, else its ``__name__``, else its type."""
-    return getattr(p, "name", None) or getattr(p, "__name__", None) or type(p).__name__
+def to_pass(p: Any) -> PassLike:
+    """``p`` if it implements :class:`PassLike`, else the plain function wrapped by :func:`as_pass`."""
+    if isinstance(p, PassLike):
+        return p
+    if callable(p):
+        return as_pass(p)
+    raise TypeError(f"not a pass: {p!r} (expected a PassLike or a function)")
 
 
 def sub_ir(ir: IR, paths) -> IR:
@@ -179,12 +258,6 @@ def _merge(ir: IR, selected: list[str], sub: IR) -> IR:
     pick = lambda p, d, s: s[p] if p in s else d[p]  # noqa: E731
     return dataclasses.replace(ir, params={p: pick(p, ir.params, sub.params) for p in keep},
                                meta={p: pick(p, ir.meta, sub.meta) for p in keep})
-
-
-def _selected_paths(p: Any, ir: IR) -> list[str] | None:
-    """What ``p`` may touch in ``ir``; None when it does not say (then: everything)."""
-    selected = getattr(p, "selected", None)
-    return None if selected is None else list(selected(ir))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -226,7 +299,8 @@ def as_pass(fn: Callable[..., Any], where: Any = None, *, name: str = "", may_ch
     params = [p for p in inspect.signature(fn).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
     if len(params) not in (2, 3):
-        raise ValueError(f"as_pass({pass_name(fn)}): expected (path, leaf, meta) or (ir, ctx), "
+        label = name or getattr(fn, "__name__", type(fn).__name__)
+        raise ValueError(f"as_pass({label}): expected (path, leaf, meta) or (ir, ctx), "
                          f"got {len(params)} required arguments")
     return FunctionPass(fn=fn, leafwise=len(params) == 3, where=where, label=name,
                         declared=frozenset(may_change))
@@ -236,63 +310,72 @@ def as_pass(fn: Callable[..., Any], where: Any = None, *, name: str = "", may_ch
 class Chain:
     """Passes applied in order; ``steps`` are ``(name, pass)`` pairs. See :func:`chain`."""
 
-    steps: tuple[tuple[str, Any], ...]
+    steps: tuple[tuple[str, PassLike], ...]
     name: str = "chain"
 
     @property
     def may_change(self) -> frozenset[str]:
-        return frozenset().union(*(getattr(p, "may_change", ()) for _, p in self.steps))
+        return frozenset().union(*(p.may_change for _, p in self.steps))
 
     @property
-    def needs(self) -> frozenset[str]:
-        return frozenset().union(*(getattr(p, "needs", ()) for _, p in self.steps))
+    def needs(self) -> Needs:
+        out = Needs()
+        for _, p in self.steps:
+            out = out | p.needs
+        return out
+
+    def selected(self, ir: IR) -> None:
+        return None  # its steps say, one by one (run flattens chains)
 
     def __call__(self, ir: IR, ctx: Context | None = None) -> IR:
         ctx = Context() if ctx is None else ctx
-        for _, p in self.steps:
-            ir = p(ir, ctx)
+        for n, p in self.steps:
+            ir = p(ir, ctx.replace(step=f"{ctx.step}/{n}" if ctx.step else n))
         return ir
 
 
-def chain(*passes: PassLike) -> Chain:
-    """``chain(a, b)(ir, ctx) == b(a(ir, ctx), ctx)``; ``chain()`` is the identity."""
-    return Chain(tuple((pass_name(p), p) for p in passes))
+def chain(*passes: Any) -> Chain:
+    """``chain(a, b)(ir, ctx) == b(a(ir, ctx), ctx)``; ``chain()`` is the identity. Plain
+    functions are wrapped by :func:`as_pass`."""
+    passes = [to_pass(p) for p in passes]
+    return Chain(tuple((p.name, p) for p in passes))
 
 
-def named_chain(*named: tuple[str, PassLike]) -> Chain:
+def named_chain(*named: tuple[str, Any]) -> Chain:
     """Like :func:`chain` with explicit names for reports (unique, non-empty).
 
-    From a Hydra pipeline dict: ``named_chain(*instantiate(cfg.pipeline).items())``.
+    From a Hydra pipeline dict: ``named_chain(*instantiate(cfg.pipeline, _convert_="all").items())``
+    (:func:`cqjax.recipes.build` does this and more).
     """
     names = [n for n, _ in named]
     bad = [n for n in names if not isinstance(n, str) or not n or names.count(n) > 1]
     if bad:
         raise ValueError(f"named_chain: names must be unique non-empty strings, got {bad!r}")
-    return Chain(tuple(named))
+    return Chain(tuple((n, to_pass(p)) for n, p in named))
 
 
 @dataclasses.dataclass(frozen=True)
 class Masked:
     """``inner`` applied to the sub-IR that ``where`` selects. See :func:`masked`."""
 
-    inner: Any
+    inner: PassLike
     where: Any
 
     @property
     def name(self) -> str:
-        return pass_name(self.inner)
+        return self.inner.name
 
     @property
     def may_change(self) -> frozenset[str]:
-        return frozenset(getattr(self.inner, "may_change", ()))
+        return self.inner.may_change
 
     @property
-    def needs(self) -> frozenset[str]:
-        return frozenset(getattr(self.inner, "needs", ()))
+    def needs(self) -> Needs:
+        return self.inner.needs
 
     def selected(self, ir: IR) -> list[str]:
         paths = select_lib.select(ir, self.where)
-        inner = _selected_paths(self.inner, sub_ir(ir, paths))
+        inner = self.inner.selected(sub_ir(ir, paths))
         return paths if inner is None else inner
 
     def __call__(self, ir: IR, ctx: Context | None = None) -> IR:
@@ -302,10 +385,57 @@ class Masked:
         return _merge(ir, paths, self.inner(sub_ir(ir, paths), Context() if ctx is None else ctx))
 
 
-def masked(inner: PassLike, where: Any) -> Masked:
+def masked(inner: Any, where: Any) -> Masked:
     """``inner`` sees and affects only the leaves ``where`` selects; others come back identical."""
     select_lib.to_predicate(where)  # fail early on a bad filter
-    return Masked(inner, select_lib._freeze(where))
+    return Masked(to_pass(inner), select_lib.freeze(where))
+
+
+def steps(p: PassLike, name: str = "") -> list[tuple[str, PassLike]]:
+    """``p`` flattened: its chains' steps in order, names joined with '/'."""
+    if isinstance(p, Chain):
+        return [s for n, q in p.steps for s in steps(q, f"{name}/{n}" if name else n)]
+    return [(name or p.name, p)]
+
+
+def user_filters(p: PassLike, name: str = "") -> list[tuple[str, Any]]:
+    """``(step name, filter)`` of every filter written for ``p`` and its parts (a pass's
+    ``where``, a mask), not their defaults."""
+    out = []
+    for n, q in steps(p, name):
+        if isinstance(q, Masked):
+            out += [(n, q.where)] + user_filters(q.inner, n)
+        elif isinstance(q, Pass) and q.where is not None:
+            out.append((n, q.where))
+    return out
+
+
+def describe(p: PassLike) -> list[dict]:
+    """JSON-able ``[{"name", "pass", "options"}]`` of ``p``'s steps: the class of each and its
+    fields (a nested recipe is described the same way), for reports."""
+    out = []
+    for name, q in steps(p):
+        if isinstance(q, Masked):
+            out.append({"name": name, "pass": "masked", "options": {"where": repr(q.where),
+                                                                    "inner": describe(q.inner)}})
+        elif isinstance(q, FunctionPass):
+            out.append({"name": name, "pass": f"{q.fn.__module__}.{q.fn.__qualname__}",
+                        "options": {"where": None if q.where is None else repr(q.where)}})
+        else:
+            options = {f.name: _option(getattr(q, f.name)) for f in dataclasses.fields(q)} \
+                if dataclasses.is_dataclass(q) else {}
+            out.append({"name": name, "pass": f"{type(q).__module__}.{type(q).__qualname__}", "options": options})
+    return out
+
+
+def _option(v: Any) -> Any:
+    if isinstance(v, PassLike):
+        return describe(v)
+    if isinstance(v, select_lib.Rules):
+        return [[f if isinstance(f, str) else repr(f), _option(x)] for f, x in v.rules]
+    if callable(v):
+        return repr(v)
+    return _jsonable(v)
 
 
 # ---------------------------------------------------------------------------------- running
@@ -352,7 +482,7 @@ def check_step(name: str, p: Any, before: IR, after: IR, selected: list[str] | N
         ir_lib.verify(after)
     except ValueError as e:
         raise PassError(f"pass {name!r} produced an invalid IR: {e}") from None
-    allowed = frozenset(getattr(p, "may_change", ()))
+    allowed = p.may_change
     chosen = set(before.params) if selected is None else set(selected)
     removed = [q for q in before.params if q not in after.params]
     added = [q for q in after.params if q not in before.params]
@@ -375,12 +505,6 @@ def check_step(name: str, p: Any, before: IR, after: IR, selected: list[str] | N
                 raise PassError(f"pass {name!r} modified the leaf of unselected path {q}")
             if not same(mb, ma):
                 raise PassError(f"pass {name!r} modified the meta of unselected path {q}")
-
-
-def _steps(p: Any, name: str) -> list[tuple[str, Any]]:
-    if isinstance(p, Chain):
-        return [s for n, q in p.steps for s in _steps(q, f"{name}/{n}" if name else n)]
-    return [(name or pass_name(p), p)]
 
 
 def _jsonable(x: Any) -> Any:
@@ -413,12 +537,26 @@ def dump(ir: IR, path: str | os.PathLike) -> None:
         raise
 
 
-def run(pipeline: PassLike, ir: IR, ctx: Context | None = None, *, verify: bool = True,
+def check_filters(pipeline: PassLike, ir: IR) -> None:
+    """Raises :class:`PassError` for a filter written for a step (a ``where``, a mask) that
+    selects no path of ``ir``, naming the step, the filter and the nearest paths (``False``,
+    written to switch a step off, is exempt)."""
+    for name, f in user_filters(pipeline):
+        if f is not False and not select_lib.select(ir, f):
+            raise PassError(f"pass {name!r}: where {select_lib.no_match(f, ir)}")
+
+
+def run(pipeline: PassLike, ir: IR, ctx: Context | None = None, *, verify: bool = True, strict: bool = True,
         dump_dir: str | os.PathLike | None = None, progress: bool = True) -> tuple[IR, list[dict]]:
     """Runs ``pipeline`` pass by pass (chains are flattened, names joined with '/').
 
+    Before any pass runs, every filter written for a step must select something
+    (:func:`check_filters`, unless ``strict=False``) and what the steps need must be there
+    (:class:`Needs`): the reference is ``ir`` itself unless ``ctx`` gives one; rows must come
+    with ``ctx``.
+
     Args:
-      pipeline: a pass, or a (named) chain of passes.
+      pipeline: a pass, or a (named) chain of passes (a plain function is wrapped).
       ir: the input IR (not modified).
       ctx: shared read-only context (default: ``Context()``).
       verify: check each step with :func:`check_step` (raises :class:`PassError`).
@@ -429,16 +567,25 @@ def run(pipeline: PassLike, ir: IR, ctx: Context | None = None, *, verify: bool 
       ``(ir, report)``; report has one ``{"name", "seconds", "changed", "selected"}`` per pass
       (``selected`` is None for passes that do not say what they select).
     """
+    pipeline = to_pass(pipeline)
     ctx = Context() if ctx is None else ctx
-    steps = _steps(pipeline, "")
+    if strict:
+        check_filters(pipeline, ir)
+    needs = pipeline.needs
+    if needs.reference and ctx.reference is None:
+        ctx = ctx.replace(reference=ir)
+    if needs.rows and ctx.rows is None:
+        raise PassError(f"pipeline {[n for n, p in steps(pipeline) if p.needs.rows]} needs calibration rows "
+                        "(Context(rows=...)): run calibration first")
+    todo = steps(pipeline)
     if dump_dir is not None:
         os.makedirs(dump_dir, exist_ok=True)
         dump(ir, os.path.join(dump_dir, "00-input.json"))
     report = []
-    for i, (name, p) in enumerate(steps, 1):
-        selected = _selected_paths(p, ir)
+    for i, (name, p) in enumerate(todo, 1):
+        selected = p.selected(ir)
         start = time.perf_counter()
-        out = p(ir, ctx)
+        out = p(ir, ctx.replace(step=name))
         if isinstance(out, IR) and "jax" in sys.modules:  # wait for async dispatch before timing
             sys.modules["jax"].block_until_ready([v for k, v in out.params.items() if ir.params.get(k) is not v])
         seconds = time.perf_counter() - start
@@ -448,7 +595,7 @@ def run(pipeline: PassLike, ir: IR, ctx: Context | None = None, *, verify: bool 
         report.append({"name": name, "seconds": seconds, "changed": changed,
                        "selected": None if selected is None else len(selected)})
         if progress:
-            print(f"cqjax: pass {i}/{len(steps)} {name}: {changed} changed in {seconds:.2f}s",
+            print(f"cqjax: pass {i}/{len(todo)} {name}: {changed} changed in {seconds:.2f}s",
                   file=sys.stderr, flush=True)
         if dump_dir is not None:
             dump(out, os.path.join(dump_dir, f"{i:02d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.json"))

@@ -4,11 +4,11 @@
 figure                 definition
 =====================  ========================================================================
 eligible tensors       linears, embeddings, LM head, per-layer embeddings (2-D):
-                       :data:`cqjax.passes.common.ELIGIBLE`
+                       :data:`ELIGIBLE`
 bytes of a tensor      quantized: every array of the leaf exactly as the artifact stores it
                        (packed codes incl. padding, fp16 norms/scales, codebooks, rotation
                        signs and permutation, fp16 ``in_scale`` (16 bits per input channel)
-                       when present: :func:`cqjax.io.artifact.encoded_nbytes`);
+                       when present: :func:`cqjax.formats.encoding.stored_nbytes`);
                        float: 2 bytes per parameter (16-bit), whatever its dtype in memory
 bits/weight            ``8 * bytes / parameters``, over the eligible tensors
                        (``quantized_tensors``) and over the whole model (``model``)
@@ -29,17 +29,23 @@ from typing import Any
 
 import numpy as np
 
-from cqjax.io.artifact import encoded_nbytes
-from cqjax.ir import IR, materialize
+from cqjax import select
+from cqjax.formats.encoding import stored_nbytes
+from cqjax.ir import ELIGIBLE_ROLES, IR, TensorMeta, materialize
 from cqjax.kernels.qarrays import is_quantized
-from cqjax.passes.common import is_eligible
 
 FLOAT_BYTES = 2  # float tensors are counted at 16 bits
+#: The eligible tensors: what recipes quantize and what bits/weight is counted over.
+ELIGIBLE = select.All(select.Any(*(f"role:{r}" for r in ELIGIBLE_ROLES)), lambda path, meta: len(meta.shape) == 2)
 
 
-def tensor_bytes(path: str, leaf: Any, numel: int) -> int:
+def is_eligible(path: str, meta: TensorMeta) -> bool:
+    return select.to_predicate(ELIGIBLE)(path, meta)
+
+
+def tensor_bytes(leaf: Any, numel: int) -> int:
     """Stored bytes of one tensor (see the module table)."""
-    return encoded_nbytes(path, leaf) if is_quantized(leaf) else FLOAT_BYTES * numel
+    return stored_nbytes(leaf) if is_quantized(leaf) else FLOAT_BYTES * numel
 
 
 def error_sums(w: Any, w_hat: Any) -> tuple[float, float]:
@@ -83,7 +89,7 @@ def tensors(ir: IR, float_ir: IR | None = None, *, progress: bool = False,
     ``bits`` is the nominal bit width (16 for float tensors). ``external`` gives the stored bytes
     of tensors that another tool quantized (``ir`` holds their decoded float copies; their rows
     say ``kind: "external"``), e.g. a peer in the benchmarks."""
-    from cqjax.eval.progress import Progress
+    from cqjax.progress import Progress
 
     rows = []
     dequantize = dequantizer()
@@ -93,7 +99,7 @@ def tensors(ir: IR, float_ir: IR | None = None, *, progress: bool = False,
         leaf, n = ir.params[path], int(np.prod(meta.shape))
         q = is_quantized(leaf)
         ext = external is not None and path in external
-        nbytes = external[path] if ext else tensor_bytes(path, leaf, n)
+        nbytes = external[path] if ext else tensor_bytes(leaf, n)
         row = {"path": path, "role": meta.role, "eligible": is_eligible(path, meta),
                "kind": leaf.format if q else "external" if ext else "float", "bits": int(leaf.bits) if q else 16, "params": n,
                "bytes": nbytes, "bits_per_weight": 8 * nbytes / n if n else 0.0}

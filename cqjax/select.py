@@ -48,6 +48,7 @@ Filter = Union[str, bool, None, Predicate, Sequence["Filter"]]
 
 _log = logging.getLogger(__name__)
 _KIND = re.compile(r"([A-Za-z_]+):")
+_FIELDS = {"role": ir_lib.ROLES, "tower": ir_lib.TOWERS}
 
 
 class _Named:
@@ -172,7 +173,7 @@ def to_predicate(filter: Filter) -> Predicate:
         if kind is None:
             return _Regex(filter)
         kind, value = kind.group(1), filter[kind.end():]
-        allowed = {"role": ir_lib.ROLES, "tower": ir_lib.TOWERS}.get(kind)
+        allowed = _FIELDS.get(kind)
         if allowed is None:
             raise ValueError(
                 f"unknown filter kind {kind + ':'!r} in {filter!r}; use role:, tower: or a regex"
@@ -193,11 +194,37 @@ def select(ir: IR, filter: Filter) -> list[str]:
     return [path for path, meta in ir.meta.items() if pred(path, meta)]
 
 
-def _freeze(filter: Filter) -> Filter:
+def freeze(filter: Filter) -> Filter:
     """Lists (e.g. from YAML) become tuples, so rules and passes stay hashable."""
     if isinstance(filter, Sequence) and not isinstance(filter, str):
-        return tuple(_freeze(f) for f in filter)
+        return tuple(freeze(f) for f in filter)
     return filter
+
+
+def no_match(filter: Filter, ir: IR, among: Filter = True, n: int = 3, what: str = "tensors") -> str:
+    """Says why ``filter`` selects none of the paths that ``among`` selects in ``ir``: the
+    nearest paths to a regex, the roles and towers present for a ``role:``/``tower:`` filter.
+
+    >>> from cqjax.ir import IR, TensorMeta
+    >>> toy = IR("toy", None, {"lm_head/kernel": 0, "embed/embedding": 0},
+    ...          {p: TensorMeta(role=r, shape=(), dtype="float32")
+    ...           for p, r in (("lm_head/kernel", "lm_head"), ("embed/embedding", "embedding"))})
+    >>> no_match("lm_head", toy)
+    "'lm_head' matches none of the 2 tensors; nearest paths: lm_head/kernel, embed/embedding"
+    """
+    import difflib
+
+    paths = select(ir, among)
+    head = f"{filter!r} matches none of the {len(paths)} {what}"
+    m = _KIND.match(filter) if isinstance(filter, str) else None
+    if m and m.group(1) in _FIELDS:
+        field = m.group(1)
+        present = sorted({getattr(ir.meta[p], field) for p in paths})
+        return f"{head}; the {field}s present: {', '.join(present)}"
+    if isinstance(filter, str):
+        near = difflib.get_close_matches(filter, paths, n=n, cutoff=0.0)
+        return f"{head}; nearest paths: {', '.join(near)}"
+    return f"{head}; e.g. {', '.join(paths[:n])}"
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -229,7 +256,7 @@ class Rules:
                 preds.append(to_predicate(filter))
             except ValueError as e:
                 raise ValueError(f"rule {i} ({filter!r}): {e}") from None
-            pairs.append((_freeze(filter), value))
+            pairs.append((freeze(filter), value))
         object.__setattr__(self, "rules", tuple(pairs))
         object.__setattr__(self, "_preds", tuple(preds))
 

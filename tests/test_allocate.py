@@ -11,9 +11,16 @@ import pytest
 from cqjax import pipeline as pl
 from cqjax import quant_stats
 from cqjax.passes.allocate import AllocateBits, damage, random_promotion, solve
-from cqjax.passes.recipes import cq_pipeline, rtn_pipeline
+from cqjax.pipeline import Needs
+from cqjax.recipes import recipe
 
 from test_pipeline import make_ir
+
+RECIPES = {m: recipe(m, bits=2, embed_bits=None) for m in ("cq", "rtn")}
+
+
+def allocator(method="cq", **kw) -> AllocateBits:
+    return AllocateBits(recipe=RECIPES[method], **kw)
 
 SPEC = {f"layers/{i}/{n}/kernel": ("linear", (256, 64 if n == "a" else 96)) for i in range(4) for n in ("a", "b")}
 SPEC["embed/embedding"] = ("embedding", (64, 128))
@@ -55,19 +62,18 @@ def test_solver_rejects_a_budget_below_the_floor():
 @pytest.mark.parametrize("method", ["cq", "rtn"])
 def test_pass_meets_the_bpw_target_and_the_recipe_honours_it(method):
     ir = make_ir(SPEC)
-    alloc = AllocateBits(bpw=3.0, proxy="weight", method=method, fixed={"role:embedding": 4})
+    alloc = allocator(method, bpw=3.0, proxy="weight", fixed={"role:embedding": 4})
     out = alloc(ir)
     bits = {p: out.meta[p].info["allocated_bits"] for p in SPEC}
     assert bits["embed/embedding"] == 4 and set(bits.values()) > {4}  # mixed, embedding fixed
-    recipe = (cq_pipeline if method == "cq" else rtn_pipeline)(bits=2, embed_bits=None)
-    q, _ = pl.run(recipe, out, progress=False)
+    q, _ = pl.run(RECIPES[method], out, progress=False)
     assert {p: int(q.params[p].bits) for p in SPEC} == bits
     bpw = quant_stats.storage(q)["bits_per_weight"]["quantized_tensors"]
     assert 2.9 < bpw <= 3.0
     # More budget never costs quality (weight proxy = relative error, summed).
     dq = quant_stats.dequantizer()
     err = lambda ir_: sum(quant_stats.rel_error(ir.params[p], dq(ir_.params[p])) for p in SPEC)  # noqa: E731
-    q4, _ = pl.run(recipe, AllocateBits(bpw=4.0, proxy="weight", method=method)(ir), progress=False)
+    q4, _ = pl.run(RECIPES[method], allocator(method, bpw=4.0, proxy="weight")(ir), progress=False)
     assert err(q4) < err(q)
 
 
@@ -75,11 +81,11 @@ def test_unreachable_targets_are_explained_in_bits_per_weight():
     ir = make_ir(SPEC)
     with pytest.raises(ValueError, match=r"bpw=1\.5 is out of reach: with every allocated tensor at 2 bits .* "
                                          r"store [0-9.]+ bits/weight"):
-        AllocateBits(bpw=1.5, choices=(2, 3), proxy="weight")(ir)
+        allocator(bpw=1.5, choices=(2, 3), proxy="weight")(ir)
     with pytest.raises(ValueError, match=r"bpw=0\.05 is out of reach: the tensors with fixed widths alone"):
-        AllocateBits(bpw=0.05, proxy="weight", fixed={"role:embedding": 8})(ir)
+        allocator(bpw=0.05, proxy="weight", fixed={"role:embedding": 8})(ir)
     # reach() names the targets choose() can meet: its ends are met exactly, beyond them is refused.
-    alloc = AllocateBits(bpw=3, choices=(2, 4), proxy="weight", fixed={"role:embedding": 8})
+    alloc = allocator(bpw=3, choices=(2, 4), proxy="weight", fixed={"role:embedding": 8})
     plan = alloc.plan(ir)
     low, high = alloc.reach(plan)
     assert low < high
@@ -88,19 +94,22 @@ def test_unreachable_targets_are_explained_in_bits_per_weight():
         assert {choice[p] for p in plan.costs} == widths and choice["embed/embedding"] == 8
     with pytest.raises(ValueError, match="out of reach"):
         dataclasses.replace(alloc, bpw=low * 0.999).choose(plan)
-    assert AllocateBits(bpw=3, proxy="weight").needs == frozenset()
-    assert AllocateBits(bpw=3, proxy="hessian").needs == {"hessian"}
-    assert AllocateBits(bpw=3, random_seed=1).needs == frozenset()
+    assert allocator(bpw=3, proxy="weight").needs == Needs()
+    assert allocator(bpw=3, proxy="hessian").needs == Needs(statistics={"hessian"})
+    assert allocator(bpw=3, random_seed=1).needs == Needs()
+    assert AllocateBits(recipe=recipe("cq-ef"), bpw=3, proxy="weight").needs == Needs(statistics={"hessian"})
 
 
 def test_random_baseline_and_missing_calibration_are_explicit():
     ir = make_ir(SPEC)
-    out = AllocateBits(bpw=2.5, choices=(2, 3), random_seed=0)(ir)
+    out = allocator(bpw=2.5, choices=(2, 3), random_seed=0)(ir)
     assert {m.info["allocation"] for m in out.meta.values() if "allocation" in m.info} == {"random"}
     with pytest.raises(KeyError, match="needs calibration"):
-        AllocateBits(bpw=3.0, proxy="fisher")(ir)
+        allocator(bpw=3.0, proxy="fisher")(ir)
     with pytest.raises(ValueError, match="exactly one of"):
-        AllocateBits()
+        allocator()
+    with pytest.raises(ValueError, match="give the recipe it measures"):
+        AllocateBits(bpw=3.0)
 
 
 def test_damage_proxies():
@@ -127,10 +136,41 @@ def test_one_plan_serves_every_budget_and_choice_subset():
     import dataclasses
 
     ir = make_ir(SPEC)
-    wide = AllocateBits(bpw=3.0, choices=(2, 3, 4), proxy="weight")
+    wide = allocator(bpw=3.0, choices=(2, 3, 4), proxy="weight")
     plan = wide.plan(ir)
     for bpw, choices in ((2.5, (2, 3)), (3.5, (2, 3, 4))):
         narrow = dataclasses.replace(wide, bpw=bpw, choices=choices)
         direct = narrow(ir)
         assert narrow.choose(plan) == {p: m.info["allocated_bits"] for p, m in direct.meta.items()
                                       if "allocated_bits" in m.info}
+
+
+def _shrink_norms(path, leaf, meta):
+    """A custom step after packing: every stored norm scaled by 0.9 (changes the error)."""
+    return leaf.replace(norms=(leaf.norms.astype("float32") * 0.9).astype(leaf.norms.dtype)), meta
+
+
+@pytest.mark.parametrize("steps", [None, {"codebook": {"mode": "fitted"}, "pack": {"gain": "ls"}}])
+@pytest.mark.parametrize("custom", [False, True])
+def test_prediction_equals_the_measured_error_of_the_configured_recipe(steps, custom):
+    """The allocator measures the recipe the pipeline runs (options and custom passes included):
+    each tensor's error after the pipeline equals the prediction for its width."""
+    ir = make_ir(SPEC)
+    quantizing = recipe("cq", bits=2, embed_bits=4, steps=steps)
+    if custom:
+        quantizing = pl.named_chain(*quantizing.steps, ("shrink", pl.as_pass(_shrink_norms, "role:linear")))
+    alloc = AllocateBits(recipe=quantizing, bpw=3.2, proxy="weight", fixed={"role:embedding": 4})
+    q, _ = pl.run(pl.named_chain(("allocate", alloc), *quantizing.steps), ir, progress=False)
+    rows = {r["path"]: r for r in quant_stats.tensors(q, ir)}
+    widths = {q.meta[p].info["allocated_bits"] for p in SPEC}
+    assert len(widths) > 1 and {q.params[p].bits for p in SPEC} == widths
+    for p in SPEC:
+        predicted, measured = q.meta[p].info["predicted_rel_error"], rows[p]["rel_error"]
+        assert predicted == pytest.approx(measured, rel=1e-6), p
+    # The prediction differs from what a default recipe would have predicted for that width.
+    plain = AllocateBits(recipe=recipe("cq", bits=2, embed_bits=4), bpw=3.2, proxy="weight",
+                         fixed={"role:embedding": 4}).plan(ir)
+    p = "layers/0/a/kernel"
+    if steps or custom:
+        b = q.meta[p].info["allocated_bits"]
+        assert plain.costs[p][b].rel_error != pytest.approx(q.meta[p].info["predicted_rel_error"], rel=1e-3)

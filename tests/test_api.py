@@ -10,6 +10,7 @@ import pytest
 
 import cqjax
 from cqjax import api
+from cqjax.errors import ConfigError
 from cqjax.eval.testing import tiny_tokenizer
 from test_import_errors import write
 from test_quant_passes import ODD, tensors
@@ -59,16 +60,20 @@ def test_generate_from_loaded_artifact_equals_in_memory(checkpoint, tmp_path, me
 
 def test_quantize_accepts_ir_and_model_ir_pairs_and_a_custom_pipeline(checkpoint):
     from cqjax.io import hf
-    from cqjax.passes.recipes import rtn_pipeline
+    from cqjax.recipes import recipe
 
     model, ir = hf.load(checkpoint)
     q1 = cqjax.quantize(ir, bits=3, block=32, progress=False)
-    q2 = cqjax.quantize((model, ir), pipeline=rtn_pipeline(4, 4, block=32), progress=False)
+    q2 = cqjax.quantize((model, ir), pipeline=recipe("rtn", bits=4, embed_bits=4, block=32), progress=False)
     assert q1.tokenizer_path is None and q1.tokenizer is None
     assert q2.recipe["method"] == "custom"
     assert q2.ir.params["layers/0/mlp/up_proj/kernel"].format == "rtn"
-    with pytest.raises(ValueError, match="method='gptq'"):
+    with pytest.raises(ConfigError, match="recipe 'nope' is not one of"):
+        cqjax.quantize(ir, method="nope")
+    with pytest.raises(ValueError, match="needs calibration"):
         cqjax.quantize(ir, method="gptq")
+    with pytest.raises(ConfigError, match="quant.overrides: .no_such. matches none of the 9 quantizable tensors"):
+        cqjax.quantize(ir, overrides={"no_such": 4})
     with pytest.raises(TypeError, match="checkpoint directory or hub id"):
         cqjax.quantize(model)
     with pytest.raises(ValueError, match="text prompt needs a tokenizer"):
@@ -76,7 +81,7 @@ def test_quantize_accepts_ir_and_model_ir_pairs_and_a_custom_pipeline(checkpoint
 
 
 def test_recipes_and_package_doctests():
-    import cqjax.passes.recipes as recipes
+    from cqjax import recipes
 
     for module in (recipes, cqjax):
         result = doctest.testmod(module, verbose=False)
@@ -86,11 +91,19 @@ def test_recipes_and_package_doctests():
 @pytest.mark.parametrize("K", [8, 40, 100, 576])
 def test_fast_rotation_matches_the_float64_reference(K):
     from cqjax.formats import cq as fmt
-    from cqjax.passes import cq, rotate_core
+    from cqjax.formats import rotation
 
     w = np.random.default_rng(K).standard_normal((33, K)).astype(np.float32)
-    rot = rotate_core.make_rotation(K, fmt.block_plan(K, 128, 16), seed=K)
-    ref = rotate_core.rotate_rows_np(w, rot)
-    got = cq._rotate_rows_fast(w, rot)
+    rot = rotation.make_rotation(K, fmt.block_plan(K, 128, 16), seed=K)
+    ref = rotation.rotate_rows_np(w, rot)
+    got = rotation.rotate_rows(w, rot)
     assert got.dtype == np.float32 and got.shape == ref.shape
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_calibrated_recipe_from_a_checkpoint(checkpoint):
+    """A recipe that needs calibration draws its rows from the checkpoint's own float model."""
+    q = cqjax.quantize(checkpoint, method="cq-ef", bits=3, block=32, calib={"rows": 2, "length": 16}, progress=False)
+    assert q.recipe["calibration"]["tokens"] == 2 * 16
+    infos = [m.info for p, m in q.ir.meta.items() if m.role == "linear"]
+    assert infos and {i["error_feedback"] for i in infos} == {"rotated"}

@@ -16,7 +16,7 @@ from cqjax.errors import CheckpointError
 from cqjax.io import artifact, hf
 from cqjax.ir import IR, TensorMeta, materialize
 from cqjax.kernels.qarrays import is_quantized
-from cqjax.passes.recipes import cq_pipeline, rtn_pipeline
+from cqjax.recipes import recipe
 from test_import_errors import write
 from test_quant_passes import ODD, tensors
 
@@ -31,10 +31,11 @@ def irs(tmp_path_factory):
             "tied": hf.import_checkpoint(write(root / "tied"))}
 
 
-PIPES = {"cq3": lambda: cq_pipeline(3, block=32), "cq2-fitted-ls": lambda: cq_pipeline(2, 3, block=32,
-                                                                                      codebook="fitted", gain="ls"),
-         "rtn4": lambda: rtn_pipeline(4, 3, block=32), "cq-partial": lambda: pipeline.masked(
-             cq_pipeline(1, 2, block=16), select.Not("role:lm_head"))}
+PIPES = {"cq3": lambda: recipe("cq", bits=3, block=32),
+         "cq2-fitted-ls": lambda: recipe("cq", bits=2, embed_bits=3, block=32, codebook="fitted",
+                                         steps={"pack": {"gain": "ls"}}),
+         "rtn4": lambda: recipe("rtn", bits=4, embed_bits=3, block=32), "cq-partial": lambda: pipeline.masked(
+             recipe("cq", bits=1, embed_bits=2, block=16), select.Not("role:lm_head"))}
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -78,9 +79,9 @@ def test_round_trip_is_bit_identical(irs, model, recipe, tmp_path):
 
 
 def test_save_replaces_an_artifact_but_not_other_directories(irs, tmp_path):
-    qir, _ = pipeline.run(cq_pipeline(2, block=32), irs["odd"], progress=False)
+    qir, _ = pipeline.run(recipe("cq", bits=2, block=32), irs["odd"], progress=False)
     target = artifact.save(qir, tmp_path / "a")
-    qir4, _ = pipeline.run(cq_pipeline(4, block=32), irs["odd"], progress=False)
+    qir4, _ = pipeline.run(recipe("cq", bits=4, block=32), irs["odd"], progress=False)
     artifact.save(qir4, target)
     assert artifact.load(target).params["layers/0/mlp/up_proj/kernel"].bits == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temp or backup left behind
@@ -93,7 +94,7 @@ def test_save_replaces_an_artifact_but_not_other_directories(irs, tmp_path):
 
 
 def test_unfinished_pipeline_is_refused(irs, tmp_path):
-    half, _ = pipeline.run(cq_pipeline(3, block=32).steps[0][1], irs["odd"], progress=False)
+    half, _ = pipeline.run(recipe("cq", bits=3, block=32).steps[0][1], irs["odd"], progress=False)
     with pytest.raises(artifact.ArtifactError, match=r"embed_tokens/embedding: .*Rotated.*pack pass"):
         artifact.save(half, tmp_path / "a")
     assert not (tmp_path / "a").exists()
@@ -101,7 +102,7 @@ def test_unfinished_pipeline_is_refused(irs, tmp_path):
 
 @pytest.fixture
 def saved(irs, tmp_path):
-    qir, _ = pipeline.run(cq_pipeline(3, block=32), irs["odd"], progress=False)
+    qir, _ = pipeline.run(recipe("cq", bits=3, block=32), irs["odd"], progress=False)
     return artifact.save(qir, tmp_path / "a")
 
 
@@ -193,7 +194,7 @@ def toy_ir():
 
 def test_storage_counted_by_hand():
     ir = toy_ir()
-    qir, _ = pipeline.run(cq_pipeline(3, block=32), ir, progress=False)
+    qir, _ = pipeline.run(recipe("cq", bits=3, block=32), ir, progress=False)
     # rows 72, K 40 -> blocks (32, 16), Kpad 48: codes 72*48*3/8, fp16 norms 72*2, fp16 codebooks
     # 2*8, sign bits 2*48/8, block-local uint8 permutation 48.
     expect = 72 * 18 + 72 * 2 * 2 + 2 * 8 * 2 + 2 * 6 + 48

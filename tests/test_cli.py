@@ -189,6 +189,52 @@ def test_convert_with_allocator_and_error_feedback(checkpoint, tmp_path):
     assert "allocate (fisher):" in proc.stderr and "calibrating (fisher, hessian)" in proc.stderr
 
 
+def test_allocator_measures_the_configured_recipe(checkpoint, tmp_path):
+    """quant.bpw with a fitted codebook and least-squares gains: the report records the steps the
+    allocator measured, and every quantized tensor's predicted error equals its measured one."""
+    path, text = checkpoint
+    proc = cqjax(["+model=hf", f"model.path={path}", "pipeline=cq", "quant.bpw=5.1", "quant.choices=[2,3]",
+                  "quant.proxy=weight", "pipeline.codebook.mode=fitted", "pipeline.pack.gain=ls",
+                  f"eval.perplexity.path={text}", "eval.perplexity.max_tokens=63", "eval.perplexity.context=64",
+                  "eval.tasks=[]", "report.plots=false", f"hydra.run.dir={tmp_path / 'r'}"], tmp_path, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    steps = report["allocation"]["measured_steps"]
+    assert [(s["name"], s["pass"]) for s in steps] == [("rotate", "cqjax.passes.cq.Rotate"),
+                                                       ("codebook", "cqjax.passes.cq.FitCodebook"),
+                                                       ("pack", "cqjax.passes.cq.Pack")]
+    assert steps[1]["options"]["mode"] == "fitted" and steps[2]["options"]["gain"] == "ls"
+    quantized = [t for t in report["tensors"] if t["rel_error"] is not None]
+    assert quantized and all("predicted_rel_error" in t for t in quantized)
+    for t in quantized:
+        assert t["predicted_rel_error"] == pytest.approx(t["rel_error"], rel=1e-6), t["path"]
+
+
+def test_overrides_and_bundles_are_checked_against_the_model(checkpoint, tmp_path):
+    """A user's override that matches nothing stops the run before any work, naming the pattern
+    and the nearest paths; the README's override example works; a bundle's rules that match
+    nothing on this model are skipped and listed."""
+    path, text = checkpoint
+    proc = cqjax(["+model=hf", f"model.path={path}", "+quant.overrides.no_such_tensor=8",
+                  f"hydra.run.dir={tmp_path / 'bad'}"], tmp_path, tmp_path / "cache")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "quant.overrides: 'no_such_tensor' matches none of the" in proc.stderr
+    assert "nearest paths:" in proc.stderr and "Traceback" not in proc.stderr
+    assert "eval float" not in proc.stderr and "quantizing" not in proc.stderr
+    proc = cqjax(["+model=hf", f"model.path={path}", r"+quant.overrides={role\:embedding:8,layers/0/.*:4}",
+                  "bundle=mobile", "quant.bits=2", f"eval.perplexity.path={text}", "eval.perplexity.max_tokens=63",
+                  "eval.perplexity.context=64", "eval.tasks=[]", "report.plots=false",
+                  f"hydra.run.dir={tmp_path / 'r'}"], tmp_path, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    bits = {t["path"]: t["bits"] for t in report["tensors"]}
+    assert bits["embed_tokens/embedding"] == 8 and bits["layers/0/mlp/up_proj/kernel"] == 4
+    assert bits["lm_head/kernel"] == 4  # the bundle's role:lm_head rule
+    skipped = {(r["rule"], r["from"]) for r in report["skipped_rules"]}
+    assert skipped == {("tower:vision", "quant.roles"), ("tower:audio", "quant.roles"),
+                       ("role:per_layer_embedding", "quant.roles"), ("role:per_layer_embedding", "quant.embed_bits")}
+
+
 def test_missing_model_is_explained(tmp_path):
     proc = cqjax([f"hydra.run.dir={tmp_path / 'r'}"], tmp_path, tmp_path / "cache")
     assert proc.returncode != 0 and "+model=<name>" in proc.stderr

@@ -16,7 +16,7 @@ from cqjax.passes.codebook_core import (
     relative_mse,
     unit_blocks,
 )
-from cqjax.passes.rotate_core import make_rotation, rotate_rows_np, unrotate_rows_np
+from cqjax.formats.rotation import make_rotation, rotate_rows_np, unrotate_rows_np
 
 THEORY_D128 = {1: 0.361, 2: 0.116, 3: 0.034, 4: 0.0093}  # /work/shared/FACTS.md
 GAUSS_LLOYD_MAX = {1: [0.7979], 2: [0.4528, 1.5104]}  # positive levels for N(0, 1)

@@ -10,10 +10,11 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from cqjax import config as cfg_lib
-from cqjax.__main__ import config_dir
-from cqjax.cli import build_pipeline, model_dir
+from cqjax.cli.common import model_dir
+from cqjax.config import config_dir
 from cqjax.errors import ConfigError
-from cqjax.pipeline import Chain
+from cqjax.pipeline import Chain, Needs
+from cqjax.recipes import build
 
 CONF = Path(config_dir())
 
@@ -64,39 +65,40 @@ def test_every_option_composes_validates_and_instantiates(group, option):
     cfg_lib.validate_inputs(cfg)
     ecfg = cfg_lib.eval_config(cfg.eval)
     assert ecfg.tasks == tuple(cfg.eval.tasks) and ecfg.max_tokens == cfg.eval.perplexity.max_tokens
-    recipe = build_pipeline(cfg, progress=False)
+    recipe = build(cfg)
     assert isinstance(recipe, Chain) and [n for n, _ in recipe.steps] == list(cfg.pipeline)
     OmegaConf.to_yaml(cfg, resolve=True)  # every interpolation resolves
 
 
 def test_error_feedback_pipelines_ask_for_hessians():
-    assert build_pipeline(composed("+model=smollm2-135m"), progress=False).needs == frozenset()
+    assert build(composed("+model=smollm2-135m")).needs == Needs()
     for name in ("cq-ef", "gptq"):
-        assert build_pipeline(composed("+model=smollm2-135m", f"pipeline={name}"), progress=False).needs == {"hessian"}
-    recipe = build_pipeline(composed("+model=smollm2-135m", "pipeline=cq-ef", "pipeline.pack.basis=unrotated"))
-    assert getattr(recipe.steps[-1][1], "inner", recipe.steps[-1][1]).basis == "unrotated"
+        assert build(composed("+model=smollm2-135m", f"pipeline={name}")).needs == Needs(statistics={"hessian"})
+    recipe = build(composed("+model=smollm2-135m", "pipeline=cq-ef", "pipeline.pack.basis=unrotated"))
+    assert recipe.steps[-1][1].basis == "unrotated"
 
 
-@pytest.mark.parametrize("pipeline, method", [("cq", "cq"), ("cq-ef", "cq"), ("rtn", "rtn"), ("gptq", "rtn")])
-def test_bpw_puts_the_allocator_first(pipeline, method):
+@pytest.mark.parametrize("pipeline", ["cq", "cq-ef", "rtn", "gptq"])
+def test_bpw_puts_the_allocator_first(pipeline):
     from cqjax.ir import TensorMeta
     from cqjax.passes.allocate import AllocateBits
 
     cfg = composed("+model=smollm2-135m", f"pipeline={pipeline}", "quant.bpw=2.6", "quant.choices=[2,3]",
                    "quant.block=64", "quant.embed_bits=8")
     cfg_lib.validate(cfg)
-    recipe = build_pipeline(cfg, progress=False)
+    recipe = build(cfg)
     name, alloc = recipe.steps[0]
     assert name == "allocate" and isinstance(alloc, AllocateBits) and [n for n, _ in recipe.steps[1:]] == list(cfg.pipeline)
-    assert alloc.bpw == 2.6 and alloc.choices == (2, 3) and alloc.method == method and alloc.block == 64
-    assert alloc.proxy == "fisher" and "fisher" in recipe.needs
+    assert alloc.bpw == 2.6 and alloc.choices == (2, 3)
+    assert alloc.recipe.steps == recipe.steps[1:]  # it measures exactly the steps that follow
+    assert alloc.proxy == "fisher" and "fisher" in recipe.needs.statistics
     embed = TensorMeta(role="embedding", hf_name="e", shape=(64, 64), dtype="float32")
     linear = TensorMeta(role="linear", hf_name="x", shape=(64, 64), dtype="float32")
     assert alloc.fixed.get("embed_tokens/embedding", embed) == 8  # embed_bits stays fixed
     assert alloc.fixed.get("layers/0/mlp/up_proj/kernel", linear) is None  # linears are allocated
-    weight = build_pipeline(composed("+model=smollm2-135m", "quant.bpw=3", "quant.proxy=weight"), progress=False)
-    assert weight.needs == frozenset()
-    free = build_pipeline(composed("+model=smollm2-135m", "quant.bpw=3", "quant.embed_bits=null"), progress=False)
+    weight = build(composed("+model=smollm2-135m", "quant.bpw=3", "quant.proxy=weight"))
+    assert weight.needs == Needs()
+    free = build(composed("+model=smollm2-135m", "quant.bpw=3", "quant.embed_bits=null"))
     assert free.steps[0][1].fixed is None  # embeddings allocated too
 
 
@@ -108,11 +110,11 @@ def test_role_bundle_sets_rules_and_composes_with_the_allocator():
 
     cfg = composed("+model=smollm2-135m", "bundle=mobile", "quant.bits=4")
     cfg_lib.validate(cfg)
-    rules = build_pipeline(cfg, progress=False).steps[1][1].bits
+    rules = build(cfg).steps[1][1].bits
     assert rules.get("v/l/kernel", meta("linear", "vision")) == 2 and rules.get("a/kernel", meta("linear", "audio")) == 2
     assert rules.get("ple/embedding", meta("per_layer_embedding")) == 2
     assert rules.get("embed/embedding", meta("embedding")) == 4 and rules.get("l/kernel", meta("linear")) == 4
-    alloc = build_pipeline(composed("+model=smollm2-135m", "bundle=mobile", "quant.bpw=3"), progress=False).steps[0][1]
+    alloc = build(composed("+model=smollm2-135m", "bundle=mobile", "quant.bpw=3")).steps[0][1]
     assert alloc.fixed.get("v/l/kernel", meta("linear", "vision")) == 2
     assert alloc.fixed.get("l/kernel", meta("linear")) is None
 
@@ -123,7 +125,7 @@ def test_pipelines_honour_quant_bits(pipeline, bits):
 
     cfg = composed("+model=smollm2-135m", f"pipeline={pipeline}", f"quant.bits={bits}", "quant.embed_bits=8",
                    "quant.block=64")
-    passes = [p.inner if hasattr(p, "inner") else p for _, p in build_pipeline(cfg).steps]
+    passes = [p for _, p in build(cfg).steps]
     with_bits = [p for p in passes if hasattr(p, "bits")]
     assert len(with_bits) == 1
     rules = with_bits[0].bits
@@ -188,7 +190,7 @@ def test_bad_values_name_key_and_allowed_values(overrides, needles):
 def test_bad_pass_settings_fail_at_instantiation(overrides, needles):
     cfg = composed("+model=smollm2-135m", *overrides)
     with pytest.raises(ConfigError) as e:
-        build_pipeline(cfg, progress=False)
+        build(cfg)
     for n in needles:
         assert n in str(e.value), str(e.value)
 

@@ -29,7 +29,7 @@ from cqjax.formats import (
     unpack_codes_jnp,
 )
 from cqjax.passes.codebook_core import analytic_codebook
-from cqjax.passes.rotate_core import make_rotation, rotate_rows_np
+from cqjax.formats.rotation import make_rotation, rotate_rows_np
 
 GOLDEN = Path(__file__).parent / "golden" / "cq_pack_v1.json"
 DETERMINISTIC = settings(derandomize=True, max_examples=60, deadline=None)
@@ -139,10 +139,36 @@ def test_pack_rejects_bad_input():
 
 def test_stored_bytes():
     blocks = block_plan(576)
-    assert stored_bytes(10, 576, 2, blocks) == 10 * (576 * 2 // 8 + 2 * 5)
-    assert stored_bytes(3, 100, 3, block_plan(100)) == 3 * (112 * 3 // 8 + 2 * 3)
+    # codes + fp16 norms per (row, block) + fp16 codebook per block + 2 sign bitmaps + uint8 perm
+    assert stored_bytes(10, 576, 2, blocks) == 10 * (576 * 2 // 8 + 2 * 5) + 5 * 4 * 2 + 2 * 72 + 576
+    assert stored_bytes(3, 100, 3, block_plan(100)) == 3 * (112 * 3 // 8 + 2 * 3) + 3 * 8 * 2 + 2 * 14 + 112
+    assert stored_bytes(1, 1024, 1, block_plan(1024, 512)) == 128 + 4 + 2 * 2 * 2 + 2 * 128 + 2 * 1024
     with pytest.raises(ValueError, match="cover"):
         stored_bytes(1, 700, 2, blocks)
+
+
+@pytest.mark.parametrize("K, rows, bits, block", [(40, 72, 3, 32), (576, 5, 2, 128), (100, 3, 4, 64),
+                                                  (8, 7, 1, 16), (300, 2, 8, 128), (1024, 2, 2, 512)])
+@pytest.mark.parametrize("in_scale", [False, True])
+def test_byte_counts_equal_what_is_stored(K, rows, bits, block, in_scale):
+    """The formats' byte counts from shapes alone equal the bytes of the encoded leaf arrays."""
+    import jax.numpy as jnp
+
+    from cqjax.formats import encoding, rtn
+    from cqjax.kernels.qarrays import CQArray, RTNArray
+
+    blocks = block_plan(K, block, 16)
+    rot = make_rotation(K, blocks, seed=K)
+    scale = jnp.ones((K,), jnp.float16) if in_scale else None
+    cq = CQArray.pack(np.zeros((rows, sum(blocks)), np.uint8), np.ones((rows, len(blocks)), np.float16),
+                      {b: np.linspace(-1, 1, 1 << bits) for b in blocks}, rot, bits=bits, K=K,
+                      transposed=True).replace(in_scale=scale)
+    assert encoding.stored_nbytes(cq) == stored_bytes(rows, K, bits, blocks, in_scale=in_scale)
+    nb = len(rtn.blocks(K, block))
+    r = RTNArray.pack(np.zeros((rows, K), np.uint8), np.ones((rows, nb), np.float16),
+                      np.zeros((rows, nb), np.float16), bits=bits, block=block, K=K,
+                      transposed=False).replace(in_scale=scale)
+    assert encoding.stored_nbytes(r) == rtn.stored_bytes(rows, K, bits, block, in_scale=in_scale)
 
 
 # ------------------------------------------------------------------------------ golden

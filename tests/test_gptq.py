@@ -12,13 +12,14 @@ from cqjax.formats import cq as fmt
 from cqjax.io import artifact, hf
 from cqjax.ir import TensorMeta, materialize
 from cqjax.kernels import backend
-from cqjax.kernels.qarrays import CQArray, RTNArray, is_quantized, rtn_kpad
+from cqjax.formats import rtn
+from cqjax.kernels.qarrays import CQArray, RTNArray, is_quantized
 from cqjax.passes import codebook_core, gptq_core, rtn_core
 from cqjax.passes.common import bits_rules
 from cqjax.passes.cq import FitCodebook, Pack, Rotate
 from cqjax.passes.gptq import (ErrorFeedbackPack, GPTQRoundToNearest, block_matrices, cq_rotated,
                                cq_unrotated, rotate_hessian, rtn_gptq)
-from cqjax.passes.rotate_core import Rotation, make_rotation, rotate_rows_np, unrotate_rows_np
+from cqjax.formats.rotation import Rotation, make_rotation, rotate_rows_np, unrotate_rows_np
 from cqjax.passes.rtn import RoundToNearest
 from cqjax.pipeline import Context, same
 from test_import_errors import write
@@ -65,7 +66,7 @@ def ctx_with(H) -> Context:
 def rows_of_leaf(leaf) -> np.ndarray:
     """The float64 rows ``[N, K]`` a leaf stands for, decoded in NumPy (no JAX compiles; the
     leaf's own ``dequantize`` is checked against the core in one test)."""
-    Kpad = sum(leaf.blocks) if isinstance(leaf, CQArray) else rtn_kpad(leaf.K)
+    Kpad = sum(leaf.blocks) if isinstance(leaf, CQArray) else rtn.kpad(leaf.K)
     codes = fmt.unpack_codes(np.asarray(leaf.codes), leaf.bits, Kpad)
     if isinstance(leaf, RTNArray):
         return rtn_core.rtn_dequantize(codes[:, : leaf.K], np.asarray(leaf.scales), np.asarray(leaf.zeros),
@@ -256,7 +257,7 @@ def test_leaf_dequantizes_to_the_core_reconstruction(variant, K):
         codes, scales, norms, res = rtn_gptq(w.T.copy(), H, bits, 64)
         q = res.q
         np.testing.assert_array_equal(np.asarray(leaf.scales), scales)
-    Kpad = codes.shape[1] if variant != "gptq_rtn" else rtn_kpad(K)
+    Kpad = codes.shape[1] if variant != "gptq_rtn" else rtn.kpad(K)
     np.testing.assert_array_equal(fmt.unpack_codes(np.asarray(leaf.codes), bits, Kpad)[:, : codes.shape[1]], codes)
     np.testing.assert_array_equal(np.asarray(leaf.norms if variant != "gptq_rtn" else leaf.zeros), norms)
     ref = np.asarray(leaf.dequantize(), np.float64).T  # the runtime's own reference decode

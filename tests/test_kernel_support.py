@@ -17,7 +17,7 @@ import numpy as np
 
 from cqjax.formats import cq as fmt
 from cqjax.kernels.qarrays import CQArray
-from cqjax.passes import rotate_core
+from cqjax.formats import rotation
 
 GOLDEN_TXT = Path(__file__).parent / "golden" / "cq_kernel_v1.txt"
 
@@ -33,7 +33,7 @@ def make_cq(rng: np.random.Generator, N: int, K: int, bits: int, *, seed: int = 
     books = {b: base * (1.0 + 0.37 * np.log2(block // b)) + 0.01 * i
              for i, b in enumerate(sorted(set(blocks)))}
     cbs = np.stack([books[b] for b in blocks]).astype(np.float16)
-    rot = rotate_core.make_rotation(K, blocks, seed)
+    rot = rotation.make_rotation(K, blocks, seed)
     return CQArray(codes=jnp.asarray(fmt.pack_codes(codes, bits)), norms=jnp.asarray(norms),
                    codebooks=jnp.asarray(cbs), s1=jnp.asarray(rot.s1), s2=jnp.asarray(rot.s2),
                    perm=jnp.asarray(rot.perm), bits=bits, blocks=blocks, K=K,
@@ -48,9 +48,9 @@ def int8_model(x: np.ndarray, q: CQArray) -> np.ndarray:
     """NumPy emulation of the kernel: ``[M, K] -> [M, N]`` float64 (see the module docstring)."""
     blocks = q.blocks
     offs = fmt.block_offsets(blocks)
-    rot = rotate_core.Rotation(blocks=blocks, seed=0, s1=np.asarray(q.s1), s2=np.asarray(q.s2),
+    rot = rotation.Rotation(blocks=blocks, seed=0, s1=np.asarray(q.s1), s2=np.asarray(q.s2),
                                perm=np.asarray(q.perm))
-    xr = rotate_core.rotate_rows_np(np.asarray(x, np.float32), rot).astype(np.float32)
+    xr = rotation.rotate_rows_np(np.asarray(x, np.float32), rot).astype(np.float32)
     codes = fmt.unpack_codes(np.asarray(q.codes), q.bits, sum(blocks)).astype(np.int64)
     norms = np.asarray(q.norms).astype(np.float64)
     cbs = np.asarray(q.codebooks).astype(np.float32)
@@ -84,9 +84,9 @@ def decode_np(q: CQArray) -> np.ndarray:
 
 
 def rotate_np(x, q):
-    rot = rotate_core.Rotation(blocks=q.blocks, seed=0, s1=np.asarray(q.s1), s2=np.asarray(q.s2),
+    rot = rotation.Rotation(blocks=q.blocks, seed=0, s1=np.asarray(q.s1), s2=np.asarray(q.s2),
                                perm=np.asarray(q.perm))
-    return rotate_core.rotate_rows_np(np.asarray(x, np.float64), rot)
+    return rotation.rotate_rows_np(np.asarray(x, np.float64), rot)
 
 
 def rel_rms(a, b) -> float:

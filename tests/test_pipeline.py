@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import cqjax.pipeline
 from cqjax import select
 from cqjax.ir import IR, LazyTensor, TensorMeta
-from cqjax.pipeline import (Context, Pass, PassError, as_pass, chain, masked, named_chain, run,
+from cqjax.pipeline import (Context, Needs, Pass, PassError, as_pass, chain, masked, named_chain, run,
                             same)
 
 
@@ -124,13 +124,36 @@ def test_masked_laws(ir, p, where):
 @given(irs(), passes)
 def test_run_verifies_and_never_mutates_input(ir, p):
     before = {q: v.copy() for q, v in ir.params.items()}
-    out, report = run(p, ir, progress=False)
+    out, report = run(p, ir, progress=False, strict=False)  # random filters may select nothing
     assert ir_same(out, p(ir))
     assert all(same(ir.params[q], before[q]) for q in ir.params)
     assert all(r["changed"] <= len(ir.params) for r in report)
 
 
 # ---------------------------------------------------------------------------- plain tests
+
+
+def test_a_written_filter_that_selects_nothing_is_an_error_before_any_work():
+    ir = make_ir(TOY)
+    calls = []
+    spy = as_pass(lambda ir, ctx: calls.append(1) or ir, name="spy")
+    with pytest.raises(PassError, match=r"pass 'scale': where 'layers/9/.*' matches none of the 5 tensors; "
+                                        r"nearest paths: layers/1/mlp/kernel, "):
+        run(chain(spy, Scale(where=r"layers/9/.*")), ir, progress=False)
+    with pytest.raises(PassError, match=r"where 'tower:vision' matches none .* the towers present: text"):
+        run(chain(spy, masked(Shift(), "tower:vision")), ir, progress=False)
+    assert calls == []
+    run(masked(Shift(), "tower:vision"), ir, progress=False, strict=False)  # opted out
+    run(Scale(), make_ir({"layers/0/norm/scale": ("norm", (3,))}), progress=False)  # a default filter may
+
+
+def test_plain_functions_take_part_in_the_protocol():
+    fn = as_pass(lambda path, x, meta: (x, meta), where="role:norm")
+    c = chain(lambda ir, ctx: ir, fn)
+    assert [n for n, _ in c.steps] == ["<lambda>", "<lambda>"] and c.needs == Needs()
+    assert masked(lambda ir, ctx: ir, True).needs == Needs()
+    with pytest.raises(TypeError, match="not a pass"):
+        chain(3)
 
 
 def test_unselected_leaves_are_identical_objects():
@@ -298,8 +321,9 @@ def test_hydra_instantiate_calls_the_dataclass():
     assert p.selected(make_ir(TOY)) == ["layers/0/mlp/kernel", "layers/0/norm/scale", "layers/1/mlp/kernel"]
     cfg = OmegaConf.structured(Scale)  # the dataclass doubles as a structured config
     assert cfg.factor == 2.0 and cfg.where is None
-    pipe = instantiate({"double": {"_target_": f"{__name__}.Scale"}, "shift": {"_target_": f"{__name__}.Shift"}})
-    assert [n for n, _ in named_chain(*pipe.items()).steps] == ["double", "shift"]
+    pipe = instantiate({"double": {"_target_": f"{__name__}.Scale"}, "shift": {"_target_": f"{__name__}.Shift"}},
+                       _convert_="all")
+    assert named_chain(*pipe.items()).steps == (("double", Scale()), ("shift", Shift()))
 
 
 def test_module_doctest():

@@ -13,7 +13,8 @@ from cqjax import pipeline, select
 from cqjax.io import hf
 from cqjax.ir import materialize
 from cqjax.kernels.qarrays import CQArray, RTNArray, is_quantized
-from cqjax.passes.common import bits_rules, is_eligible
+from cqjax.passes.common import bits_rules
+from cqjax.quant_stats import is_eligible
 from cqjax.passes.cq import FitCodebook, Pack, Rotate
 from cqjax.passes.rtn import RoundToNearest
 from test_import_errors import CONFIG, write
@@ -23,16 +24,17 @@ ODD = {**CONFIG, "vocab_size": 37, "hidden_size": 40, "intermediate_size": 72,
        "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": False}
 
 
-def tensors(cfg):
+def tensors(cfg, seed=1, scale=0.2):
+    """Random weights of a one-layer llama ``cfg`` with half as many k/v heads as heads."""
     d, f, v, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["hidden_size"] // 2
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     shapes = {"model.embed_tokens.weight": (v, d), "lm_head.weight": (v, d), "model.norm.weight": (d,),
               "model.layers.0.input_layernorm.weight": (d,), "model.layers.0.post_attention_layernorm.weight": (d,),
               "model.layers.0.self_attn.q_proj.weight": (d, d), "model.layers.0.self_attn.k_proj.weight": (hd, d),
               "model.layers.0.self_attn.v_proj.weight": (hd, d), "model.layers.0.self_attn.o_proj.weight": (d, d),
               "model.layers.0.mlp.gate_proj.weight": (f, d), "model.layers.0.mlp.up_proj.weight": (f, d),
               "model.layers.0.mlp.down_proj.weight": (d, f)}
-    return {k: (rng.standard_normal(s) * (1.0 if "norm" in k else 0.2)).astype(np.float32) for k, s in shapes.items()}
+    return {k: (rng.standard_normal(s) * (1.0 if "norm" in k else scale)).astype(np.float32) for k, s in shapes.items()}
 
 
 @pytest.fixture(scope="module")

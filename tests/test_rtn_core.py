@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cqjax.passes.codebook_core import analytic_codebook, dequantize_rows, quantize_rows, relative_mse
-from cqjax.passes.rtn_core import rtn_blocks, rtn_dequantize, rtn_quantize
+from cqjax.formats.rtn import blocks as rtn_blocks
+from cqjax.passes.rtn_core import rtn_dequantize, rtn_quantize
 
 
 def test_rtn_blocks():

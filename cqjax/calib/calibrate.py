@@ -1,11 +1,11 @@
 """One call from a float model to the :class:`Calibration` a pipeline's passes need.
 
-A pass declares the statistics it reads from ``ctx.calibration`` in ``needs``
-(:class:`cqjax.pipeline.Pass`): ``"hessian"`` (input second moments of every linear, from
+A pass declares the statistics it reads from ``ctx.calibration`` in its
+:class:`cqjax.pipeline.Needs`: ``"hessian"`` (input second moments of every linear, from
 :func:`cqjax.calib.stats.collect`) and ``"fisher"`` (the diagonal Fisher of every eligible
 tensor, from :func:`cqjax.calib.fisher.fisher_diag`). :func:`calibrate` draws the token rows
-once (:func:`cqjax.calib.sequences.calibration_tokens`) and gathers only what is asked for, timing
-each step.
+once (:func:`cqjax.calib.sequences.calibration_tokens`), keeps them (``Calibration.rows``, for
+passes that need the rows themselves) and gathers only what is asked for, timing each step.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def calibrate(model, ir: IR, tokenizer, needs: Iterable[str], *, source: str = "
     Raises:
       ValueError: an unknown statistic or source.
     """
-    from cqjax.passes.common import is_eligible
+    from cqjax.quant_stats import is_eligible
 
     needs = set(needs)
     unknown = needs - set(STATS)
@@ -65,4 +65,4 @@ def calibrate(model, ir: IR, tokenizer, needs: Iterable[str], *, source: str = "
             stats.setdefault(p, {})["fisher"] = f
         timing["fisher_s"] = time.perf_counter() - t
     return Calibration(stats, source=source, tokens=int(tokens.size), seconds=time.perf_counter() - start,
-                       timing=timing)
+                       timing=timing, rows=tokens)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cqjax.eval.progress import Progress
+from cqjax.progress import Progress
 
 
 def fisher_diag(model: nnx.Module, tokens: np.ndarray, paths: Sequence[str], *,

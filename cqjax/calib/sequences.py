@@ -29,7 +29,7 @@ def self_generated(model, *, n: int, length: int, bos_token_id: int, seed: int =
     """``n`` sequences of ``length`` tokens sampled by ``model`` from ``[BOS]`` (with a progress
     line on stderr every 10 s if ``progress``)."""
     from cqjax import runtime
-    from cqjax.eval.progress import Progress
+    from cqjax.progress import Progress
 
     bar = Progress("self-generated calibration", total=n * (length - 1), tag="cqjax.calib", enabled=progress)
     rows = []

@@ -30,10 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from cqjax.eval.progress import Progress
-from cqjax.ir import IR
+from cqjax.ir import IR, KERNEL_ROLES
+from cqjax.progress import Progress
 
-KERNEL_ROLES = ("linear", "lm_head")
 TABLE_ROLES = ("embedding", "per_layer_embedding")
 
 
@@ -81,12 +80,13 @@ class Calibration(Mapping):
       tokens: unmasked calibration tokens seen.
       seconds: wall time of the collection.
       timing: seconds per step (e.g. ``{"tokens_s": ..., "hessian_s": ...}``).
+      rows: the calibration token rows ``int32 [n, length]`` (None when not kept).
     """
 
     def __init__(self, stats: dict[str, dict[str, Any]], *, source: str, tokens: int, seconds: float,
-                 timing: dict[str, float] | None = None):
+                 timing: dict[str, float] | None = None, rows: np.ndarray | None = None):
         self._stats, self.source, self.tokens, self.seconds = stats, source, tokens, seconds
-        self.timing = dict(timing or {})
+        self.timing, self.rows = dict(timing or {}), rows
 
     def __getitem__(self, path):
         return self._stats[path]

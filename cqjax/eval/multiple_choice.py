@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from cqjax.eval.progress import Progress
+from cqjax.progress import Progress
 from cqjax.eval.scoring import BoundForward, Forward, LogLikelihoodScorer, as_scorer
 from cqjax.eval.texts import iter_requests
 from cqjax.eval.windows import encode, tokenizer_info, tokens_digest

@@ -14,7 +14,7 @@ import dataclasses
 import math
 from typing import Any
 
-from cqjax.eval.progress import Progress
+from cqjax.progress import Progress
 from cqjax.eval.scoring import BoundForward, Forward, LogLikelihoodScorer, as_scorer
 from cqjax.eval.windows import Windows, iter_batches, pad_batch
 

@@ -16,7 +16,7 @@ import dataclasses
 import math
 from typing import Any
 
-from cqjax.eval.progress import Progress
+from cqjax.progress import Progress
 from cqjax.eval.scoring import SIMILARITY_FIELDS, BoundForward, Forward, SimilarityScorer
 from cqjax.eval.windows import Windows, iter_batches, pad_batch
 

@@ -1,19 +1,21 @@
-"""Packed weight formats: the single Python source of truth for layouts.
+"""Stored formats: the single Python source of truth for layouts, encodings and byte counts.
 
-Public API (re-exported from :mod:`cqjax.formats.cq`):
+Passes, kernels and io read these modules; nothing here imports the rest of cqjax.
 
-=====================  ===========================================================
-name                   what
-=====================  ===========================================================
-LAYOUT_VERSION         version of the CQ packed layout (bumped on any byte change)
-block_plan             block sizes along K (full blocks, power-of-two tail, padding)
-block_offsets          start offsets of the blocks along the padded K axis
-row_bytes              bytes of one packed row
-stored_bytes           bytes of codes plus float16 norms for a weight
-pack_codes             uint8 codes [rows, Kpad] -> packed bytes [rows, row_bytes]
-unpack_codes           packed bytes -> codes (NumPy)
-unpack_codes_jnp       packed bytes -> codes (JAX, jittable)
-=====================  ===========================================================
+=====================  ========================================================================
+module                 what
+=====================  ========================================================================
+``cq``                 the CQ layout: block plan along K, packed codes (layout v1), byte count,
+                       :data:`SUPPORTED_BITS` (the widths every packed layout stores)
+``rotation``           the CQ rotation (block-local randomized Hadamard): its arrays, applying
+                       it to rows (NumPy) and activations (JAX)
+``rtn``                the RTN layout: blocks along K, padded code width, byte count
+``encoding``           how a quantized leaf's arrays are stored and what they cost in bytes
+=====================  ========================================================================
+
+Re-exported from :mod:`cqjax.formats.cq`: ``LAYOUT_VERSION``, ``SUPPORTED_BITS``, ``block_plan``,
+``block_offsets``, ``row_bytes``, ``stored_bytes``, ``pack_codes``, ``unpack_codes``,
+``unpack_codes_jnp``.
 """
 
 from __future__ import annotations

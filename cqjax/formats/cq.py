@@ -41,8 +41,9 @@ row_bytes  ``Kpad * bits / 8``; ``Kpad`` must be a multiple of 8 (plans give 16)
 
 Example (2 bits): codes ``[1, 2, 3, 0]`` pack to the byte ``0b00_11_10_01 = 0x39``.
 
-Per (row, block) a float16 norm (or scale) is stored beside the codes, ``[rows, nblocks]``;
-codebooks are per block size and counted separately (see :func:`stored_bytes`).
+Per (row, block) a float16 norm is stored beside the codes, ``[rows, nblocks]``, and per block
+a float16 codebook of ``2**bits`` levels; the rotation (:mod:`cqjax.formats.rotation`) is
+stored as its arrays. :func:`stored_bytes` counts all of it.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from collections.abc import Sequence
 import numpy as np
 
 LAYOUT_VERSION = 1
+#: Bit widths the packed layouts (CQ and RTN) store; the C++ header mirrors it (``kSupportedBits``).
 SUPPORTED_BITS: tuple[int, ...] = (1, 2, 3, 4, 8)
 
 
@@ -114,25 +116,34 @@ def row_bytes(Kpad: int, bits: int) -> int:
     return Kpad * bits // 8
 
 
-def stored_bytes(rows: int, K: int, bits: int, blocks: Sequence[int]) -> int:
-    """Bytes a CQ weight stores: packed codes plus one float16 norm per (row, block).
+def stored_bytes(rows: int, K: int, bits: int, blocks: Sequence[int], *, in_scale: bool = False) -> int:
+    """Bytes a CQ weight stores, every array as the artifact encodes it
+    (:mod:`cqjax.formats.encoding`).
 
-    Codebooks (one per distinct block size, ``2**bits`` float32 each) and rotation data are
-    shared and counted by the caller.
+    ==========  ==============================================================
+    array       bytes
+    ==========  ==============================================================
+    codes       ``rows * row_bytes(Kpad, bits)``
+    norms       ``rows * nblocks * 2`` (float16)
+    codebooks   ``nblocks * 2**bits * 2`` (float16, one row per block)
+    s1, s2      ``2 * ceil(Kpad / 8)`` (one bit per sign)
+    perm        ``Kpad`` (block-local uint8; ``2 * Kpad`` if a block is > 256 wide)
+    in_scale    ``2 * K`` when present (float16)
+    ==========  ==============================================================
 
-    Args:
-      rows: number of rows.
-      K: the unpadded row length (checked against ``blocks``).
-      bits: bits per code.
-      blocks: the block plan for K.
+    Worked example (a 40x72 kernel stored as 72 rows of K = 40, blocks (32, 16), 3 bits):
+    codes ``72 * 48 * 3 / 8 = 1296``, norms ``288``, codebooks ``32``, signs ``12``, perm ``48``.
 
-    Returns:
-      ``rows * (row_bytes(sum(blocks), bits) + 2 * len(blocks))``.
+    >>> stored_bytes(72, 40, 3, (32, 16))
+    1676
     """
     Kpad = int(sum(blocks))
     if Kpad < K:
         raise ValueError(f"stored_bytes: blocks {tuple(blocks)} cover {Kpad} < K={K}")
-    return rows * (row_bytes(Kpad, bits) + 2 * len(blocks))
+    nb = len(blocks)
+    perm = Kpad * (1 if max(blocks) <= 256 else 2)
+    return (rows * (row_bytes(Kpad, bits) + 2 * nb) + nb * (1 << bits) * 2 + 2 * (-(-Kpad // 8)) + perm
+            + (2 * K if in_scale else 0))
 
 
 def _pack_plane(codes: np.ndarray, bits: int) -> np.ndarray:

@@ -32,15 +32,7 @@ arrays               ``{field: {name, dtype, shape, encoding, leaf_dtype, leaf_s
 info                 ``meta.info`` (tagged JSON, so tuples and non-finite floats round-trip)
 ===================  ==========================================================================
 
-Array encodings (everything else is ``raw``: the leaf's array as is):
-
-==============  ===========================================================================
-encoding        stored as
-==============  ===========================================================================
-``signs``       an int8 ±1 vector as ``np.packbits(s < 0)`` (1 bit per entry)
-``block_local``  a block-local permutation as ``perm - block_start``, uint8 if every block is
-                ≤ 256 wide, else uint16
-==============  ===========================================================================
+Array encodings (``raw``, ``signs``, ``block_local``) are those of :mod:`cqjax.formats.encoding`.
 
 Loading rebuilds the IR bit for bit (float leaves as lazy tensors over the weights file,
 quantized leaves as :class:`~cqjax.kernels.qarrays.CQArray` / ``RTNArray`` of jnp arrays);
@@ -69,6 +61,7 @@ from safetensors.numpy import save_file
 
 from cqjax.errors import CheckpointError
 from cqjax.formats import cq as fmt
+from cqjax.formats import encoding
 from cqjax.io import atomic
 from cqjax.io.safetensors_lazy import SafetensorsFile
 from cqjax.ir import IR, LazyTensor, TensorMeta, materialize, verify
@@ -166,44 +159,6 @@ def leaf_kind(leaf: Any, path: str = "?") -> str:
     return kind
 
 
-def _array_fields(leaf: Any) -> list[str]:
-    """The leaf's array fields that are present (an optional one, ``in_scale``, may be None)."""
-    return [f.name for f in dataclasses.fields(leaf)
-            if f.metadata.get("pytree_node", True) and getattr(leaf, f.name) is not None]
-
-
-def _static_fields(leaf: Any) -> dict[str, Any]:
-    return {f.name: getattr(leaf, f.name) for f in dataclasses.fields(leaf)
-            if not f.metadata.get("pytree_node", True) and f.name != "format"}
-
-
-def _block_starts(blocks) -> np.ndarray:
-    return np.repeat(fmt.block_offsets(blocks)[:-1], blocks).astype(np.int64)
-
-
-def _encode_array(field: str, a: np.ndarray, leaf: Any) -> tuple[np.ndarray, str]:
-    if field in ("s1", "s2") and a.dtype == np.int8 and a.ndim == 1 and np.all(np.abs(a) == 1):
-        return np.packbits(a < 0), "signs"
-    if field == "perm" and a.ndim == 1 and a.size == sum(leaf.blocks):
-        local = a.astype(np.int64) - _block_starts(leaf.blocks)
-        hi = max(leaf.blocks)
-        if local.min(initial=0) >= 0 and np.all(local < np.repeat(leaf.blocks, leaf.blocks)):
-            return local.astype(np.uint8 if hi <= 256 else np.uint16), "block_local"
-    return a, "raw"
-
-
-def _decode_array(stored: np.ndarray, encoding: str, dtype: np.dtype, shape: tuple[int, ...],
-                  static: dict) -> np.ndarray:
-    if encoding == "raw":
-        return np.asarray(stored)
-    if encoding == "signs":
-        n = int(np.prod(shape))
-        return np.where(np.unpackbits(np.asarray(stored), count=n).astype(bool), -1, 1).astype(dtype).reshape(shape)
-    if encoding == "block_local":
-        return (np.asarray(stored).astype(np.int64) + _block_starts(static["blocks"])).astype(dtype).reshape(shape)
-    raise ValueError(f"unknown array encoding {encoding!r}")
-
-
 def encode_leaf(path: str, leaf: Any) -> tuple[str, dict[str, tuple[np.ndarray, str, np.ndarray]]]:
     """``(kind, {field: (stored array, encoding, leaf array)})``; a float leaf has one field,
     ``value``. The stored arrays are exactly what :func:`save` writes."""
@@ -211,24 +166,14 @@ def encode_leaf(path: str, leaf: Any) -> tuple[str, dict[str, tuple[np.ndarray, 
     if kind == "float":
         a = np.ascontiguousarray(materialize(leaf))  # safetensors writes memory order: no views
         return kind, {"value": (a, "raw", a)}
-    out = {}
-    for field in _array_fields(leaf):
-        a = np.asarray(getattr(leaf, field))
-        stored, encoding = _encode_array(field, a, leaf)
-        out[field] = (np.ascontiguousarray(stored), encoding, a)
-    return kind, out
-
-
-def encoded_nbytes(path: str, leaf: Any) -> int:
-    """Bytes ``leaf`` takes in ``weights.safetensors``."""
-    return sum(int(s.nbytes) for s, _, _ in encode_leaf(path, leaf)[1].values())
+    return kind, encoding.encode(leaf)
 
 
 # ------------------------------------------------------------------------- save
 
 
 def _entry(path: str, meta: TensorMeta, kind: str, arrays: dict, leaf: Any) -> dict:
-    static = {} if kind == "float" else _static_fields(leaf)
+    static = {} if kind == "float" else encoding.static_fields(leaf)
     entry = {"path": path, "role": meta.role, "tower": meta.tower, "hf_name": meta.hf_name,
              "shape": list(meta.shape), "dtype": meta.dtype, "kind": kind,
              "bits": static.get("bits"), "blocks": list(static["blocks"]) if "blocks" in static else None,
@@ -237,9 +182,9 @@ def _entry(path: str, meta: TensorMeta, kind: str, arrays: dict, leaf: Any) -> d
              "layout_version": fmt.LAYOUT_VERSION if kind != "float" else None,
              "bytes": sum(int(s.nbytes) for s, _, _ in arrays.values()),
              "static": to_json(static, f"{path} static"), "arrays": {}, "info": to_json(dict(meta.info), f"{path} info")}
-    for field, (stored, encoding, a) in arrays.items():
+    for field, (stored, how, a) in arrays.items():
         entry["arrays"][field] = {"name": path if kind == "float" else f"{path}{SEP}{field}",
-                                  "dtype": stored.dtype.name, "shape": list(stored.shape), "encoding": encoding,
+                                  "dtype": stored.dtype.name, "shape": list(stored.shape), "encoding": how,
                                   "leaf_dtype": a.dtype.name, "leaf_shape": list(a.shape)}
     return entry
 
@@ -378,8 +323,8 @@ def _load_entry(entry: dict, f: SafetensorsFile, mpath: Path) -> tuple[Any, Tens
             arrays[field] = f, name
             continue
         try:
-            a = _decode_array(f.read(name), spec["encoding"], np.dtype(spec["leaf_dtype"]),
-                              tuple(spec["leaf_shape"]), static)
+            a = encoding.decode_array(f.read(name), spec["encoding"], np.dtype(spec["leaf_dtype"]),
+                                      tuple(spec["leaf_shape"]), static.get("blocks", ()))
         except (ValueError, TypeError, KeyError) as e:
             raise ArtifactError(f"{f.path}: tensor {name!r}: cannot decode ({e})") from e
         arrays[field] = jnp.asarray(a)

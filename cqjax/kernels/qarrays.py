@@ -38,8 +38,8 @@ import numpy as np
 from flax import struct
 
 from cqjax.formats import cq as fmt
+from cqjax.formats import rotation, rtn
 from cqjax.kernels import backend
-from cqjax.passes import rotate_core
 
 
 def _expand(per_block: jax.Array, blocks: tuple[int, ...]) -> jax.Array:
@@ -119,7 +119,7 @@ class CQArray(_RowsMixin):
       codes: uint8 ``[rows, row_bytes]`` packed as :mod:`cqjax.formats.cq` documents.
       norms: float16 ``[rows, nblocks]``.
       codebooks: float16 ``[nblocks, 2**bits]`` (one per block; blocks of one size share values).
-      s1, s2, perm: the rotation (:class:`cqjax.passes.rotate_core.Rotation`) arrays ``[Kpad]``.
+      s1, s2, perm: the rotation (:class:`cqjax.formats.rotation.Rotation`) arrays ``[Kpad]``.
       in_scale: optional float16 ``[K]`` input scales (see the module docstring); None: absent.
     """
 
@@ -137,6 +137,17 @@ class CQArray(_RowsMixin):
     format: str = struct.field(pytree_node=False, default="cq")
     in_scale: jax.Array | None = None
 
+    @classmethod
+    def pack(cls, codes: np.ndarray, norms: np.ndarray, codebooks: dict[int, np.ndarray],
+             rot: rotation.Rotation, *, bits: int, K: int, transposed: bool) -> CQArray:
+        """The leaf of unpacked ``codes`` uint8 ``[rows, Kpad]``, fp16 ``norms [rows, nblocks]``,
+        levels per block size ``{b: [2**bits]}`` (stored as fp16, one row per block) and ``rot``."""
+        s1, s2, perm = rot.arrays()
+        books = np.stack([np.asarray(codebooks[b], np.float32) for b in rot.blocks]).astype(np.float16)
+        return cls(codes=jnp.asarray(fmt.pack_codes(codes, bits)), norms=jnp.asarray(norms),
+                   codebooks=jnp.asarray(books), s1=jnp.asarray(s1), s2=jnp.asarray(s2), perm=jnp.asarray(perm),
+                   bits=bits, blocks=tuple(rot.blocks), K=K, transposed=transposed, seed=rot.seed)
+
     def norms_or_scales(self):
         return self.norms
 
@@ -149,7 +160,7 @@ class CQArray(_RowsMixin):
         return levels * _expand(norms.astype(jnp.float32), self.blocks)
 
     def rotate_activation(self, x):
-        return rotate_core.rotate_jnp(x, (self.s1, self.s2, self.perm), self.blocks)
+        return rotation.rotate_jnp(x, (self.s1, self.s2, self.perm), self.blocks)
 
     def _dot_rows(self, x):
         # C++ kernel on CPU (see cqjax.kernels.backend), pure JAX elsewhere or when forced.
@@ -159,7 +170,7 @@ class CQArray(_RowsMixin):
         return backend.take_rows(self, ids, self._take_rows_jnp)
 
     def unrotate_rows(self, rows):
-        return rotate_core.unrotate_jnp(rows, (self.s1, self.s2, self.perm), self.blocks)
+        return rotation.unrotate_jnp(rows, (self.s1, self.s2, self.perm), self.blocks)
 
 
 @struct.dataclass
@@ -182,19 +193,24 @@ class RTNArray(_RowsMixin):
     format: str = struct.field(pytree_node=False, default="rtn")
     in_scale: jax.Array | None = None
 
+    @classmethod
+    def pack(cls, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, *, bits: int, block: int,
+             K: int, transposed: bool) -> RTNArray:
+        """The leaf of unpacked ``codes`` uint8 ``[rows, K]`` and fp16 ``scales``/``zeros``
+        ``[rows, nblocks]`` (:mod:`cqjax.formats.rtn`)."""
+        padded = np.zeros((codes.shape[0], rtn.kpad(K)), np.uint8)
+        padded[:, :K] = codes
+        return cls(codes=jnp.asarray(fmt.pack_codes(padded, bits)), scales=jnp.asarray(scales),
+                   zeros=jnp.asarray(zeros), bits=bits, blocks=rtn.blocks(K, block), K=K, transposed=transposed)
+
     def norms_or_scales(self):
         return jnp.stack([self.scales, self.zeros], axis=-1)
 
     def decode_rows(self, codes, scale_zero):
-        kpad = rtn_kpad(self.K)
+        kpad = rtn.kpad(self.K)
         q = fmt.unpack_codes_jnp(codes, self.bits, kpad)[..., : self.K].astype(jnp.float32)
         sz = scale_zero.astype(jnp.float32)
         return q * _expand(sz[..., 0], self.blocks) + _expand(sz[..., 1], self.blocks)
-
-
-def rtn_kpad(K: int) -> int:
-    """RTN codes are packed over K rounded up to a multiple of 8 (the packer's unit)."""
-    return -(-K // 8) * 8
 
 
 QARRAY_TYPES = (CQArray, RTNArray)

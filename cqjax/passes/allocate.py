@@ -4,7 +4,11 @@
 it is and writes ``meta.info["allocated_bits"]``, which the quantizing passes
 (:class:`~cqjax.passes.cq.FitCodebook`, :class:`~cqjax.passes.rtn.RoundToNearest`) honour
 before their own rules. For every eligible tensor ``t`` and candidate width ``b`` it quantizes
-the tensor with the downstream recipe (so sizes and errors are exact, not modelled), measures
+the tensor alone with ``recipe`` — the pipeline's own quantizing steps, custom passes and
+options included — so sizes and errors are exact, not modelled: after the pipeline runs, each
+tensor's relative error equals the ``predicted_rel_error`` recorded for its chosen width (the
+recipe is per tensor and deterministic; steps after it, such as tuning, are outside this). It
+measures
 
 ==============  ===================================================================================
 proxy           estimated damage ``d_t(b)`` of quantizing ``t`` alone at ``b`` bits
@@ -29,18 +33,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from cqjax.ir import IR, materialize
-from cqjax.passes.common import ELIGIBLE
-from cqjax.pipeline import Context, Pass, sub_ir
-from cqjax.quant_stats import dequantizer, tensor_bytes
+from cqjax.pipeline import Context, Needs, Pass, PassLike, sub_ir
+from cqjax.progress import Progress
+from cqjax.quant_stats import ELIGIBLE, dequantizer, rel_error, tensor_bytes
 from cqjax.select import Rules
 
 PROXIES = ("fisher", "hessian", "weight")
-METHODS = ("cq", "rtn")
 
 
 def damage(proxy: str, w: np.ndarray, w_hat: np.ndarray, stats: Mapping[str, Any] | None, path: str) -> float:
@@ -131,89 +134,87 @@ class AllocateBits(Pass):
     """Writes ``meta.info["allocated_bits"]`` for the eligible tensors (see the module docstring).
 
     Attributes:
+      recipe: the quantizing steps that follow (a pass or chain whose passes honour
+        ``allocated_bits``); each tensor is measured by running it on that tensor alone.
       bpw: target stored bits/weight over the eligible tensors (or give ``budget_bytes``).
       budget_bytes: target stored bytes of the eligible tensors.
       choices: candidate widths.
       fixed: rules (``{filter: bits}``) for tensors that are not allocated, e.g. role bundles.
       proxy: ``fisher`` | ``hessian`` | ``weight``.
-      method: the downstream recipe, ``cq`` or ``rtn`` (sizes and errors are measured with it).
-      block, seed: the downstream recipe's block size and rotation seed.
       random_seed: if set, ignore sensitivities and promote a random set of tensors from the
         smallest choice instead (the baseline an allocator must beat).
+
+    ``meta.info`` gets ``allocated_bits``, ``allocation`` (the proxy or ``"random"``) and
+    ``predicted_rel_error`` (``‖W − Ŵ‖² / ‖W‖²`` of the recipe at that width), fixed tensors too.
     """
 
     name = "allocate"
     default_where = ELIGIBLE
+    recipe: PassLike | None = None
     bpw: float | None = None
     budget_bytes: int | None = None
     choices: Sequence[int] = (2, 3, 4)
     fixed: Any = None
     proxy: str = "fisher"
-    method: str = "cq"
-    block: int = 128
-    seed: int = 0
     random_seed: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
+        if self.recipe is None:
+            raise ValueError("allocate: give the recipe it measures (recipe=the quantizing steps that follow)")
         if (self.bpw is None) == (self.budget_bytes is None):
             raise ValueError("allocate: give exactly one of bpw and budget_bytes")
         if self.proxy not in PROXIES:
             raise ValueError(f"allocate.proxy={self.proxy!r}; allowed: {PROXIES}")
-        if self.method not in METHODS:
-            raise ValueError(f"allocate.method={self.method!r}; allowed: {METHODS}")
         object.__setattr__(self, "choices", tuple(sorted(int(b) for b in self.choices)))
         object.__setattr__(self, "fixed", Rules.of(self.fixed) if self.fixed else None)
 
     @property
-    def needs(self) -> frozenset[str]:  # type: ignore[override]
-        """The calibration statistic the proxy reads (none for ``weight`` or random promotion)."""
-        if self.random_seed is not None or self.proxy == "weight":
-            return frozenset()
-        return frozenset({self.proxy})
+    def needs(self) -> Needs:  # type: ignore[override]
+        """The calibration statistic the proxy reads (none for ``weight`` or random promotion),
+        plus what the measured recipe reads."""
+        own = frozenset() if self.random_seed is not None or self.proxy == "weight" else frozenset({self.proxy})
+        return Needs(statistics=own) | self.recipe.needs
 
-    def _quantizer(self, bits: int):
-        from cqjax.passes.recipes import PIPELINES
+    def quantize(self, ir: IR, path: str, bits: int, ctx: Context) -> Any:
+        """The leaf ``recipe`` gives ``path`` at ``bits`` (the tensor quantized alone)."""
+        meta = ir.meta[path]
+        one = sub_ir(ir, [path]).replace(meta={path: meta.replace(info={**meta.info, "allocated_bits": int(bits)})})
+        return self.recipe(one, ctx).params[path]
 
-        kw = {"seed": self.seed} if self.method == "cq" else {}
-        return PIPELINES[self.method](bits=bits, embed_bits=None, block=self.block, **kw)
-
-    def measure(self, ir: IR, ctx: Context, paths: Sequence[str], *,
-                sizes_only: bool = False) -> dict[str, dict[int, tuple[float, int]]]:
-        """``{path: {bits: (damage, bytes)}}`` by quantizing each tensor alone at each width
+    def measure(self, ir: IR, ctx: Context, widths: Mapping[str, Sequence[int]], *,
+                sizes_only: bool = False) -> dict[str, dict[int, Cost]]:
+        """``{path: {bits: Cost}}`` by quantizing each tensor alone at each of its widths
         (damage 0 with ``sizes_only``)."""
-        costs: dict[str, dict[int, tuple[float, int]]] = {}
-        from cqjax.eval.progress import Progress
-
-        recipes = {b: self._quantizer(b) for b in self.choices}
+        costs: dict[str, dict[int, Cost]] = {}
         dequantize = dequantizer()
-        bar = Progress(f"allocate ({'sizes' if sizes_only else self.proxy})", total=len(paths), unit="tensors",
-                       every_s=10.0, tag="cqjax")
-        for path in paths:
+        quiet = ctx.replace(progress=False)
+        bar = Progress(f"allocate ({'sizes' if sizes_only else self.proxy})", total=len(widths), unit="tensors",
+                       every_s=10.0, tag="cqjax", enabled=ctx.progress)
+        for path, bits in widths.items():
             w = np.asarray(materialize(ir.params[path]), np.float32)
             costs[path] = {}
-            for b, recipe in recipes.items():
-                leaf = recipe(sub_ir(ir, [path]), ctx).params[path]
-                d = 0.0 if sizes_only else damage(self.proxy, w, np.asarray(dequantize(leaf)),
-                                                  ctx.calibration.get(path), path)
-                costs[path][b] = (d, tensor_bytes(path, leaf, w.size))
+            for b in bits:
+                leaf = self.quantize(ir, path, b, quiet)
+                w_hat = np.asarray(dequantize(leaf))
+                d = 0.0 if sizes_only else damage(self.proxy, w, w_hat, ctx.calibration.get(path), path)
+                costs[path][b] = Cost(d, tensor_bytes(leaf, w.size), rel_error(w, w_hat))
             bar.update(1)
         bar.close()
         return costs
 
     def plan(self, ir: IR, ctx: Context | None = None) -> Plan:
         """Measures what :meth:`choose` needs: the costs of every free tensor at every choice and
-        the bytes of the fixed ones. A plan serves any budget and any subset of ``choices``
-        (``dataclasses.replace(pass, bpw=..., choices=...).choose(ir, plan)``)."""
+        those of the fixed ones at their width. A plan serves any budget and any subset of
+        ``choices`` (``dataclasses.replace(pass, bpw=..., choices=...).choose(plan)``)."""
         ctx = Context() if ctx is None else ctx
         paths = self.selected(ir)
         fixed = {p: self.fixed.get(p, ir.meta[p]) for p in paths} if self.fixed else {}
         fixed = {p: int(b) for p, b in fixed.items() if b is not None}
         free = [p for p in paths if p not in fixed]
-        fixed_bytes = sum(tensor_bytes(p, self._quantizer(b)(sub_ir(ir, [p]), ctx).params[p],
-                                       int(np.prod(ir.meta[p].shape))) for p, b in fixed.items())
-        costs = self.measure(ir, ctx, free, sizes_only=self.random_seed is not None)
-        return Plan(costs=costs, fixed=fixed, fixed_bytes=fixed_bytes,
+        fixed_costs = self.measure(ir, ctx, {p: (b,) for p, b in fixed.items()}, sizes_only=True)
+        costs = self.measure(ir, ctx, {p: self.choices for p in free}, sizes_only=self.random_seed is not None)
+        return Plan(costs=costs, fixed=fixed, fixed_costs={p: c[fixed[p]] for p, c in fixed_costs.items()},
                     params=sum(int(np.prod(ir.meta[p].shape)) for p in paths))
 
     def choose(self, plan: Plan) -> dict[str, int]:
@@ -234,7 +235,7 @@ class AllocateBits(Pass):
                              f"{min(self.choices)} bits the eligible tensors store "
                              f"{8 * low / plan.params:.3f} bits/weight")
         budget -= plan.fixed_bytes
-        costs = {p: {b: c[b] for b in self.choices} for p, c in plan.costs.items()}
+        costs = {p: {b: c[b][:2] for b in self.choices} for p, c in plan.costs.items()}
         if self.random_seed is not None:
             choice = random_promotion(costs, budget, self.random_seed)
         else:
@@ -248,21 +249,34 @@ class AllocateBits(Pass):
 
     def _extreme_bytes(self, plan: Plan) -> tuple[int, int]:
         """Stored bytes of the eligible tensors at the ends of :meth:`reach`."""
-        return tuple(plan.fixed_bytes + sum(f(c[b][1] for b in self.choices) for c in plan.costs.values())
+        return tuple(plan.fixed_bytes + sum(f(c[b].bytes for b in self.choices) for c in plan.costs.values())
                      for f in (min, max))
 
-    def apply(self, ir: IR, choice: Mapping[str, int], ctx: Context | None = None) -> IR:
-        """``ir`` with ``meta.info["allocated_bits"]`` (and ``"allocation"``) set from ``choice``."""
+    def apply(self, ir: IR, choice: Mapping[str, int], plan: Plan, ctx: Context | None = None) -> IR:
+        """``ir`` with ``meta.info`` ``allocated_bits``, ``allocation`` and ``predicted_rel_error``
+        set from ``choice`` and the plan's measurements."""
         how = "random" if self.random_seed is not None else self.proxy
         widths = list(choice.values())
         (Context() if ctx is None else ctx).log(
             f"allocate ({how}): " + ", ".join(f"{widths.count(b)} tensors at {b} bits" for b in sorted(set(widths))))
-        meta = {p: ir.meta[p].replace(info={**ir.meta[p].info, "allocated_bits": int(b), "allocation": how})
-                for p, b in choice.items()}
+        meta = {}
+        for p, b in choice.items():
+            cost = plan.fixed_costs[p] if p in plan.fixed else plan.costs[p][b]
+            meta[p] = ir.meta[p].replace(info={**ir.meta[p].info, "allocated_bits": int(b), "allocation": how,
+                                               "predicted_rel_error": cost.rel_error})
         return ir.replace(meta=meta)
 
     def __call__(self, ir: IR, ctx: Context | None = None) -> IR:
-        return self.apply(ir, self.choose(self.plan(ir, ctx)), ctx)
+        plan = self.plan(ir, ctx)
+        return self.apply(ir, self.choose(plan), plan, ctx)
+
+
+class Cost(NamedTuple):
+    """One tensor at one width: the proxy's ``damage``, stored ``bytes``, measured ``rel_error``."""
+
+    damage: float
+    bytes: int
+    rel_error: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,16 +284,21 @@ class Plan:
     """What :meth:`AllocateBits.plan` measured (see there).
 
     Attributes:
-      costs: ``{path: {bits: (damage, bytes)}}`` of the allocated tensors.
+      costs: ``{path: {bits: Cost}}`` of the allocated tensors.
       fixed: ``{path: bits}`` of the tensors that fixed rules cover.
-      fixed_bytes: their stored bytes.
+      fixed_costs: ``{path: Cost}`` of those at their width (damage not measured: 0).
       params: parameters of all selected tensors (the bits/weight denominator).
     """
 
-    costs: Mapping[str, Mapping[int, tuple[float, int]]]
+    costs: Mapping[str, Mapping[int, Cost]]
     fixed: Mapping[str, int]
-    fixed_bytes: int
+    fixed_costs: Mapping[str, Cost]
     params: int
+
+    @property
+    def fixed_bytes(self) -> int:
+        """Stored bytes of the tensors with fixed widths."""
+        return sum(c.bytes for c in self.fixed_costs.values())
 
 
 def random_promotion(costs: Mapping[str, Mapping[int, tuple[float, int]]], budget: int, seed: int) -> dict[str, int]:

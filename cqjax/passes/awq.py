@@ -29,7 +29,7 @@ jointly over tensors (``AllocateBits``) must run before the ActivationScale step
 
 Python::
 
-    recipe = ActivationScale(recipe=cq_pipeline(bits=3))      # or rtn_pipeline(...)
+    recipe = ActivationScale(recipe=recipes.recipe("cq", bits=3))   # or "rtn", "cq-ef", ...
     qir, _ = pipeline.run(recipe, ir, Context(calibration=stats))
 
 Hydra: ``+pipeline.awq._target_=cqjax.passes.awq.ActivationScale`` adds the step last; the
@@ -48,10 +48,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from cqjax import select
-from cqjax.ir import IR, LazyTensor, materialize
+from cqjax.ir import IR, KERNEL_ROLES, LazyTensor, materialize
 from cqjax.kernels.qarrays import is_quantized
-from cqjax.passes.common import KERNEL_ROLES
-from cqjax.pipeline import Chain, Context, Pass, _selected_paths, named_chain, pass_name, sub_ir
+from cqjax.passes.gptq import calibration_hessian
+from cqjax.pipeline import Chain, Context, Needs, Pass, PassLike, named_chain, sub_ir
+from cqjax.progress import Progress
+from cqjax.quant_stats import dequantizer
 
 #: ``|log2 s|`` is clipped to this (fp16 holds the scale and the scaled weights' norms).
 MAX_LOG2_SCALE = 12.0
@@ -92,12 +94,6 @@ def scaled_entry(entry: Mapping[str, Any], s: np.ndarray) -> dict:
     return out
 
 
-def _hessian(ctx: Context, path: str, K: int) -> np.ndarray | None:
-    from cqjax.passes.gptq import calibration_hessian
-
-    return calibration_hessian(ctx, path, K)
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ActivationScale(Pass):
     """Per-input-channel activation-aware scales chosen through the downstream recipe.
@@ -132,19 +128,20 @@ class ActivationScale(Pass):
 
     @property
     def may_change(self) -> frozenset[str]:  # type: ignore[override]
-        return frozenset(getattr(self.recipe, "may_change", ()))
+        return self._recipe().may_change if self.recipe is not None else frozenset()
 
     @property
-    def needs(self) -> frozenset[str]:  # type: ignore[override]
+    def needs(self) -> Needs:  # type: ignore[override]
         """Calibration Hessians, plus what the wrapped recipe reads."""
-        return frozenset({"hessian"}) | frozenset(getattr(self.recipe, "needs", ()))
+        own = Needs(statistics={"hessian"})
+        return own | self.recipe.needs if self.recipe is not None else own
 
     def around(self, recipe: Any) -> ActivationScale:
         """This pass wrapping ``recipe``."""
         return dataclasses.replace(self, recipe=recipe)
 
     def selected(self, ir: IR) -> list[str]:
-        inner = _selected_paths(self.recipe, ir) if self.recipe is not None else None
+        inner = self.recipe.selected(ir) if self.recipe is not None else None
         return list(ir.params) if inner is None else inner
 
     def _recipe(self) -> Any:
@@ -154,9 +151,6 @@ class ActivationScale(Pass):
         return self.recipe
 
     def __call__(self, ir: IR, ctx: Context | None = None) -> IR:
-        from cqjax.eval.progress import Progress
-        from cqjax.quant_stats import dequantizer
-
         ctx = Context() if ctx is None else ctx
         recipe = self._recipe()
         base = recipe(ir, ctx)
@@ -172,7 +166,7 @@ class ActivationScale(Pass):
                 continue  # a table
             if leaf.in_scale is not None:
                 raise ValueError(f"{self.name}: {path} already has an in_scale (two ActivationScale steps?)")
-            H = _hessian(ctx, path, meta.shape[0])
+            H = calibration_hessian(ctx, path, meta.shape[0])
             (plain if H is None else paths).append(path)
         if plain:
             ctx.log(f"{self.name}: no calibration Hessian for {len(plain)} of {len(plain) + len(paths)} kernels "
@@ -181,9 +175,11 @@ class ActivationScale(Pass):
             return base.replace(meta={p: _info(base.meta[p], alpha=0.0) for p in paths})
         dequantize = dequantizer()
         params, meta = {}, {}
-        bar = Progress(f"pass {self.name}", total=len(paths), unit="tensors", every_s=10.0, tag="cqjax")
+        bar = Progress(f"pass {ctx.step or self.name}", total=len(paths), unit="tensors", every_s=10.0, tag="cqjax",
+                       enabled=ctx.progress)
+        quiet = ctx.replace(progress=False)  # the recipe reruns per tensor and exponent
         for path in paths:
-            params[path], meta[path] = self._one(path, ir, base, ctx, recipe, dequantize)
+            params[path], meta[path] = self._one(path, ir, base, quiet, recipe, dequantize)
             bar.update(1)
         bar.close()
         return base.replace(params=params, meta=meta)
@@ -191,7 +187,7 @@ class ActivationScale(Pass):
     def _one(self, path: str, ir: IR, base: IR, ctx: Context, recipe: Any, dequantize) -> tuple[Any, Any]:
         """The best ``(leaf, meta)`` of one kernel over the exponents."""
         w = np.asarray(materialize(ir.params[path]), np.float32)
-        H = _hessian(ctx, path, w.shape[0])
+        H = calibration_hessian(ctx, path, w.shape[0])
         search = self.alpha is None
         if search:
             den = float(np.sum(w.astype(np.float64) * (H @ w.astype(np.float64))))
@@ -224,15 +220,15 @@ def _info(meta, alpha: float, **extra):
     return meta.replace(info={**meta.info, "awq_alpha": alpha, **extra})
 
 
-def compose(steps: Chain | Sequence[tuple[str, Any]]) -> Chain:
+def compose(steps: Chain | Sequence[tuple[str, PassLike]]) -> Chain:
     """Pipeline steps with an :class:`ActivationScale` step (without a recipe) made to wrap the
-    others, for config-built pipelines where the step is added last
+    quantizing steps, for config-built pipelines where the step is added last
     (``+pipeline.awq._target_=cqjax.passes.awq.ActivationScale``).
 
-    If the step is last it wraps every other step; elsewhere it wraps the steps after it and
-    the steps before it (e.g. a bit allocation) run first. Steps are returned unchanged when
-    there is no such step. A progress wrapper around a wrapped step is removed (the recipe
-    runs many times per tensor).
+    It wraps the steps after it, or (when it is last) the steps before it; steps that need
+    the float reference (tuning, which runs after quantization) are never wrapped and stay
+    after it; steps before it that it does not wrap (e.g. a bit allocation) run first. Steps
+    are returned unchanged when there is no such step.
     """
     steps = list(steps.steps if isinstance(steps, Chain) else steps)
     at = [i for i, (_, p) in enumerate(steps) if isinstance(p, ActivationScale) and p.recipe is None]
@@ -243,11 +239,8 @@ def compose(steps: Chain | Sequence[tuple[str, Any]]) -> Chain:
     i = at[0]
     name, p = steps[i]
     before, after = (steps[:i], steps[i + 1:]) if i < len(steps) - 1 else ([], steps[:i])
-    if not after:
-        raise ValueError(f"pipeline step {name!r} ({pass_name(p)}) has no quantization steps to wrap")
-    return named_chain(*before, (name, p.around(named_chain(*((n, _unprogress(q)) for n, q in after)))))
-
-
-def _unprogress(p: Any) -> Any:
-    """``p`` without a display-only wrapper (one that says what it wraps as ``unwrapped``)."""
-    return getattr(p, "unwrapped", p)
+    wrap = [(n, q) for n, q in after if not q.needs.reference]
+    late = [(n, q) for n, q in after if q.needs.reference]
+    if not wrap:
+        raise ValueError(f"pipeline step {name!r} ({p.name}) has no quantization steps to wrap")
+    return named_chain(*before, (name, p.around(named_chain(*wrap))), *late)

@@ -1,4 +1,7 @@
-"""What the quantization passes share: which tensors are eligible, their rows, their bits."""
+"""What the quantization passes share: the rows of a tensor and the bit width of a path.
+
+(Which tensors are eligible is :data:`cqjax.quant_stats.ELIGIBLE`.)
+"""
 
 from __future__ import annotations
 
@@ -7,20 +10,7 @@ from typing import Any
 import numpy as np
 
 from cqjax import select
-from cqjax.ir import TensorMeta, materialize
-
-#: Roles whose tensors the recipe quantizes (the "eligible" tensors of bits/weight).
-ELIGIBLE_ROLES = ("linear", "embedding", "per_layer_embedding", "lm_head")
-#: Roles stored as [in, out] kernels: their quantized rows are the kernel's columns.
-KERNEL_ROLES = ("linear", "lm_head")
-EMBED_ROLES = ("embedding", "per_layer_embedding", "lm_head")
-
-ELIGIBLE = select.All(select.Any(*(f"role:{r}" for r in ELIGIBLE_ROLES)),
-                      lambda path, meta: len(meta.shape) == 2)
-
-
-def is_eligible(path: str, meta: TensorMeta) -> bool:
-    return select.to_predicate(ELIGIBLE)(path, meta)
+from cqjax.ir import EMBED_ROLES, KERNEL_ROLES, TensorMeta, materialize
 
 
 def rows_of(leaf: Any, meta: TensorMeta) -> tuple[np.ndarray, bool]:
@@ -30,12 +20,21 @@ def rows_of(leaf: Any, meta: TensorMeta) -> tuple[np.ndarray, bool]:
     return (np.ascontiguousarray(w.T) if transposed else w), transposed
 
 
-def bits_rules(bits: int, embed_bits: int | None, overrides: Any = None) -> select.Rules:
-    """``overrides`` first (a mapping filter → bits), then embeddings/LM head, then the rest."""
-    rules = list(select.Rules.of(overrides).rules) if overrides else []
+def width_rules(bits: int, embed_bits: int | None, overrides: Any = None, roles: Any = None
+                ) -> list[tuple[Any, int, str]]:
+    """``(filter, bits, source)`` in the order they are tried: ``overrides`` (a mapping
+    filter → bits), ``roles`` (a bundle's), one rule per embedding role at ``embed_bits``, then
+    everything at ``bits``; ``source`` names the ``quant`` key each came from."""
+    out = [(f, b, "quant.overrides") for f, b in select.Rules.of(overrides).rules] if overrides else []
+    out += [(f, b, "quant.roles") for f, b in select.Rules.of(roles).rules] if roles else []
     if embed_bits is not None:
-        rules += [(select.Any(*(f"role:{r}" for r in EMBED_ROLES)), embed_bits)]
-    return select.Rules(rules + [(True, bits)])
+        out += [(f"role:{r}", embed_bits, "quant.embed_bits") for r in EMBED_ROLES]
+    return out + [(True, bits, "quant.bits")]
+
+
+def bits_rules(bits: int, embed_bits: int | None, overrides: Any = None, roles: Any = None) -> select.Rules:
+    """The :func:`width_rules` as :class:`cqjax.select.Rules` (first match wins)."""
+    return select.Rules([(f, b) for f, b, _ in width_rules(bits, embed_bits, overrides, roles)])
 
 
 def bits_for(rules: select.Rules, path: str, meta: TensorMeta) -> int:

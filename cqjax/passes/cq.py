@@ -19,14 +19,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from cqjax.formats import cq as fmt
+from cqjax.formats import rotation
 from cqjax.kernels.qarrays import CQArray
-from cqjax.passes import codebook_core, rotate_core
-from cqjax.passes.common import ELIGIBLE, bits_for, rows_of
+from cqjax.passes import codebook_core
+from cqjax.passes.common import bits_for, rows_of
 from cqjax.pipeline import Pass
+from cqjax.quant_stats import ELIGIBLE
 from cqjax.select import Rules
 
 CODEBOOK_MODES = ("analytic", "fitted")
@@ -38,7 +39,7 @@ class Rotated:
     """An intermediate leaf: rotated rows ``[rows, Kpad]`` and, after FitCodebook, levels."""
 
     rows: np.ndarray
-    rotation: rotate_core.Rotation
+    rotation: rotation.Rotation
     K: int
     transposed: bool
     bits: int | None = None
@@ -48,32 +49,18 @@ class Rotated:
     def logical_shape(self) -> tuple[int, int]:
         return (self.K, self.rows.shape[0]) if self.transposed else (self.rows.shape[0], self.K)
 
+    def stored_levels(self) -> dict[int, np.ndarray]:
+        """The levels per block size as stored (fp16), in float32: what codes are assigned against."""
+        return {d: np.asarray(c, np.float16).astype(np.float32) for d, c in self.codebooks.items()}
 
-def _rotate_rows_fast(rows: np.ndarray, rot: rotate_core.Rotation) -> np.ndarray:
-    """``rotate_core.rotate_rows_np`` in float32 with the signs and permutation folded into one
-    ``[b, b]`` matrix per block (one single-threaded BLAS matmul per block written straight
-    into the output, no gather); equal to the float64 reference within float32 rounding
-    (~1e-6 relative)."""
-    K = rows.shape[1]
-    out = np.empty((rows.shape[0], rot.Kpad), np.float32)
-    offs = fmt.block_offsets(rot.blocks)
-    with rotate_core.single_thread_blas():
-        for lo, hi, b in zip(offs[:-1], offs[1:], rot.blocks):
-            if lo >= K:
-                out[:, lo:hi] = 0.0
-                continue
-            # (R v)_j = s1_j sum_i H_ji s2_i v[perm_i]  =>  out_blk = v_blk @ M, M[perm_i - lo, j] = s1_j H_ji s2_i
-            # (built in float32: the signs are exact, so this equals float32 of the float64 product)
-            m = np.empty((b, b), np.float32)
-            m[rot.perm[lo:hi] - lo] = (rotate_core._hadamard_f32(b) * rot.s1[lo:hi][:, None]).T * rot.s2[lo:hi][:, None]
-            if hi <= K:
-                np.matmul(rows[:, lo:hi], m, out=out[:, lo:hi])
-            else:
-                out[:, lo:hi] = rows[:, lo:K] @ m[: K - lo]
-    return out
+    def pack(self, codes: np.ndarray, norms: np.ndarray) -> CQArray:
+        """The :class:`CQArray` of ``codes`` uint8 ``[rows, Kpad]`` and fp16 ``norms``."""
+        return CQArray.pack(codes, norms, self.stored_levels(), self.rotation, bits=self.bits, K=self.K,
+                            transposed=self.transposed)
 
 
-def _require(leaf, path: str, who: str, need_codebooks: bool = False) -> Rotated:
+def require_rotated(leaf, path: str, who: str, need_codebooks: bool = False) -> Rotated:
+    """``leaf`` as a :class:`Rotated` (with codebooks if asked); an error names the missing pass."""
     if not isinstance(leaf, Rotated) or (need_codebooks and leaf.codebooks is None):
         what = "rotate and codebook passes" if need_codebooks else "rotate pass"
         raise ValueError(f"{who}: {path} must first go through the {what} (got {type(leaf).__name__})")
@@ -93,10 +80,10 @@ class Rotate(Pass):
         rows, transposed = rows_of(leaf, meta)
         K = rows.shape[1]
         seed = (self.seed + ctx.seed_for(path)) % (2**31)
-        rot = rotate_core.make_rotation(K, fmt.block_plan(K, self.block, self.min_block), seed)
+        rot = rotation.make_rotation(K, fmt.block_plan(K, self.block, self.min_block), seed)
         info = {**meta.info, "block": self.block, "blocks": list(rot.blocks), "seed": seed,
                 "padding": rot.Kpad - K}
-        return Rotated(_rotate_rows_fast(rows, rot), rot, K, transposed), meta.replace(info=info)
+        return Rotated(rotation.rotate_rows(rows, rot), rot, K, transposed), meta.replace(info=info)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -115,7 +102,7 @@ class FitCodebook(Pass):
         object.__setattr__(self, "bits", Rules.of(self.bits))
 
     def rewrite(self, path, leaf, meta, ctx):
-        r = _require(leaf, path, self.name)
+        r = require_rotated(leaf, path, self.name)
         bits = bits_for(self.bits, path, meta)
         if bits not in fmt.SUPPORTED_BITS:
             raise ValueError(f"{path}: bits={bits}; supported: {fmt.SUPPORTED_BITS}")
@@ -140,15 +127,8 @@ class Pack(Pass):
             raise ValueError(f"pack.gain={self.gain!r}; allowed: {GAINS}")
 
     def rewrite(self, path, leaf, meta, ctx):
-        r = _require(leaf, path, self.name, need_codebooks=True)
-        blocks = r.rotation.blocks
+        r = require_rotated(leaf, path, self.name, need_codebooks=True)
         # fp16 levels are what is stored, so assign against exactly those.
-        books = {d: np.asarray(c, np.float16).astype(np.float32) for d, c in r.codebooks.items()}
-        codes, norms = codebook_core.quantize_rows(r.rows, blocks, books, gain=self.gain)
-        s1, s2, perm = r.rotation.arrays()
-        q = CQArray(codes=jnp.asarray(fmt.pack_codes(codes, r.bits)), norms=jnp.asarray(norms),
-                    codebooks=jnp.asarray(np.stack([books[d] for d in blocks]).astype(np.float16)),
-                    s1=jnp.asarray(s1), s2=jnp.asarray(s2), perm=jnp.asarray(perm), bits=r.bits,
-                    blocks=tuple(blocks), K=r.K, transposed=r.transposed, seed=r.rotation.seed)
-        return q, meta.replace(info={**meta.info, "gain": self.gain, "format": "cq",
+        codes, norms = codebook_core.quantize_rows(r.rows, r.rotation.blocks, r.stored_levels(), gain=self.gain)
+        return r.pack(codes, norms), meta.replace(info={**meta.info, "gain": self.gain, "format": "cq",
                                      "layout_version": fmt.LAYOUT_VERSION})

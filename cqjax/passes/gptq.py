@@ -34,17 +34,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from cqjax.formats import cq as fmt
-from cqjax.kernels.qarrays import CQArray, RTNArray, rtn_kpad
+from cqjax.formats import rtn
+from cqjax.formats.rotation import block_matrices
+from cqjax.kernels.qarrays import RTNArray
 from cqjax.passes import codebook_core, gptq_core, rtn_core
-from cqjax.passes.common import ELIGIBLE, bits_for, rows_of
-from cqjax.passes.cq import Pack, Rotated, _require
-from cqjax.passes.rotate_core import Rotation, _hadamard
+from cqjax.passes.common import bits_for, rows_of
+from cqjax.passes.cq import Pack, Rotated, require_rotated
 from cqjax.passes.rtn import RoundToNearest
-from cqjax.pipeline import Context, Pass
+from cqjax.pipeline import Context, Needs, Pass
+from cqjax.quant_stats import ELIGIBLE
 from cqjax.select import Rules
 
 BASES = ("rotated", "unrotated")
@@ -69,20 +70,6 @@ def calibration_hessian(ctx: Context, path: str, K: int) -> np.ndarray | None:
     return H
 
 
-def block_matrices(rot: Rotation) -> list[np.ndarray]:
-    """Per rotation block, float64 ``M_j [b, b]`` with ``rotated_block = v_block @ M_j`` (``v``:
-    the zero-padded original row); each is orthogonal, so ``v_block = rotated_block @ M_jᵀ``."""
-    out = []
-    offs = fmt.block_offsets(rot.blocks)
-    s1, s2 = rot.s1.astype(np.float64), rot.s2.astype(np.float64)
-    for lo, hi, b in zip(offs[:-1], offs[1:], rot.blocks):
-        m = np.empty((b, b))
-        # (R v)_j = s1_j sum_i H_ji s2_i v[perm_i]  =>  M[perm_i - lo, j] = s1_j H_ji s2_i
-        m[rot.perm[lo:hi] - lo] = (_hadamard(b) * s1[lo:hi, None]).T * s2[lo:hi, None]
-        out.append(m)
-    return out
-
-
 def _apply_blocks(rows: np.ndarray, mats: list[np.ndarray], transpose: bool) -> np.ndarray:
     """``rows [N, Kpad] @ blockdiag(M_j)`` (or ``M_jᵀ``), float64."""
     out = np.empty(rows.shape, np.float64)
@@ -101,11 +88,6 @@ def rotate_hessian(H: np.ndarray, mats: list[np.ndarray]) -> np.ndarray:
     Hp[: H.shape[0], : H.shape[1]] = H
     Hp = _apply_blocks(Hp, mats, transpose=False)  # H_pad M
     return _apply_blocks(np.ascontiguousarray(Hp.T), mats, transpose=False).T  # Mᵀ (H_pad M)
-
-
-def _books(r: Rotated) -> dict[int, np.ndarray]:
-    """The levels Pack stores (fp16), as float32."""
-    return {d: np.asarray(c, np.float16).astype(np.float32) for d, c in r.codebooks.items()}
 
 
 def _norms_f16(n: np.ndarray, path: str) -> np.ndarray:
@@ -136,7 +118,7 @@ def cq_rotated(r: Rotated, H: np.ndarray, percdamp: float = 0.01, path: str = "w
         orig = _apply_blocks(rows, mats, transpose=True)
         orig[:, : r.K][:, dead] = 0.0
         rows = _apply_blocks(orig, mats, transpose=False)
-    books = _books(r)
+    books = r.stored_levels()
     mids = {d: 0.5 * (c[:-1] + c[1:]) for d, c in books.items()}
 
     def begin(j, values):
@@ -172,7 +154,7 @@ def cq_unrotated(r: Rotated, H: np.ndarray, percdamp: float = 0.01, path: str = 
     rot, blocks, K = r.rotation, r.rotation.blocks, r.K
     mats = block_matrices(rot)
     w = _apply_blocks(r.rows.astype(np.float64), mats, transpose=True)[:, :K]
-    books = _books(r)
+    books = r.stored_levels()
     offs = fmt.block_offsets(blocks)
     widths = [min(hi, K) - lo for lo, hi in zip(offs[:-1], offs[1:])]
 
@@ -218,7 +200,7 @@ def rtn_gptq(rows: np.ndarray, H: np.ndarray, bits: int, block: int = 128, percd
         q = np.clip(np.rint((values[:, 0].astype(np.float32) - z32) / s32), 0, levels).astype(np.uint8)
         return q * s32 + z32, q
 
-    res = gptq_core.error_feedback(rows, H, rtn_core.rtn_blocks(rows.shape[1], block), quantize,
+    res = gptq_core.error_feedback(rows, H, rtn.blocks(rows.shape[1], block), quantize,
                                    begin=begin, group=1, percdamp=percdamp)
     codes = np.stack(res.aux, axis=1)
     scales = np.stack([s[0] for s in res.states], axis=1)
@@ -251,7 +233,7 @@ class ErrorFeedbackPack(_FallbackLog, Pass):
       gain: only ``"none"`` (kept so a Pack config converts by changing ``_target_``).
     """
 
-    needs = frozenset({"hessian"})
+    needs = Needs(statistics={"hessian"})
 
     default_where = ELIGIBLE
     basis: str = "rotated"
@@ -268,20 +250,14 @@ class ErrorFeedbackPack(_FallbackLog, Pass):
             raise ValueError(f"{self.name}.percdamp={self.percdamp!r}: must be >= 0")
 
     def rewrite(self, path, leaf, meta, ctx):
-        r = _require(leaf, path, self.name, need_codebooks=True)
+        r = require_rotated(leaf, path, self.name, need_codebooks=True)
         H = calibration_hessian(ctx, path, r.K)
         if H is None:
             q, m = Pack(gain="none").rewrite(path, leaf, meta, ctx)
             return q, m.replace(info={**m.info, "error_feedback": "none"})
         fn = cq_rotated if self.basis == "rotated" else cq_unrotated
         codes, norms, res = fn(r, H, self.percdamp, path)
-        s1, s2, perm = r.rotation.arrays()
-        books = _books(r)
-        blocks = r.rotation.blocks
-        q = CQArray(codes=jnp.asarray(fmt.pack_codes(codes, r.bits)), norms=jnp.asarray(norms),
-                    codebooks=jnp.asarray(np.stack([books[d] for d in blocks]).astype(np.float16)),
-                    s1=jnp.asarray(s1), s2=jnp.asarray(s2), perm=jnp.asarray(perm), bits=r.bits,
-                    blocks=tuple(blocks), K=r.K, transposed=r.transposed, seed=r.rotation.seed)
+        q = r.pack(codes, norms)
         info = {**meta.info, "gain": "none", "format": "cq", "layout_version": fmt.LAYOUT_VERSION,
                 "error_feedback": self.basis, "percdamp": self.percdamp,
                 "ef_rel_error": res.relative_error}
@@ -298,7 +274,7 @@ class GPTQRoundToNearest(_FallbackLog, Pass):
       percdamp: Hessian damping, a fraction of its mean diagonal.
     """
 
-    needs = frozenset({"hessian"})
+    needs = Needs(statistics={"hessian"})
 
     name = "gptq_round_to_nearest"
     default_where = ELIGIBLE
@@ -321,11 +297,7 @@ class GPTQRoundToNearest(_FallbackLog, Pass):
             return q, m.replace(info={**m.info, "error_feedback": "none"})
         bits = bits_for(self.bits, path, meta)
         codes, scales, zeros, res = rtn_gptq(rows, H, bits, self.block, self.percdamp, path)
-        padded = np.zeros((codes.shape[0], rtn_kpad(K)), np.uint8)
-        padded[:, :K] = codes
-        q = RTNArray(codes=jnp.asarray(fmt.pack_codes(padded, bits)), scales=jnp.asarray(scales),
-                     zeros=jnp.asarray(zeros), bits=bits, blocks=rtn_core.rtn_blocks(K, self.block),
-                     K=K, transposed=transposed)
+        q = RTNArray.pack(codes, scales, zeros, bits=bits, block=self.block, K=K, transposed=transposed)
         info = {**meta.info, "bits": bits, "block": self.block, "format": "rtn", "error_feedback": "gptq",
                 "percdamp": self.percdamp, "ef_rel_error": res.relative_error}
         return q, meta.replace(info=info)

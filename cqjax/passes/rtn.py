@@ -5,14 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax.numpy as jnp
-import numpy as np
-
-from cqjax.formats import cq as fmt
-from cqjax.kernels.qarrays import RTNArray, rtn_kpad
+from cqjax.kernels.qarrays import RTNArray
 from cqjax.passes import rtn_core
-from cqjax.passes.common import ELIGIBLE, bits_for, rows_of
+from cqjax.passes.common import bits_for, rows_of
 from cqjax.pipeline import Pass
+from cqjax.quant_stats import ELIGIBLE
 from cqjax.select import Rules
 
 
@@ -32,10 +29,5 @@ class RoundToNearest(Pass):
         rows, transposed = rows_of(leaf, meta)
         bits = bits_for(self.bits, path, meta)
         codes, scales, zeros = rtn_core.rtn_quantize(rows, bits, self.block)
-        K = rows.shape[1]
-        padded = np.zeros((codes.shape[0], rtn_kpad(K)), np.uint8)
-        padded[:, :K] = codes
-        q = RTNArray(codes=jnp.asarray(fmt.pack_codes(padded, bits)), scales=jnp.asarray(scales),
-                     zeros=jnp.asarray(zeros), bits=bits, blocks=rtn_core.rtn_blocks(K, self.block),
-                     K=K, transposed=transposed)
+        q = RTNArray.pack(codes, scales, zeros, bits=bits, block=self.block, K=rows.shape[1], transposed=transposed)
         return q, meta.replace(info={**meta.info, "bits": bits, "block": self.block, "format": "rtn"})

@@ -1,7 +1,7 @@
 """Round-to-nearest (RTN) baseline: asymmetric uniform quantization along K in blocks.
 
 Each row of ``w [rows, K]`` is cut into blocks of ``block`` values along K; the last block is
-simply shorter when ``block`` does not divide K (no padding, see :func:`rtn_blocks`). Per
+simply shorter when ``block`` does not divide K (the stored layout: :mod:`cqjax.formats.rtn`). Per
 (row, block), with ``lo = min``, ``hi = max`` of the block and ``L = 2**bits - 1``:
 
 ==========  ========================================================================
@@ -22,17 +22,6 @@ from __future__ import annotations
 import numpy as np
 
 _F16_MAX = float(np.finfo(np.float16).max)
-
-
-def rtn_blocks(K: int, block: int = 128) -> tuple[int, ...]:
-    """Block sizes for RTN: ``K // block`` full blocks, then a shorter last block if any.
-
-    >>> rtn_blocks(300, 128)
-    (128, 128, 44)
-    """
-    if K < 1 or block < 1:
-        raise ValueError(f"rtn_blocks: need K >= 1 and block >= 1, got K={K}, block={block}")
-    return (block,) * (K // block) + ((K % block,) if K % block else ())
 
 
 def _check(w: np.ndarray, bits: int, who: str) -> np.ndarray:

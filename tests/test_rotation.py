@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cqjax.formats import block_offsets, block_plan
-from cqjax.passes.rotate_core import (
+from cqjax.formats.rotation import (
     make_rotation,
     rotate_jnp,
     rotate_rows_np,

@@ -1,0 +1,54 @@
+"""What ``python -m cqjax`` does with its composed Hydra config (schema: :mod:`cqjax.config`).
+
+=========================  ==========================================  ==========================
+mode                       does                                        module
+=========================  ==========================================  ==========================
+``convert`` (default)      imports ``model``, quantizes it with        :mod:`cqjax.cli.convert`
+                           ``pipeline`` (widths from ``quant``),
+                           evaluates the float baseline (cached by
+                           model + protocol) and the quantized model
+                           against it, writes ``artifact/``,
+                           ``report.json``, ``report.md`` and plots;
+                           ``~pipeline``: the float model only
+``eval``                   evaluates ``artifact=DIR``, against its     :mod:`cqjax.cli.evaluate`
+                           float model when the artifact records one
+                           (or ``+model=...`` names it)
+``generate``               continues ``prompt="..."`` with             :mod:`cqjax.cli.generate`
+                           ``artifact=DIR`` (KV cache; greedy or
+                           sampled)
+=========================  ==========================================  ==========================
+
+Every config value is checked (:func:`cqjax.config.validate`) and the pipeline is built
+(:func:`cqjax.recipes.build`) before any model is read, so a bad key or value fails in a
+second. Shared pieces (logging, timings, the report dict and its files) are in
+:mod:`cqjax.cli.common`; report.json follows the schema in :mod:`cqjax.report`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from cqjax.config import Mode, validate, validate_inputs
+
+MODES = tuple(m.name for m in Mode)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Validates ``cfg``, then runs ``cfg.mode`` into Hydra's run directory (or the current one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from cqjax import recipes
+    from cqjax.cli import convert, evaluate, generate
+
+    validate(cfg)
+    recipe = recipes.build(cfg) if cfg.pipeline and cfg.mode == Mode.convert else None  # bad values fail now
+    validate_inputs(cfg)
+    out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(os.getcwd())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.mode == Mode.convert:
+        return convert.run(cfg, out_dir, recipe)
+    return {Mode.eval: evaluate.run, Mode.generate: generate.run}[cfg.mode](cfg, out_dir)

@@ -1,0 +1,88 @@
+"""``mode=convert``: import, quantize, evaluate float and quantized, write artifact and report."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from cqjax.cli.common import Timings, choice, eval_model, finish, fingerprint, log, model_dir, report
+from cqjax.config import eval_config
+
+
+def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
+    """Converts ``cfg.model`` with ``recipe`` (:func:`cqjax.recipes.build` of ``cfg``; None: the
+    float model only) into ``out_dir``.
+
+    Order: import (lazy), the ``quant`` rules checked against the model (an override matching
+    nothing fails here, before any work), evaluation data, the float baseline, calibration if
+    the recipe needs it, the passes, tensor errors, the artifact, the quantized evaluation.
+    """
+    from cqjax import eval as ev
+    from cqjax import pipeline as pl
+    from cqjax import quant_stats, recipes
+    from cqjax.api import load_tokenizer
+    from cqjax.eval.scoring import from_nnx
+    from cqjax.io import artifact, hf
+
+    t = Timings()
+    directory = model_dir(cfg.model)
+    with t("import"):
+        log(f"importing {directory}")
+        ir = hf.import_checkpoint(directory)
+        skipped = recipes.check_rules(cfg, ir) if recipe is not None else []
+        model = hf.to_model(ir)
+        tokenizer = load_tokenizer(directory)
+    for s in skipped:
+        log(f"rule {s['rule']} -> {s['bits']} bits ({s['from']}) matches no tensor of this model: skipped")
+    with t("tokenize eval data"):
+        data = ev.prepare(tokenizer, eval_config(cfg.eval))
+    with t("eval float"):
+        base = ev.evaluate_model(from_nnx(model), data, model_id=f"{cfg.model.name}@{fingerprint(directory)}")
+    qir, passes, quant, rows, calib = ir, [], None, [], None
+    if recipe is not None:
+        if recipe.needs.calibration:
+            with t("calibrate"):
+                calib = _calibrate(cfg, model, ir, tokenizer, recipe.needs)
+        with t("quantize"):
+            log(f"quantizing: {', '.join(name for name, _ in recipe.steps)}")
+            ctx = pl.Context(rng_seed=cfg.seed, calibration=calib or {}, rows=None if calib is None else calib.rows,
+                             log=log, progress=cfg.eval.progress)
+            qir, passes = pl.run(recipe, ir, ctx)
+        with t("tensor errors"):
+            rows = quant_stats.tensors(qir, ir, progress=cfg.eval.progress)
+        with t("save artifact"):
+            extra = {"recipe": {"method": choice("pipeline") or "custom", "model": cfg.model.name,
+                                "source": str(directory), **OmegaConf.to_container(cfg.quant, resolve=True),
+                                "calibration": None if calib is None else calib.describe()},
+                     "passes": passes}
+            artifact.save(qir, out_dir / "artifact", tokenizer_from=directory, extra=extra)
+            log(f"saved {out_dir / 'artifact'}")
+        with t("eval quantized"):
+            quant = ev.evaluate_model(from_nnx(eval_model(qir, cfg.eval.packed)), data, reference=from_nnx(model))
+    out = report(cfg, "convert", t, ir=qir, rows=rows, base=base, quant=quant, passes=passes,
+                 model=cfg.model.name, checkpoint=str(directory),
+                 artifact=str(out_dir / "artifact") if recipe is not None else None,
+                 pipeline_name=choice("pipeline") if recipe is not None else None,
+                 pipeline=None if recipe is None else [name for name, _ in recipe.steps],
+                 allocation=None if recipe is None else recipes.allocation_report(recipe),
+                 skipped_rules=skipped,
+                 calibration=None if calib is None else {**calib.describe(), "rows": cfg.calib.rows,
+                                                         "length": cfg.calib.length})
+    return finish(out, cfg, out_dir)
+
+
+def _calibrate(cfg: DictConfig, model, ir, tokenizer, needs):
+    """The calibration the recipe reads (statistics and rows), from ``cfg.calib`` rows."""
+    from cqjax.calib import calibrate
+
+    c = cfg.calib
+    what = sorted(needs.statistics) + (["rows"] if needs.rows else [])
+    log(f"calibrating ({', '.join(what)}) on {c.rows} x {c.length} tokens from {c.source!r}")
+    calib = calibrate(model, ir, tokenizer, needs.statistics, source=os.path.expanduser(c.source) if c.source not in
+                      ("self", "squad") else c.source, rows=c.rows, length=c.length, seed=c.seed,
+                      progress=cfg.eval.progress)
+    log(f"calibration: {calib.describe()}")
+    return calib
