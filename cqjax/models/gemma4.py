@@ -41,7 +41,7 @@ from flax import nnx
 from cqjax.errors import ConfigError
 from cqjax.models import layers, registry
 from cqjax.models.families import check_keys, expect
-from cqjax.models.transformer import LAYER_TYPES, OutputHead
+from cqjax.models.transformer import LAYER_TYPES, OutputHead, default_side
 
 # transformers' Gemma4TextConfig defaults, used for keys a config.json leaves out.
 DEFAULTS: dict[str, Any] = dict(
@@ -421,27 +421,24 @@ class Gemma4ForCausalLM(OutputHead, nnx.Module):
         proj = self.per_layer_projection_norm(proj.reshape(shape))
         return (proj + table) * jnp.asarray(2.0 ** -0.5, self.dtype)
 
-    def hidden_states(self, tokens, mask=None, positions=None, caches=None):
-        """Final-norm hidden states ``[B, T, D]`` (and the updated caches if given).
-
-        ``caches`` has one entry per layer; KV-shared layers pass theirs through unchanged.
-        """
+    def embed(self, tokens, mask=None, positions=None):
+        """``(x, side)``: scaled embeddings and ``{"positions", "valid", "ple", "shared"}`` (the
+        per-layer inputs and the keys/values that KV-shared layers reuse)."""
         cfg = self.config
-        if mask is None:
-            mask = jnp.ones(tokens.shape, bool)
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         x = self.embed_tokens(tokens, self.dtype) * jnp.asarray(cfg.hidden_size ** 0.5, self.dtype)
         ple = self.per_layer_inputs(tokens, x) if cfg.hidden_size_per_layer_input else None
-        shared, new_caches = {}, []
-        for i, (layer, spec) in enumerate(zip(self.layers, cfg.layers)):
-            cache = None if caches is None else caches[i]
-            x, cache, kv = layer(x, None if ple is None else ple[:, :, i], positions, mask.astype(bool),
-                                 cache, shared.get(spec.layer_type))
-            if spec.kv_sharing == "store":
-                shared[spec.layer_type] = kv
-            new_caches.append(cache)
-        return self.norm(x), (None if caches is None else new_caches)
+        return x, {**default_side(tokens, mask, positions), "ple": ple, "shared": {}}
+
+    def block(self, i, x, side, cache=None):
+        """Layer ``i``; a layer that stores keys/values for KV-shared layers adds them to ``side``.
+        A KV-shared layer passes its cache through unchanged."""
+        spec = self.config.layers[i]
+        ple = side["ple"]
+        x, cache, kv = self.layers[i](x, None if ple is None else ple[:, :, i], side["positions"], side["valid"],
+                                      cache, side["shared"].get(spec.layer_type))
+        if spec.kv_sharing == "store":
+            side = {**side, "shared": {**side["shared"], spec.layer_type: kv}}
+        return x, side, cache
 
 
 

@@ -151,8 +151,29 @@ class DecoderLayer(nnx.Module):
 
 
 class OutputHead:
-    """``logits`` and ``__call__`` of a causal LM with ``embed_tokens``, ``lm_head`` (None when
-    tied), ``config.final_softcap`` and a ``hidden_states`` method."""
+    """What every causal LM family shares: the block loop, the output head and ``__call__``.
+
+    A family provides ``embed_tokens``, ``lm_head`` (None when tied), ``norm``, ``layers``,
+    ``config.final_softcap`` and two methods, so that block-wise passes (tuning) can run one
+    block at a time:
+
+    ============================================  ==================================================
+    method                                        returns
+    ============================================  ==================================================
+    ``embed(tokens, mask, positions)``            ``(x [B, T, D], side)``: the first block's input and
+                                                  the side inputs blocks read (a pytree)
+    ``block(i, x, side, cache=None)``             ``(x, side, cache)`` after block ``i``
+    ============================================  ==================================================
+    """
+
+    def hidden_states(self, tokens, mask=None, positions=None, caches=None):
+        """Final-norm hidden states ``[B, T, D]`` (and the updated caches if given)."""
+        x, side = self.embed(tokens, mask, positions)
+        new_caches = []
+        for i in range(len(self.layers)):
+            x, side, c = self.block(i, x, side, None if caches is None else caches[i])
+            new_caches.append(c)
+        return self.norm(x), (None if caches is None else new_caches)
 
     def logits(self, h):
         cfg = self.config
@@ -184,19 +205,23 @@ class CausalLM(OutputHead, nnx.Module):
             cfg.hidden_size, cfg.vocab_size, role="lm_head", dtype=dtype)
         self.dtype = dtype
 
-    def hidden_states(self, tokens, mask=None, positions=None, caches=None):
-        """Final-norm hidden states ``[B, T, D]`` (and the updated caches if given)."""
-        cfg = self.config
-        if mask is None:
-            mask = jnp.ones(tokens.shape, bool)
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    def embed(self, tokens, mask=None, positions=None):
+        """``(x, side)``: scaled token embeddings and ``{"positions", "valid"}`` (see :class:`OutputHead`)."""
         x = self.embed_tokens(tokens, self.dtype)
-        if cfg.embed_scale is not None:
-            x = x * jnp.asarray(cfg.embed_scale, self.dtype)
-        new_caches = []
-        for i, layer in enumerate(self.layers):
-            x, c = layer(x, positions, mask.astype(bool), None if caches is None else caches[i])
-            new_caches.append(c)
-        return self.norm(x), (None if caches is None else new_caches)
+        if self.config.embed_scale is not None:
+            x = x * jnp.asarray(self.config.embed_scale, self.dtype)
+        return x, default_side(tokens, mask, positions)
+
+    def block(self, i, x, side, cache=None):
+        x, cache = self.layers[i](x, side["positions"], side["valid"], cache)
+        return x, side, cache
+
+
+def default_side(tokens, mask=None, positions=None) -> dict:
+    """``{"positions", "valid"}``: positions ``0..T-1`` on every row and all-valid by default."""
+    if mask is None:
+        mask = jnp.ones(tokens.shape, bool)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return {"positions": positions, "valid": mask.astype(bool)}
 
