@@ -17,11 +17,12 @@ cqjax          uniform 2/3/4 (data-free), the same with error feedback (rotated 
 rtn            round-to-nearest, blocks of 128 and 64 (fp16 scale + zero per block)
 gptq           GPTQ on the RTN grid, block 128 (our pass; no rotation)
 hqq            HQQ at 2/3/4 bits, groups 64 and 128, on the linears
+qwix           Qwix (JAX) weight-only PTQ at 2/3/4 bits, tiles of 64 and 128, on the linears
 llama.cpp      F32 (a check of the harness), Q2_K, Q3_K_M, Q4_K_M, Q4_0 via ``llama_model_quantize``
 =============  ===============================================================================
 
 Embedding policy: cqjax, rtn and gptq rows store embeddings and the LM head at 4 bits with their
-own method (``--embed-bits``); HQQ quantizes linears only, so its rows use cqjax's 4-bit CQ
+own method (``--embed-bits``); HQQ and Qwix quantize linears only, so their rows use cqjax's 4-bit CQ
 embeddings (identical to the cqjax rows'); llama.cpp picks its own types per tensor (its file's
 bytes are counted).
 
@@ -64,7 +65,7 @@ from cqjax.kernels.qarrays import is_quantized
 from cqjax.ir import EMBED_ROLES
 from cqjax.passes.common import rows_of
 
-METHODS = ("cqjax", "rtn", "gptq", "hqq", "llama.cpp")
+METHODS = ("cqjax", "rtn", "gptq", "hqq", "qwix", "llama.cpp")
 
 
 def log(msg: str) -> None:
@@ -262,9 +263,10 @@ def run_cqjax(h: Harness, ctx, bits_list) -> None:
     calibrated("4-bit +ef, 8-bit embeddings", allocated(16, (4,), embed_bits=8), embed_bits=8)
 
 
-def run_hqq(h: Harness, bits_list) -> None:
-    import peer_hqq
-
+def run_linear_peer(h: Harness, method: str, quantize, bits_list) -> None:
+    """A peer that quantizes the linears only (``quantize(rows, bits, group) -> (decoded, bytes)``:
+    HQQ, Qwix), at each of ``bits_list`` with groups of 64 and 128; its rows use cqjax's CQ
+    embeddings at ``--embed-bits`` (identical to the cqjax rows')."""
     from cqjax import recipes
 
     embeddings = tuple(f"role:{r}" for r in EMBED_ROLES)
@@ -274,7 +276,7 @@ def run_hqq(h: Harness, bits_list) -> None:
     for bits in bits_list:
         for group in (64, 128):
             config = f"{bits}-bit group {group}"
-            if h.done("hqq", config):
+            if h.done(method, config):
                 continue
             t = time.perf_counter()
             params = {p: emb.params[p] for p, m in h.ir.meta.items() if m.role in EMBED_ROLES}
@@ -283,9 +285,9 @@ def run_hqq(h: Harness, bits_list) -> None:
                 for which, src in (("model", h.ir), ("gaussian", gauss)):
                     rows, transposed = rows_of(src.params[p], h.ir.meta[p])
                     try:
-                        w_hat, n = peer_hqq.quantize(rows, bits, group)
-                    except (AssertionError, RuntimeError) as err_:
-                        raise RuntimeError(f"hqq {config}: cannot quantize {p} {rows.shape}: {err_}") from err_
+                        w_hat, n = quantize(rows, bits, group)
+                    except (AssertionError, RuntimeError, ValueError) as err_:
+                        raise RuntimeError(f"{method} {config}: cannot quantize {p} {rows.shape}: {err_}") from err_
                     sums[which].append(quant_stats.error_sums(rows, w_hat))
                     if which == "model":
                         params[p], nbytes[p] = (w_hat.T if transposed else w_hat), n
@@ -293,7 +295,7 @@ def run_hqq(h: Harness, bits_list) -> None:
             q_ir = h.ir.replace(params={**h.ir.params, **params})
             rows_ = quant_stats.tensors(q_ir, external=nbytes)
             bpw = quant_stats.storage(q_ir, rows_)["bits_per_weight"]["quantized_tensors"]
-            h.score("hqq", config, from_nnx(runtime.dequantized_model(q_ir)), bpw,
+            h.score(method, config, from_nnx(runtime.dequantized_model(q_ir)), bpw,
                     weight_error(*(quant_stats.pooled_rel_error(v) for v in sums.values())), seconds,
                     embeddings=f"cqjax CQ {h.args.embed_bits}-bit")
 
@@ -350,7 +352,8 @@ def main(argv=None) -> int:
     add_calibration_args(ap)
     args = ap.parse_args(argv)
 
-    missing = [m for m, mod in (("hqq", "hqq"), ("llama.cpp", "llama_cpp")) if m in args.methods and not _has(mod)]
+    missing = [m for m, mod in (("hqq", "hqq"), ("qwix", "qwix"), ("llama.cpp", "llama_cpp"))
+               if m in args.methods and not _has(mod)]
     if missing:
         raise SystemExit(f"peers: {', '.join(missing)} not installed; run `bash benchmarks/setup_peers.sh` "
                          f"or leave them out with --methods")
@@ -374,7 +377,13 @@ def main(argv=None) -> int:
     if {"rtn", "gptq"} & set(args.methods):
         run_rtn_gptq(h, ctx, args.bits, args.methods)
     if "hqq" in args.methods:
-        run_hqq(h, args.bits)
+        import peer_hqq
+
+        run_linear_peer(h, "hqq", peer_hqq.quantize, args.bits)
+    if "qwix" in args.methods:
+        import peer_qwix
+
+        run_linear_peer(h, "qwix", peer_qwix.quantize, args.bits)
     if "llama.cpp" in args.methods:
         import peer_llamacpp
 

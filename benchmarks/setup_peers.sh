@@ -7,6 +7,7 @@
 #   - hqq: CPU only (DISABLE_CUDA=1, else it tries a CUDA build); needs torch, which must be the
 #     pinned CPU wheel (an unpinned torch pulls CUDA).
 #   - gguf: writes the F32 GGUF that llama.cpp quantizes.
+#   - qwix: the JAX quantization library (weight-only PTQ rows).
 #
 #   bash benchmarks/setup_peers.sh
 set -euo pipefail
@@ -19,6 +20,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -m pip install -q torch==2.13.0
 python -m pip install -q 'gguf>=0.10'
 DISABLE_CUDA=1 python -m pip install -q hqq==0.2.8.post1
+python -m pip install -q qwix==0.1.8
 start=$(date +%s)
 python -m pip install -q --no-cache-dir llama-cpp-python==0.3.36
 echo "setup_peers: llama-cpp-python built in $(( $(date +%s) - start )) s"

@@ -160,8 +160,8 @@ def _calibration(ir: IR, source: Path | None, needs, calib: dict, progress: bool
         raise ValueError("quantize: this recipe needs calibration, which needs the checkpoint directory with its "
                          "tokenizer (pass the path, not an IR), or run it with pipeline=... and your own Context")
     c = OmegaConf.merge(OmegaConf.structured(CalibConfig), calib)
-    return calibrate(hf.to_model(ir), ir, load_tokenizer(source), needs.statistics, source=c.source, rows=c.rows,
-                     length=c.length, seed=c.seed, progress=progress)
+    return calibrate(hf.to_model(ir), ir, load_tokenizer(source), needs.statistics, source=c.source,
+                     rows=max(c.rows, needs.rows), length=c.length, seed=c.seed, progress=progress)
 
 
 def save(q: Quantized, directory: str | os.PathLike) -> Path:
@@ -170,10 +170,11 @@ def save(q: Quantized, directory: str | os.PathLike) -> Path:
     return artifact.save(q.ir, directory, tokenizer_from=q.tokenizer_path, extra=extra)
 
 
-def load(directory: str | os.PathLike, dtype=jnp.float32) -> Quantized:
-    """Reads an artifact directory written by :func:`save`."""
+def load(directory: str | os.PathLike, dtype=jnp.float32, *, verify: bool = True) -> Quantized:
+    """Reads an artifact directory written by :func:`save`, validated against the format and (with
+    ``verify``) every stored array's sha256 (:func:`cqjax.io.artifact.load`)."""
     manifest = artifact.read_manifest(directory)
-    ir = artifact.load(directory)
+    ir = artifact.load(directory, verify=verify)
     extra = artifact.from_json(manifest.get("extra", {}))
     return Quantized(model=hf.to_model(ir, dtype), ir=ir, report=list(extra.get("passes", [])),
                      storage=quant_stats.storage(ir), tokenizer_path=artifact.tokenizer_dir(directory),

@@ -94,7 +94,8 @@ class Needs:
     ==============  ============================================  ============================
     ``statistics``  ``ctx.calibration[path][name]`` per tensor    calibration (``"hessian"``,
                     (a pass falls back where one is missing)      ``"fisher"``)
-    ``rows``        ``ctx.rows``: calibration token rows          calibration
+    ``rows``        ``ctx.rows``: at least this many calibration  calibration (draws
+                    token rows (0: none)                          ``max(calib.rows, rows)``)
                     ``[n, length]``
     ``reference``   ``ctx.reference``: the float IR               :func:`run` (its input IR)
     ==============  ============================================  ============================
@@ -103,22 +104,22 @@ class Needs:
     """
 
     statistics: frozenset[str] = frozenset()
-    rows: bool = False
+    rows: int = 0
     reference: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "statistics", frozenset(self.statistics))
 
     def __or__(self, other: Needs) -> Needs:
-        return Needs(self.statistics | other.statistics, self.rows or other.rows, self.reference or other.reference)
+        return Needs(self.statistics | other.statistics, max(self.rows, other.rows), self.reference or other.reference)
 
     def __bool__(self) -> bool:
-        return bool(self.statistics) or self.rows or self.reference
+        return bool(self.statistics) or self.rows > 0 or self.reference
 
     @property
     def calibration(self) -> bool:
         """Whether calibration rows must be drawn (for statistics or for the rows themselves)."""
-        return bool(self.statistics) or self.rows
+        return bool(self.statistics) or self.rows > 0
 
 
 @runtime_checkable

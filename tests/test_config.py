@@ -34,7 +34,7 @@ def test_config_dir_is_the_source_checkout():
 
 def test_every_group_has_options():
     assert {"smollm2-135m", "gemma3-270m", "hf", "gemma4", "qwen3", "llama-3.2"} <= set(options("model"))
-    assert set(options("pipeline")) == {"cq", "cq-ef", "rtn", "gptq"} and {"default", "quick"} <= set(options("eval"))
+    assert set(options("pipeline")) == {"cq", "cq-ef", "cq-tune", "rtn", "gptq"} and {"default", "quick"} <= set(options("eval"))
     assert {"mobile", "embed8"} <= set(options("bundle"))
     assert "production" in options("experiment")
 
@@ -71,7 +71,7 @@ def test_every_option_composes_validates_and_instantiates(group, option):
 
 
 def test_error_feedback_pipelines_ask_for_hessians():
-    assert build(composed("+model=smollm2-135m")).needs == Needs()
+    assert build(composed("+model=smollm2-135m", "pipeline=cq")).needs == Needs()
     for name in ("cq-ef", "gptq"):
         assert build(composed("+model=smollm2-135m", f"pipeline={name}")).needs == Needs(statistics={"hessian"})
     recipe = build(composed("+model=smollm2-135m", "pipeline=cq-ef", "pipeline.pack.basis=unrotated"))
@@ -96,7 +96,7 @@ def test_bpw_puts_the_allocator_first(pipeline):
     linear = TensorMeta(role="linear", hf_name="x", shape=(64, 64), dtype="float32")
     assert alloc.fixed.get("embed_tokens/embedding", embed) == 8  # embed_bits stays fixed
     assert alloc.fixed.get("layers/0/mlp/up_proj/kernel", linear) is None  # linears are allocated
-    weight = build(composed("+model=smollm2-135m", "quant.bpw=3", "quant.proxy=weight"))
+    weight = build(composed("+model=smollm2-135m", "pipeline=cq", "quant.bpw=3", "quant.proxy=weight"))
     assert weight.needs == Needs()
     free = build(composed("+model=smollm2-135m", "quant.bpw=3", "quant.embed_bits=null"))
     assert free.steps[0][1].fixed is None  # embeddings allocated too
@@ -142,11 +142,16 @@ def test_pipeline_is_a_dict_of_named_passes():
     assert not composed("+model=smollm2-135m", "~pipeline").pipeline
 
 
-def test_experiment_production_is_global():
+def test_experiment_production_is_global_and_tuned():
     cfg = composed("+model=smollm2-135m", "experiment=production", "eval=quick")
-    assert cfg.quant.bits == 4 and cfg.quant.codebook == "fitted" and cfg.pipeline.pack.gain == "ls"
-    assert cfg.pipeline.codebook.mode == "fitted"
+    assert cfg.quant.bits == 4 and list(cfg.pipeline) == ["rotate", "codebook", "pack", "tune"]
+    assert cfg.pipeline.tune.max_seconds > 0 and cfg.pipeline.tune.rows >= cfg.calib.rows
     assert "experiment" not in cfg
+
+
+def test_the_default_recipe_is_error_feedback():
+    cfg = composed("+model=smollm2-135m")
+    assert cfg.pipeline.pack._target_ == "cqjax.passes.gptq.ErrorFeedbackPack"
 
 
 def test_perplexity_path_maps_onto_eval_config(tmp_path):
@@ -188,7 +193,7 @@ def test_bad_values_name_key_and_allowed_values(overrides, needles):
     (["+pipeline.extra._target_=cqjax.passes.cq.NoSuchPass"], ["pipeline.extra", "NoSuchPass"]),
 ])
 def test_bad_pass_settings_fail_at_instantiation(overrides, needles):
-    cfg = composed("+model=smollm2-135m", *overrides)
+    cfg = composed("+model=smollm2-135m", "pipeline=cq", *overrides)
     with pytest.raises(ConfigError) as e:
         build(cfg)
     for n in needles:

@@ -98,3 +98,16 @@ def test_verdicts_compare_each_peer_with_cqjax_at_no_more_bits():
     md = peers.markdown({"model": "m", "float": {"perplexity": 19.0, "accuracy": {}}, "protocol": {},
                          "machine": {}, **result})
     assert "| hqq | 2-bit g64 | 2.400 | 500.000 |" in md and "| rtn 3-bit | 3.450 | 20.000 | 3-bit | 3.400 | 30.000 | no |" in md
+
+
+def test_qwix_peer_tiles_and_bytes():
+    """Qwix needs tiles that divide the input dim; bytes are bits per weight plus an fp16 scale per tile."""
+    import peer_qwix
+
+    assert peer_qwix.tile(576, 128) == 64 and peer_qwix.tile(1536, 128) == 128 and peer_qwix.tile(40, 64) == 8
+    pytest.importorskip("qwix")
+    rows = np.random.default_rng(0).standard_normal((6, 576)).astype(np.float32)
+    w_hat, nbytes = peer_qwix.quantize(rows, 4, 128)
+    assert w_hat.shape == rows.shape and nbytes == 6 * 576 * 4 // 8 + 2 * 6 * (576 // 64)
+    err = np.sum((rows - w_hat) ** 2) / np.sum(rows ** 2)
+    assert 0.003 < err < 0.03  # symmetric absmax int4 on Gaussian rows

@@ -58,7 +58,7 @@ def test_recipe_bytes_are_pinned(ir, name):
 
 
 def test_recipes_are_the_config_group():
-    assert recipes.names() == ["cq", "cq-ef", "gptq", "rtn"]
+    assert recipes.names() == ["cq", "cq-ef", "cq-tune", "gptq", "rtn"]
     with pytest.raises(ConfigError, match="not one of"):
         recipes.config("nope")
     with pytest.raises(ConfigError, match="quant.bits=5"):

@@ -371,7 +371,7 @@ class DecoderLayer(nnx.Module):
             self.per_layer_projection = layers.Linear(p, d, dtype=dtype)
             self.post_per_layer_input_norm = norm()
         self.layer_scalar = nnx.Param(jnp.zeros((1,), dtype), role="other")
-        self.act = cfg.act
+        self.act, self.spec = cfg.act, spec
 
     def __call__(self, x, per_layer_input, positions, valid, cache=None, shared=None):
         h, cache, kv = self.self_attn(self.input_layernorm(x), positions, valid, cache, shared)
@@ -429,13 +429,13 @@ class Gemma4ForCausalLM(OutputHead, nnx.Module):
         ple = self.per_layer_inputs(tokens, x) if cfg.hidden_size_per_layer_input else None
         return x, {**default_side(tokens, mask, positions), "ple": ple, "shared": {}}
 
-    def block(self, i, x, side, cache=None):
+    def block(self, i, x, side, cache=None, layer=None):
         """Layer ``i``; a layer that stores keys/values for KV-shared layers adds them to ``side``.
         A KV-shared layer passes its cache through unchanged."""
-        spec = self.config.layers[i]
-        ple = side["ple"]
-        x, cache, kv = self.layers[i](x, None if ple is None else ple[:, :, i], side["positions"], side["valid"],
-                                      cache, side["shared"].get(spec.layer_type))
+        layer = self.layers[i] if layer is None else layer
+        spec, ple = layer.spec, side["ple"]
+        x, cache, kv = layer(x, None if ple is None else ple[:, :, i], side["positions"], side["valid"],
+                             cache, side["shared"].get(spec.layer_type))
         if spec.kv_sharing == "store":
             side = {**side, "shared": {**side["shared"], spec.layer_type: kv}}
         return x, side, cache

@@ -162,7 +162,10 @@ class OutputHead:
     ============================================  ==================================================
     ``embed(tokens, mask, positions)``            ``(x [B, T, D], side)``: the first block's input and
                                                   the side inputs blocks read (a pytree)
-    ``block(i, x, side, cache=None)``             ``(x, side, cache)`` after block ``i``
+    ``block(i, x, side, cache=None, layer=None)``  ``(x, side, cache)`` after block ``i``; ``layer``
+                                                  stands in for ``layers[i]`` (then ``i`` may be a
+                                                  traced index: one compile serves every block of a
+                                                  structure)
     ============================================  ==================================================
     """
 
@@ -212,8 +215,9 @@ class CausalLM(OutputHead, nnx.Module):
             x = x * jnp.asarray(self.config.embed_scale, self.dtype)
         return x, default_side(tokens, mask, positions)
 
-    def block(self, i, x, side, cache=None):
-        x, cache = self.layers[i](x, side["positions"], side["valid"], cache)
+    def block(self, i, x, side, cache=None, layer=None):
+        layer = self.layers[i] if layer is None else layer
+        x, cache = layer(x, side["positions"], side["valid"], cache)
         return x, side, cache
 
 

@@ -1,0 +1,121 @@
+"""Tuning the stored format's continuous parameters: it lowers the error against the float model
+(on held-out rows too), moves nothing but norms, codebooks and float norms/biases, keeps the
+format (artifact round trip, FFI kernel), and its losses are what they claim."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cqjax import pipeline as pl
+from cqjax import recipes
+from cqjax.io import artifact, hf
+from cqjax.kernels import backend
+from cqjax.kernels.qarrays import is_quantized
+from cqjax.passes.tune import Tune
+from cqjax.passes.tune_core import Tunable, teacher_topk, topk_kl
+from cqjax.pipeline import Context, PassError
+from test_import_errors import CONFIG, write
+from test_quant_passes import tensors
+
+CFG = {**CONFIG, "vocab_size": 37, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 2,
+       "num_key_value_heads": 1, "tie_word_embeddings": False, "num_hidden_layers": 2}
+
+
+def _weights():
+    w = tensors(CFG, seed=5, scale=0.1)
+    rng = np.random.default_rng(6)
+    for k in list(w):
+        if "layers.0" in k:
+            w[k.replace("layers.0", "layers.1")] = (w[k] + 0.05 * rng.standard_normal(w[k].shape)).astype(np.float32)
+    return w
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    ir = hf.import_checkpoint(write(tmp_path_factory.mktemp("tune") / "ckpt", config=CFG, weights=_weights()))
+    rng = np.random.default_rng(0)
+    rows, held_out = rng.integers(0, 37, (8, 24)).astype(np.int32), rng.integers(0, 37, (4, 24)).astype(np.int32)
+    q, _ = pl.run(recipes.recipe("cq", bits=2, embed_bits=3, block=32), ir, progress=False)
+    tuned, _ = pl.run(Tune(steps=40, batch=4, e2e_steps=15, max_seconds=300), q, Context(rows=rows, reference=ir),
+                      progress=False)
+    return ir, q, tuned, rows, held_out
+
+
+def kl(ir, qir, rows) -> float:
+    """Mean KL(float || quantized) per token, full vocabulary, pure JAX."""
+    with backend.use_kernel("jax"):
+        p = jax.nn.log_softmax(hf.to_model(ir)(rows), -1)
+        q = jax.nn.log_softmax(hf.to_model(qir)(rows), -1)
+    return float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), -1)))
+
+
+def test_tuning_lowers_the_error_on_calibration_and_held_out_rows(setup):
+    ir, q, tuned, rows, held_out = setup
+    assert kl(ir, tuned, rows) < 0.9 * kl(ir, q, rows)
+    assert kl(ir, tuned, held_out) < kl(ir, q, held_out)
+    info = tuned.meta["layers/1/mlp/down_proj/kernel"].info["tune"]
+    assert info["block_loss"][1] < info["block_loss"][0] and info["kl"][1] <= info["kl"][0]
+
+
+def test_only_continuous_parameters_move_and_the_format_stays(setup, tmp_path):
+    _, q, tuned, _, _ = setup
+    moved = 0
+    for path, leaf in q.params.items():
+        new = tuned.params[path]
+        if is_quantized(leaf):
+            for field in ("codes", "s1", "s2", "perm"):
+                np.testing.assert_array_equal(np.asarray(getattr(new, field)), np.asarray(getattr(leaf, field)))
+            assert new.norms.dtype == leaf.norms.dtype == jnp.float16 and new.codebooks.dtype == jnp.float16
+            assert (new.bits, new.blocks, new.K, new.seed) == (leaf.bits, leaf.blocks, leaf.K, leaf.seed)
+            moved += not np.array_equal(np.asarray(new.norms), np.asarray(leaf.norms))
+        elif q.meta[path].role == "norm":
+            moved += not np.array_equal(np.asarray(new), np.asarray(leaf))
+    assert moved > 5
+    artifact.save(tuned, tmp_path / "a")
+    back = artifact.load(tmp_path / "a")
+    tokens = np.array([[1, 5, 9, 30, 2, 7]], np.int32)
+    with backend.use_kernel("jax"):
+        ref = np.asarray(hf.to_model(tuned)(tokens))
+    with backend.use_kernel("ffi" if backend.ffi_available() else "jax"):
+        got = np.asarray(hf.to_model(back)(tokens))
+    np.testing.assert_allclose(got, ref, atol=0.05 * np.abs(ref).max())
+
+
+def test_tuning_needs_rows_and_reference_and_checks_its_settings(setup):
+    ir, q, _, _, _ = setup
+    with pytest.raises(PassError, match="needs calibration rows"):
+        pl.run(Tune(), q, progress=False)
+    with pytest.raises(ValueError, match="needs the float reference and calibration rows"):
+        Tune()(q, Context())
+    with pytest.raises(ValueError, match="must be the float model"):
+        pl.run(Tune(), q, Context(rows=np.zeros((1, 4), np.int32)), progress=False)  # the reference would be q
+    with pytest.raises(ValueError, match=r"tune.batch=0"):
+        Tune(batch=0)
+    with pytest.raises(ValueError, match=r"tune.block_share=2"):
+        Tune(block_share=2)
+    chain = recipes.recipe("cq-tune", bits=3)
+    assert [n for n, _ in chain.steps] == ["rotate", "codebook", "pack", "tune"]
+    assert chain.needs.rows == 48 and chain.needs.reference and chain.needs.statistics == {"hessian"}
+
+
+def test_topk_kl_is_the_full_kl_at_full_k_and_a_lower_bound_below():
+    rng = np.random.default_rng(1)
+    t_logits, s_logits = rng.standard_normal((2, 5, 50)) * 3, rng.standard_normal((2, 5, 50)) * 3
+    p, q = jax.nn.log_softmax(t_logits), jax.nn.log_softmax(s_logits)
+    full = float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), -1)))
+    assert float(topk_kl(s_logits, *teacher_topk(t_logits, 50))) == pytest.approx(full, rel=1e-4)
+    coarse = [float(topk_kl(s_logits, *teacher_topk(t_logits, k))) for k in (1, 5, 20)]
+    assert all(0 <= c <= full + 1e-6 for c in coarse) and coarse == sorted(coarse)
+
+
+def test_tunable_at_zero_offsets_is_the_tree_itself():
+    tree = {"a": {"value": jnp.arange(4.0)}, "b": jnp.arange(3, dtype=jnp.int32)}
+    tun = Tunable.of(tree, lambda path, field: True)
+    assert list(tun.base) == ["0"] and tun.frozen[1] is tree["b"]
+    back = tun.tree(tun.zeros())
+    np.testing.assert_array_equal(back["a"]["value"], tree["a"]["value"])
+    moved = tun.tree({"0": jnp.ones(4)})["a"]["value"]  # additive: start + rms(start) * t
+    np.testing.assert_allclose(moved, tree["a"]["value"] + np.sqrt(np.mean(np.arange(4.0) ** 2)), rtol=1e-6)
