@@ -29,11 +29,23 @@ from cqjax.errors import CqjaxError
 @hydra.main(version_base=None, config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> None:
     """Runs cqjax with the composed Hydra config ``cfg``."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from cqjax.cli import run  # imported lazily: --help and --cfg need no CLI
 
     try:
         run(cfg)
-    except CqjaxError as e:
+    except Exception as e:  # noqa: BLE001 - a sweep goes on past a failing job; one run reports and exits
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            from cqjax.report.sweep import record_failure
+
+            record_failure(HydraConfig.get().runtime.output_dir, list(HydraConfig.get().overrides.task), e)
+            print(f"cqjax: error in this sweep job (recorded; the sweep goes on): {type(e).__name__}: {e}",
+                  file=sys.stderr, flush=True)
+            return
+        if not isinstance(e, CqjaxError):
+            raise
         print(f"cqjax: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 

@@ -244,6 +244,7 @@ class Config:
     eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)
     report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
     artifact: Optional[str] = None
+    verify: bool = True
     prompt: Optional[str] = None
     generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
     seed: int = 0

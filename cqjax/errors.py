@@ -11,3 +11,7 @@ class ConfigError(CqjaxError):
 
 class CheckpointError(CqjaxError):
     """A checkpoint is missing, malformed or does not match its config."""
+
+
+class FormatError(CqjaxError):
+    """Stored data does not follow its format (a packed layout, an encoding, a bound)."""

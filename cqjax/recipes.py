@@ -15,6 +15,8 @@ call                           gives
 ``check_rules(cfg, ir)``       the ``quant`` rules against a model: an ``overrides`` pattern that
                                matches no eligible tensor is a :class:`ConfigError`; bundle and
                                ``embed_bits`` rules that match nothing are returned as skipped
+``check_budget(chain, ir)``    a ``quant.bpw`` the choices cannot reach is a :class:`ConfigError`
+                               before any work (sizes from the formats' byte counts)
 ``allocation_report(chain)``   what the allocator measured (``allocation`` in report.json)
 =============================  ===================================================================
 
@@ -37,6 +39,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from cqjax import select
@@ -45,6 +48,7 @@ from cqjax.errors import ConfigError
 from cqjax.ir import IR
 from cqjax.passes.common import width_rules
 from cqjax.pipeline import Chain, describe, named_chain
+from cqjax.pipeline import steps as steps_of
 from cqjax.quant_stats import ELIGIBLE
 
 
@@ -154,6 +158,65 @@ def check_rules(cfg: DictConfig, ir: IR) -> list[dict]:
     return skipped
 
 
+def check_budget(chain: Chain, ir: IR) -> None:
+    """A ``quant.bpw`` target below what the allocator's smallest width stores fails here, before
+    any work, in stored bits/weight (sizes from the formats' byte counts, no quantizing).
+
+    Raises:
+      ConfigError: the target is out of reach, with the reachable range.
+    """
+    from cqjax.formats import cq, rtn
+    from cqjax.ir import KERNEL_ROLES
+    from cqjax.passes.allocate import AllocateBits
+
+    alloc = next((p for _, p in chain.steps if isinstance(p, AllocateBits)), None)
+    layout = _layout(alloc.recipe) if alloc is not None and alloc.bpw is not None else None
+    if layout is None:
+        return
+    kind, block, min_block = layout
+
+    def nbytes(path: str, bits: int) -> int:
+        shape = ir.meta[path].shape
+        K, rows = (shape[0], shape[1]) if ir.meta[path].role in KERNEL_ROLES else (shape[1], shape[0])
+        if kind == "rtn":
+            return rtn.stored_bytes(rows, K, bits, block)
+        return cq.stored_bytes(rows, K, bits, cq.block_plan(K, block, min_block))
+
+    paths = alloc.selected(ir)
+    params = sum(int(np.prod(ir.meta[p].shape)) for p in paths)
+    ends = []
+    for f in (min, max):
+        total = 0
+        for p in paths:
+            fixed = alloc.fixed.get(p, ir.meta[p]) if alloc.fixed else None
+            total += nbytes(p, int(fixed)) if fixed is not None else f(nbytes(p, b) for b in alloc.choices)
+        ends.append(8 * total / params)
+    if alloc.bpw < ends[0]:
+        raise ConfigError(f"quant.bpw={alloc.bpw:g} is out of reach: with quant.choices={list(alloc.choices)} and "
+                          f"the fixed widths, this model stores {ends[0]:.3f} to {ends[1]:.3f} bits/weight "
+                          "(at least; input scales add more)")
+
+
+def _layout(recipe) -> tuple[str, int, int] | None:
+    """``(format, block, min_block)`` that a recipe's steps pack into (None: not a known one)."""
+    from cqjax.passes.awq import ActivationScale
+    from cqjax.passes.cq import Rotate
+    from cqjax.passes.gptq import GPTQRoundToNearest
+    from cqjax.passes.rtn import RoundToNearest
+    from cqjax.pipeline import Masked
+
+    for _, p in steps_of(recipe):
+        if isinstance(p, Masked):
+            p = p.inner
+        if isinstance(p, ActivationScale) and p.recipe is not None:
+            return _layout(p.recipe)
+        if isinstance(p, Rotate):
+            return "cq", p.block, p.min_block
+        if isinstance(p, (RoundToNearest, GPTQRoundToNearest)):
+            return "rtn", p.block, p.block
+    return None
+
+
 def allocation_report(chain: Chain) -> dict | None:
     """``{"proxy", "bpw", "choices", "measured_steps"}`` of the chain's allocator (None without one)."""
     from cqjax.passes.allocate import AllocateBits
@@ -181,4 +244,4 @@ def _instantiate_error(name: str, pcfg: DictConfig, e: Exception) -> ConfigError
     return ConfigError(f"pipeline.{name} ({pcfg.get('_target_')}): {msg}")
 
 
-__all__ = ["allocation_report", "build", "check_rules", "config", "names", "recipe", "rules"]
+__all__ = ["allocation_report", "build", "check_budget", "check_rules", "config", "names", "recipe", "rules"]

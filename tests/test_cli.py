@@ -41,8 +41,8 @@ def converted(checkpoint, tmp_path_factory):
     path, text = checkpoint
     tmp = tmp_path_factory.mktemp("conv")
     run_dir = tmp / "run"
-    proc = cqjax(["+model=hf", f"model.path={path}", "quant.bits=2", f"eval.perplexity.path={text}", *TINY_EVAL,
-                  f"hydra.run.dir={run_dir}"], tmp, tmp / "cache")
+    proc = cqjax(["+model=hf", f"model.path={path}", "pipeline=cq", "quant.bits=2", f"eval.perplexity.path={text}",
+                  *TINY_EVAL, f"hydra.run.dir={run_dir}"], tmp, tmp / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, proc
 
@@ -166,6 +166,39 @@ def test_multirun_sweep_writes_summary_and_pareto(checkpoint, tmp_path):
         assert {t["bits"] for t in r["tensors"] if t["role"] == "linear"} == {bits}
 
 
+def test_tuned_recipe_end_to_end(checkpoint, tmp_path):
+    """pipeline=cq-tune: calibration draws pipeline.tune.rows rows, the tune step shows its
+    progress, and the tuned artifact evaluates like the in-run model."""
+    path, text = checkpoint
+    proc = cqjax(["+model=hf", f"model.path={path}", "pipeline=cq-tune", "quant.bits=2", "calib.rows=2",
+                  "calib.length=24", "pipeline.tune.rows=3", "pipeline.tune.steps=3", "pipeline.tune.e2e_steps=2",
+                  "pipeline.tune.max_seconds=120", f"eval.perplexity.path={text}", "eval.perplexity.max_tokens=63",
+                  "eval.perplexity.context=64", "eval.tasks=[]", "report.plots=false",
+                  f"hydra.run.dir={tmp_path / 'r'}"], tmp_path, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["pipeline"] == ["rotate", "codebook", "pack", "tune"] and report["pipeline_name"] == "cq-tune"
+    assert report["calibration"]["rows"] == 3 and report["passes"][-1]["name"] == "tune"
+    assert "tune block 1/" in proc.stderr and "min of the budget left" in proc.stderr and "tune end to end" in proc.stderr
+    from cqjax import api
+
+    q = api.load(tmp_path / "r" / "artifact")
+    assert "tune" in q.ir.meta["layers/0/mlp/up_proj/kernel"].info
+
+
+def test_a_failing_sweep_job_is_recorded_and_the_others_run(checkpoint, tmp_path):
+    path, text = checkpoint
+    sweep = tmp_path / "sweep"
+    proc = cqjax(["-m", "+model=hf", f"model.path={path}", "pipeline=cq", "quant.bpw=0.5,null",
+                  f"eval.perplexity.path={text}", "eval.perplexity.max_tokens=63", "eval.perplexity.context=64",
+                  "eval.tasks=[]", "report.plots=false", f"hydra.sweep.dir={sweep}"], tmp_path, tmp_path / "cache")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert (sweep / "1" / "report.json").is_file() and (sweep / "0" / "error.json").is_file()
+    summary = (sweep / "summary.md").read_text()
+    assert "## Failed jobs" in summary and "quant.bpw=0.5" in summary and "out of reach" in summary
+    assert "1 sweep job(s) failed" in proc.stderr
+
+
 def test_convert_with_allocator_and_error_feedback(checkpoint, tmp_path):
     """quant.bpw turns the allocator on (calibrated on self-generated rows), pipeline=cq-ef adds
     error feedback: one override each; the report says what calibration ran. (This tiny model
@@ -274,5 +307,5 @@ def test_help_and_cfg_job(tmp_path):
     proc = cqjax(["--cfg", "job", "+model=gemma4", "experiment=production"], tmp_path, tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr
     assert "name: gemma4-e2b" in proc.stdout and "source: google/gemma-4-E2B" in proc.stdout
-    assert "bits: 4" in proc.stdout and "gain: ls" in proc.stdout and "codebook: fitted" in proc.stdout
+    assert "bits: 4" in proc.stdout and "_target_: cqjax.passes.tune.Tune" in proc.stdout
     assert not (tmp_path / "outputs").exists()

@@ -33,6 +33,9 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
         log(f"importing {directory}")
         ir = hf.import_checkpoint(directory)
         skipped = recipes.check_rules(cfg, ir) if recipe is not None else []
+        if recipe is not None:
+            recipes.check_budget(recipe, ir)
+            hf.check_finite(ir)
         model = hf.to_model(ir)
         tokenizer = load_tokenizer(directory)
     for s in skipped:
@@ -69,7 +72,7 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
                  pipeline=None if recipe is None else [name for name, _ in recipe.steps],
                  allocation=None if recipe is None else recipes.allocation_report(recipe),
                  skipped_rules=skipped,
-                 calibration=None if calib is None else {**calib.describe(), "rows": cfg.calib.rows,
+                 calibration=None if calib is None else {**calib.describe(), "rows": len(calib.rows),
                                                          "length": cfg.calib.length})
     return finish(out, cfg, out_dir)
 
@@ -79,10 +82,11 @@ def _calibrate(cfg: DictConfig, model, ir, tokenizer, needs):
     from cqjax.calib import calibrate
 
     c = cfg.calib
+    rows = max(c.rows, needs.rows)
     what = sorted(needs.statistics) + (["rows"] if needs.rows else [])
-    log(f"calibrating ({', '.join(what)}) on {c.rows} x {c.length} tokens from {c.source!r}")
+    log(f"calibrating ({', '.join(what)}) on {rows} x {c.length} tokens from {c.source!r}")
     calib = calibrate(model, ir, tokenizer, needs.statistics, source=os.path.expanduser(c.source) if c.source not in
-                      ("self", "squad") else c.source, rows=c.rows, length=c.length, seed=c.seed,
+                      ("self", "squad") else c.source, rows=rows, length=c.length, seed=c.seed,
                       progress=cfg.eval.progress)
     log(f"calibration: {calib.describe()}")
     return calib

@@ -24,7 +24,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     t = Timings()
     path = Path(os.path.expanduser(cfg.artifact))
     with t("load artifact"):
-        q = api.load(path)
+        q = api.load(path, verify=cfg.verify)
     recipe = q.recipe or {}
     directory = None
     if cfg.model is not None:

@@ -20,7 +20,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
     path = Path(os.path.expanduser(cfg.artifact))
     start = time.perf_counter()
-    q = api.load(path)
+    q = api.load(path, verify=cfg.verify)
     if q.tokenizer_path is None:
         raise ConfigError(f"artifact={str(path)!r} has no tokenizer/ directory: cannot encode prompt")
     g = cfg.generate

@@ -45,11 +45,12 @@ quantized leaves as :class:`~cqjax.kernels.qarrays.CQArray` / ``RTNArray`` of jn
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -59,18 +60,20 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from cqjax.errors import CheckpointError
+from cqjax.errors import CheckpointError, ConfigError
 from cqjax.formats import cq as fmt
-from cqjax.formats import encoding
+from cqjax.formats import encoding, validate
 from cqjax.io import atomic
 from cqjax.io.safetensors_lazy import SafetensorsFile
-from cqjax.ir import IR, LazyTensor, TensorMeta, materialize, verify
+from cqjax.ir import IR, LazyTensor, TensorMeta, materialize
+from cqjax.ir import verify as verify_ir
 from cqjax.kernels.qarrays import CQArray, RTNArray
 from cqjax.models import gemma4, registry, transformer
 
+log = logging.getLogger(__name__)
 FORMAT = "cqjax-artifact"
-VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+VERSION = 2  # 2: a sha256 per stored array, keys sorted (1: no checksums; still read)
+SUPPORTED_VERSIONS = (1, 2)
 SUPPORTED_LAYOUTS = (fmt.LAYOUT_VERSION,)
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
@@ -185,13 +188,27 @@ def _entry(path: str, meta: TensorMeta, kind: str, arrays: dict, leaf: Any) -> d
     for field, (stored, how, a) in arrays.items():
         entry["arrays"][field] = {"name": path if kind == "float" else f"{path}{SEP}{field}",
                                   "dtype": stored.dtype.name, "shape": list(stored.shape), "encoding": how,
-                                  "leaf_dtype": a.dtype.name, "leaf_shape": list(a.shape)}
+                                  "leaf_dtype": a.dtype.name, "leaf_shape": list(a.shape),
+                                  "sha256": hashlib.sha256(memoryview(np.ascontiguousarray(stored)).cast("B")).hexdigest()}
     return entry
+
+
+def reproducible(record: dict) -> dict:
+    """``record`` without the fields that differ between identical runs (wall times), for
+    ``extra``: ``{"passes": [{"name", "changed", "selected"}], ...}``."""
+    out = dict(record)
+    if "passes" in out:
+        out["passes"] = [{k: v for k, v in p.items() if k != "seconds"} for p in out["passes"]]
+    if isinstance(out.get("recipe"), dict) and isinstance(out["recipe"].get("calibration"), dict):
+        cal = out["recipe"]["calibration"]
+        out["recipe"] = {**out["recipe"], "calibration": {k: v for k, v in cal.items()
+                                                           if k != "seconds" and not k.endswith("_s")}}
+    return out
 
 
 def manifest_of(ir: IR) -> tuple[dict, dict[str, np.ndarray]]:
     """The manifest and the ``{name: array}`` to write for ``ir``."""
-    verify(ir)
+    verify_ir(ir)
     tensors, entries = {}, []
     for path, leaf in ir.params.items():
         if SEP in path:
@@ -210,15 +227,18 @@ def save(ir: IR, directory: str | os.PathLike, *, tokenizer_from: str | os.PathL
          extra: dict | None = None) -> Path:
     """Writes ``ir`` as an artifact directory, atomically.
 
-    Everything is written into a temporary sibling directory, which then replaces
-    ``directory``; an existing artifact there is removed only after the new one is complete.
-    A non-empty directory that is not an artifact is never replaced.
+    Everything is written into a hidden sibling directory and synced to disk, which then takes
+    ``directory``'s place in one atomic exchange (:func:`cqjax.io.atomic.replace_dir`): a kill at
+    any moment leaves the previous artifact or the new one, never neither. What killed saves
+    left beside it is removed first (and logged). A non-empty directory that is not an artifact
+    is never replaced.
 
     Args:
       ir: a fully quantized (or float) IR: every leaf an array, a lazy tensor or a quantized leaf.
       directory: the artifact directory.
       tokenizer_from: a checkpoint directory whose tokenizer files are copied into ``tokenizer/``.
-      extra: JSON-able facts stored under ``manifest["extra"]`` (source, recipe, storage, ...).
+      extra: JSON-able facts stored under ``manifest["extra"]`` (source, recipe, storage, ...);
+        keep timings out of it: the same IR and extra give byte-identical files.
 
     Returns:
       The artifact directory.
@@ -229,15 +249,18 @@ def save(ir: IR, directory: str | os.PathLike, *, tokenizer_from: str | os.PathL
         raise ArtifactError(f"{directory}: exists and is not a cqjax artifact; refusing to replace it")
     manifest, tensors = manifest_of(ir)
     if extra:
-        manifest["extra"] = to_json(extra, "extra")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+        manifest["extra"] = to_json(reproducible(extra), "extra")
+    for old in atomic.leftovers(directory):  # what killed saves left behind
+        shutil.rmtree(old, ignore_errors=True)
+        log.warning("removed %s, left by an interrupted save of %s", old, directory)
+    tmp = atomic.temp_dir(directory)
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, "version": str(VERSION)})
         copied = copy_tokenizer(tokenizer_from, tmp / TOKENIZER_DIR) if tokenizer_from else []
         manifest["tokenizer"] = TOKENIZER_DIR if copied else None
-        atomic.write_json(tmp / MANIFEST, manifest)
-        _replace_dir(tmp, directory)
+        atomic.write_json(tmp / MANIFEST, manifest, sort_keys=True)
+        atomic.fsync_tree(tmp)
+        atomic.replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -253,21 +276,6 @@ def copy_tokenizer(source: str | os.PathLike, target: Path, names: Iterable[str]
         for n in found:
             shutil.copyfile(source / n, target / n)
     return found
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-    os.replace(target, old / "artifact")
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old / "artifact", target)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------- load
@@ -302,16 +310,20 @@ def _check(cond: bool, where: str, what: str) -> None:
         raise ArtifactError(f"{where}: {what}")
 
 
-def _load_entry(entry: dict, f: SafetensorsFile, mpath: Path) -> tuple[Any, TensorMeta]:
+def _load_entry(entry: dict, f: SafetensorsFile, mpath: Path, checksums: bool) -> tuple[Any, TensorMeta]:
     path = entry.get("path", "?")
     where = f"{mpath}: tensor {path!r}"
     kind = entry.get("kind")
     _check(kind == "float" or kind in FORMATS, where, f"unknown kind {kind!r}; known: {['float', *FORMATS]}")
+    _check(isinstance(entry.get("arrays"), dict) and isinstance(entry.get("shape"), list), where,
+           "entry needs 'arrays' (a mapping) and 'shape' (a list)")
+    static = from_json(entry.get("static", {}), where)
     if kind != "float":
         _check(entry.get("layout_version") in SUPPORTED_LAYOUTS, where,
                f"packed layout version {entry.get('layout_version')!r} is not supported (this cqjax reads "
                f"{list(SUPPORTED_LAYOUTS)}); {_CONVERT}")
-    static = from_json(entry.get("static", {}), where)
+        _check(isinstance(static, dict), where, "static fields must be a mapping")
+        validate.check_entry(kind, static, entry["shape"], entry["arrays"], where)  # before any read
     arrays = {}
     for field, spec in entry["arrays"].items():
         name = spec["name"]
@@ -319,15 +331,19 @@ def _load_entry(entry: dict, f: SafetensorsFile, mpath: Path) -> tuple[Any, Tens
         dtype, shape = f.dtype(name), f.shape(name)
         _check(dtype.name == spec["dtype"] and list(shape) == spec["shape"], f"{f.path}: tensor {name!r}",
                f"has {dtype.name} {list(shape)}, {MANIFEST} says {spec['dtype']} {spec['shape']}")
+        if checksums:
+            _check_sha256(f, name, spec)
         if kind == "float":
             arrays[field] = f, name
             continue
         try:
-            a = encoding.decode_array(f.read(name), spec["encoding"], np.dtype(spec["leaf_dtype"]),
-                                      tuple(spec["leaf_shape"]), static.get("blocks", ()))
+            arrays[field] = encoding.decode_array(f.read(name), spec["encoding"], np.dtype(spec["leaf_dtype"]),
+                                                  tuple(spec["leaf_shape"]), static["blocks"])
         except (ValueError, TypeError, KeyError) as e:
             raise ArtifactError(f"{f.path}: tensor {name!r}: cannot decode ({e})") from e
-        arrays[field] = jnp.asarray(a)
+    if kind != "float":
+        validate.check_values(kind, static, arrays, where)
+        arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
     meta = TensorMeta(role=entry["role"], tower=entry["tower"], hf_name=entry["hf_name"],
                       shape=tuple(entry["shape"]), dtype=entry["dtype"], info=from_json(entry["info"], where))
     if kind == "float":
@@ -348,33 +364,77 @@ def _load_entry(entry: dict, f: SafetensorsFile, mpath: Path) -> tuple[Any, Tens
     return leaf, meta
 
 
-def load(directory: str | os.PathLike) -> IR:
+def _check_sha256(f: SafetensorsFile, name: str, spec: dict) -> None:
+    want = spec.get("sha256")
+    if want is None:
+        return  # a version-1 artifact: no checksums
+    got = hashlib.sha256(memoryview(np.ascontiguousarray(f.read(name))).cast("B")).hexdigest()
+    _check(got == want, f"{f.path}: tensor {name!r}", f"sha256 {got[:16]}... does not match the manifest's "
+           f"{str(want)[:16]}... (the file was changed or damaged)")
+
+
+def load(directory: str | os.PathLike, *, verify: bool = True) -> IR:
     """Reads an artifact directory back into the IR it was saved from (bit-identical leaves).
 
+    Everything is validated against the format (:mod:`cqjax.formats.validate`) before it is
+    read or allocated, and the model config's dimensions against the stored tensors.
+
+    Args:
+      directory: the artifact directory.
+      verify: check every stored array's sha256 against the manifest (reads every byte once).
+
     Raises:
-      ArtifactError / CheckpointError: naming the file and tensor on an unknown format or
-        version, a missing or extra tensor, a shape/dtype mismatch, or a truncated file.
+      ArtifactError / CheckpointError / FormatError: naming the file and the field or tensor on
+        an unknown format or version, a missing or extra tensor, a shape/dtype mismatch, a
+        value the format does not allow, a checksum mismatch, or a truncated file.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
     mpath = directory / MANIFEST
     f = SafetensorsFile(directory / WEIGHTS)
+    _check(isinstance(manifest["tensors"], list), str(mpath), "'tensors' must be a list")
     params, meta, names = {}, {}, set()
     for entry in manifest["tensors"]:
+        _check(isinstance(entry, dict) and isinstance(entry.get("path"), str), str(mpath),
+               f"a tensor entry must be a mapping with a 'path', got {str(entry)[:80]}")
+        _check(entry["path"] not in params, str(mpath), f"tensor {entry['path']!r} is listed twice")
         try:
-            params[entry["path"]], meta[entry["path"]] = _load_entry(entry, f, mpath)
-        except KeyError as e:
-            raise ArtifactError(f"{mpath}: tensor entry {entry.get('path')!r} lacks key {e}") from e
+            params[entry["path"]], meta[entry["path"]] = _load_entry(entry, f, mpath, verify)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ArtifactError(f"{mpath}: tensor entry {entry.get('path')!r} is malformed ({type(e).__name__}: "
+                                f"{e})") from e
         names.update(spec["name"] for spec in entry["arrays"].values())
     extra = sorted(set(f.entries) - names)
     _check(not extra, str(f.path), f"{len(extra)} tensors are not listed in {MANIFEST}, e.g. {extra[:3]}")
-    ir = IR(family=manifest["family"], config=from_json(manifest["config"], f"{mpath}: config"),
-            params=params, meta=meta)
+    config = from_json(manifest["config"], f"{mpath}: config")
+    _check_config(config, meta, manifest["family"], mpath)
+    ir = IR(family=manifest["family"], config=config, params=params, meta=meta)
     try:
-        verify(ir)
+        verify_ir(ir)
     except ValueError as e:
         raise ArtifactError(f"{mpath}: {e}") from e
     return ir
+
+
+def _check_config(config: Any, meta: dict[str, TensorMeta], family: str, mpath: Path) -> None:
+    """The config's sizes are bounded and build exactly the stored tensors' shapes (checked on an
+    abstract model: nothing is allocated)."""
+    from cqjax.io.hf import abstract_model, param_roles
+
+    try:
+        registry.check_bounds(config, str(mpath))
+    except ConfigError as e:
+        raise ArtifactError(str(e)) from e
+    try:
+        shapes = param_roles(abstract_model(registry.FAMILIES[family], config))
+    except Exception as e:  # noqa: BLE001 - any failure to build is a bad config
+        raise ArtifactError(f"{mpath}: config does not build a {family} model: {type(e).__name__}: {e}") from e
+    for path, (shape, _) in shapes.items():
+        if path not in meta:
+            raise ArtifactError(f"{mpath}: the config's model has {path} {list(shape)}, the artifact does not")
+        if tuple(meta[path].shape) != tuple(shape):
+            raise ArtifactError(f"{mpath}: tensor {path!r} has shape {list(meta[path].shape)}; the config "
+                                f"builds {list(shape)}")
 
 
 def tokenizer_dir(directory: str | os.PathLike) -> Path | None:

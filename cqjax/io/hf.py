@@ -87,8 +87,15 @@ def open_shards(directory: Path) -> dict[str, SafetensorsFile]:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise CheckpointError(f"{index_path}: malformed shard index ({e})") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
         files = {}
+        root = directory.resolve()
         for shard in sorted(set(weight_map.values())):
+            target = (directory / shard).resolve()
+            if target.parent != root or not shard.endswith(".safetensors"):
+                raise CheckpointError(f"{index_path}: shard {shard!r} is not a .safetensors file inside "
+                                      f"{directory} (index entries may only name files beside the index)")
             if not (directory / shard).is_file():
                 names = [n for n, s in weight_map.items() if s == shard]
                 raise CheckpointError(f"{directory / shard}: shard listed in {index_path.name} is missing "
@@ -111,6 +118,22 @@ def open_shards(directory: Path) -> dict[str, SafetensorsFile]:
         for name in f.entries:
             out[name] = f
     return out
+
+
+def check_finite(ir: IR, chunk: int = 1 << 22) -> None:
+    """Raises :class:`CheckpointError` naming the first tensor (and its source) with a NaN or an
+    infinity; reads every tensor once, ``chunk`` values at a time."""
+    for path, leaf in ir.params.items():
+        lazy = isinstance(leaf, LazyTensor)
+        flat = np.asarray(leaf.reader() if lazy else leaf).reshape(-1)  # the source order: no transpose copy
+        for lo in range(0, flat.size, chunk):
+            part = np.asarray(flat[lo:lo + chunk], np.float32)
+            if not np.all(np.isfinite(part)):
+                bad = lo + int(np.argmin(np.isfinite(part)))
+                source = leaf.source if lazy else path
+                raise CheckpointError(f"{source}: tensor {path} has a non-finite value ({part[bad - lo]}) at "
+                                      f"flat index {bad}: the checkpoint is damaged or was saved after a "
+                                      "diverged training step")
 
 
 def _swap_last_axes(array: np.ndarray) -> np.ndarray:
@@ -141,6 +164,7 @@ def import_checkpoint(path_or_id: str | Path) -> IR:
     raw = read_config(directory)
     family = registry.for_model_type(raw["model_type"], str(directory / "config.json"))
     cfg = family.parse_config(raw, str(directory / "config.json"))
+    registry.check_bounds(cfg, str(directory / "config.json"))
     tensors = open_shards(directory)
     params, meta, used = {}, {}, set()
     for path, (shape, role) in param_roles(abstract_model(family, cfg)).items():

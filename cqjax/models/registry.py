@@ -8,7 +8,15 @@ from typing import Any
 
 from flax import nnx
 
-from cqjax.errors import CheckpointError
+import math
+
+from cqjax.errors import CheckpointError, ConfigError
+
+#: The largest size a config may give any dimension (vocabulary, hidden size, layers, ...).
+MAX_SIZE = 1 << 24
+#: Config fields that are sizes of the model itself, so at least 1.
+POSITIVE = frozenset({"vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                      "head_dim"})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,3 +57,24 @@ def for_model_type(model_type: str, source: str) -> Family:
             return family
     supported = sorted(t for f in FAMILIES.values() for t in f.model_types)
     raise CheckpointError(f"{source}: unsupported architecture model_type={model_type!r}; supported: {supported}")
+
+
+def check_bounds(cfg: Any, source: str, where: str = "config") -> None:
+    """Raises :class:`ConfigError` naming the field of a parsed config whose integer is out of
+    ``[-1, MAX_SIZE]`` (one of :data:`POSITIVE` must be ``>= 1``) or whose float is not finite: a model is
+    never built from sizes that could not be real (a ``head_dim`` of 2**31 would allocate
+    until the machine runs out of memory)."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        for f in dataclasses.fields(cfg):
+            check_bounds(getattr(cfg, f.name), source, f"{where}.{f.name}")
+    elif isinstance(cfg, (list, tuple)):
+        for i, v in enumerate(cfg):
+            check_bounds(v, source, f"{where}[{i}]")
+    elif isinstance(cfg, bool) or cfg is None or isinstance(cfg, str):
+        return
+    elif isinstance(cfg, int):
+        lo = 1 if where.rsplit(".", 1)[-1] in POSITIVE else -1
+        if not lo <= cfg <= MAX_SIZE:
+            raise ConfigError(f"{source}: {where}={cfg} is out of bounds ({lo} to {MAX_SIZE})")
+    elif isinstance(cfg, float) and not math.isfinite(cfg):
+        raise ConfigError(f"{source}: {where}={cfg} is not finite")

@@ -2,7 +2,9 @@
 
 :class:`SweepSummary` is a Hydra callback (``conf/config.yaml``: ``hydra.callbacks``); Hydra
 calls :meth:`SweepSummary.on_multirun_end` once every job has finished. It reads each job's
-report.json (``<sweep dir>/<job subdir>/report.json``) and can be re-run by hand:
+report.json (``<sweep dir>/<job subdir>/report.json``) and can be re-run by hand. A job that
+failed left ``error.json`` instead (:func:`record_failure`; the other jobs ran on): summary.md
+lists it with its error, and the sweep exits with status 1 once the summary is written.
 
 >>> write_summary("multirun/2026-01-01/12-00-00")          # doctest: +SKIP
 """
@@ -19,6 +21,27 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from cqjax.io.atomic import write_text
+
+
+ERROR = "error.json"
+
+
+def record_failure(job_dir: str | os.PathLike, overrides: list[str], error: BaseException) -> Path:
+    """Writes ``error.json`` (the job's overrides and its error) into a failed job's directory."""
+    from cqjax.io.atomic import write_json
+
+    return write_json(Path(job_dir) / ERROR, {"overrides": overrides, "error": f"{type(error).__name__}: {error}"})
+
+
+def failures(sweep_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """``[{"job", "overrides", "error"}]`` of the jobs under ``sweep_dir`` that failed."""
+    out = []
+    for path in sorted(Path(sweep_dir).glob(f"*/{ERROR}"), key=lambda p: (len(p.parent.name), p.parent.name)):
+        try:
+            out.append({"job": path.parent.name, **json.loads(path.read_text())})
+        except (OSError, json.JSONDecodeError) as e:
+            out.append({"job": path.parent.name, "overrides": [], "error": f"(unreadable {path}: {e})"})
+    return out
 
 
 def collect(sweep_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -48,11 +71,15 @@ def write_summary(sweep_dir: str | os.PathLike) -> list[Path]:
     from cqjax.report.plots import pareto
 
     sweep_dir = Path(sweep_dir)
-    rows = collect(sweep_dir)
-    if not rows:
+    rows, failed = collect(sweep_dir), failures(sweep_dir)
+    if not rows and not failed:
         return []
-    out = [write_text(sweep_dir / "summary.md", summary_table(rows))]
-    png = pareto(rows, sweep_dir / "pareto.png")
+    text = summary_table(rows) if rows else "# cqjax sweep\n\nNo job finished.\n"
+    if failed:
+        text += "\n## Failed jobs\n\n| job | overrides | error |\n|---|---|---|\n" + "".join(
+            f"| {f['job']} | {' '.join(f['overrides'])} | {_cell(f['error'])} |\n" for f in failed)
+    out = [write_text(sweep_dir / "summary.md", text)]
+    png = pareto(rows, sweep_dir / "pareto.png") if rows else None
     if png is not None:
         out.append(png)
     return out
@@ -66,3 +93,12 @@ class SweepSummary(Callback):
         written = write_summary(sweep_dir)
         if written:
             print(f"[cqjax] sweep summary: {', '.join(str(p) for p in written)}", file=sys.stderr, flush=True)
+        failed = failures(sweep_dir)
+        if failed:
+            print(f"[cqjax] {len(failed)} sweep job(s) failed: {', '.join(f['job'] for f in failed)} "
+                  "(see summary.md)", file=sys.stderr, flush=True)
+            sys.exit(1)
+
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")[:300]
