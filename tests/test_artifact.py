@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cqjax import pipeline, quant_stats, select
+from cqjax import errors, pipeline, quant_stats, select
 from cqjax.errors import CheckpointError
 from cqjax.io import artifact, hf
 from cqjax.ir import IR, TensorMeta, materialize
@@ -230,3 +230,117 @@ def test_storage_counts_float_eligible_tensors_at_16_bits_and_matches_the_artifa
     assert s["bits_per_weight"]["quantized_tensors"] == pytest.approx(
         8 * sum(r["bytes"] for r in rows.values() if r["eligible"]) / ir.num_params(
             lambda p, m: rows[p]["eligible"]))
+
+
+def test_same_recipe_and_seed_give_byte_identical_files(irs, tmp_path):
+    for name in ("a", "b"):
+        qir, report = pipeline.run(PIPES["cq3"](), irs["odd"], progress=False)
+        artifact.save(qir, tmp_path / name, extra={"passes": report, "recipe": {"calibration": {"seconds": 1.0 * ord(name),
+                                                                                              "tokens": 8}}})
+    for f in (artifact.MANIFEST, artifact.WEIGHTS):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    manifest = json.loads((tmp_path / "a" / artifact.MANIFEST).read_text())
+    assert "seconds" not in json.dumps(manifest["extra"]) and manifest["version"] == 2
+
+
+def test_checksums_catch_a_flipped_bit_and_can_be_skipped(irs, tmp_path):
+    qir, _ = pipeline.run(PIPES["cq3"](), irs["odd"], progress=False)
+    path = artifact.save(qir, tmp_path / "a")
+    manifest = json.loads((path / artifact.MANIFEST).read_text())
+    spec = next(e for e in manifest["tensors"] if e["kind"] == "cq")["arrays"]["codes"]
+    from cqjax.io.safetensors_lazy import SafetensorsFile
+
+    f = SafetensorsFile(path / artifact.WEIGHTS)
+    _, _, begin, _ = f.entries[spec["name"]]
+    data = bytearray((path / artifact.WEIGHTS).read_bytes())
+    data[f._data_start + begin] ^= 1
+    (path / artifact.WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(artifact.ArtifactError, match=rf"weights.safetensors: tensor '{spec['name']}': sha256 .* does not "
+                                                     r"match the manifest"):
+        artifact.load(path)
+    artifact.load(path, verify=False)  # the codes are valid codes: only the checksum knows
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda e: e["static"].update(blocks=[2 ** 31]), r"blocks \[2147483648\].*not a block plan|must be an integer"),
+    (lambda e: e["static"].update(bits=5), r"bits=5 is not one of"),
+    (lambda e: e["arrays"]["perm"].update(leaf_shape=[2 ** 31]), r"array 'perm' is int32 \[2147483648\]"),
+    (lambda e: e["arrays"].pop("norms"), r"arrays .*expected"),
+])
+def test_the_validator_refuses_before_reading(irs, tmp_path, change, needle):
+    qir, _ = pipeline.run(PIPES["cq3"](), irs["odd"], progress=False)
+    path = artifact.save(qir, tmp_path / "a")
+    edit_manifest(path, lambda m: change(entry(m, "layers/0/mlp/up_proj/kernel")))
+    with pytest.raises(errors.FormatError, match=r"manifest.json: tensor 'layers/0/mlp/up_proj/kernel': .*" + needle):
+        artifact.load(path)
+
+
+def test_values_the_format_forbids_are_refused(irs, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    qir, _ = pipeline.run(PIPES["cq3"](), irs["odd"], progress=False)
+    path = artifact.save(qir, tmp_path / "a")
+    weights = load_file(path / artifact.WEIGHTS)
+    name = "layers/0/mlp/up_proj/kernel::perm"
+    weights[name] = np.zeros_like(weights[name])  # every index 0: not a permutation
+    save_file(weights, path / artifact.WEIGHTS)
+    with pytest.raises(errors.FormatError, match="'perm' is not a permutation within block"):
+        artifact.load(path, verify=False)
+    name = "layers/0/mlp/up_proj/kernel::norms"
+    artifact.save(qir, tmp_path / "b")
+    wb = load_file(tmp_path / "b" / artifact.WEIGHTS)
+    wb[name] = wb[name].copy()
+    wb[name][0, 0] = np.nan
+    save_file(wb, tmp_path / "b" / artifact.WEIGHTS)
+    with pytest.raises(errors.FormatError, match="'norms' has non-finite values"):
+        artifact.load(tmp_path / "b", verify=False)
+
+
+def test_an_absurd_config_is_refused_without_allocating(irs, tmp_path):
+    qir, _ = pipeline.run(PIPES["cq3"](), irs["odd"], progress=False)
+    path = artifact.save(qir, tmp_path / "a")
+    edit_manifest(path, lambda m: m["config"]["fields"].update(head_dim=2 ** 31))
+    with pytest.raises(artifact.ArtifactError, match=r"manifest.json: config.head_dim=2147483648 is out of bounds"):
+        artifact.load(path)
+    edit_manifest(path, lambda m: m["config"]["fields"].update(head_dim=16))
+    with pytest.raises(artifact.ArtifactError, match=r"tensor 'layers/0/self_attn/k_proj/kernel' has shape .* the config "
+                                                     r"builds"):
+        artifact.load(path)
+
+
+KILLER = r"""
+import sys
+from cqjax import pipeline, recipes
+from cqjax.io import artifact, hf
+ir = hf.import_checkpoint(sys.argv[1])
+qirs = [pipeline.run(recipes.recipe("cq", bits=b, block=32), ir, progress=False)[0] for b in (2, 4)]
+print("ready", flush=True)
+i = 0
+while True:
+    artifact.save(qirs[i % 2], sys.argv[2])
+    i += 1
+"""
+
+
+def test_a_kill_during_save_leaves_an_artifact(irs, tmp_path):
+    """kill -9 at random moments of repeated saves: the directory always holds a complete
+    artifact (the 2-bit or the 4-bit one), and the next save removes what the killed one left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ckpt = write(tmp_path / "ckpt", config=ODD, weights=tensors(ODD))
+    dest = tmp_path / "art"
+    rng = np.random.default_rng(0)
+    for trial in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", KILLER, str(ckpt), str(dest)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.3 + rng.uniform(0, 0.7))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        loaded = artifact.load(dest)  # complete and valid, whichever it is
+        assert {loaded.params["layers/0/mlp/up_proj/kernel"].bits} <= {2, 4}
+    left = artifact.atomic.leftovers(dest)
+    artifact.save(loaded, dest)
+    assert artifact.atomic.leftovers(dest) == [] and all(not p.exists() for p in left)

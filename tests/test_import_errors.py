@@ -126,3 +126,32 @@ def test_hub_id_without_network_explains(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match="model.path"):
         hf.import_checkpoint("no-such-org/no-such-model")
+
+
+def test_non_finite_weight_names_the_tensor(tmp_path):
+    w = tensors()
+    w["model.layers.0.mlp.up_proj.weight"][3, 2] = np.nan
+    ir = hf.import_checkpoint(write(tmp_path / "nan", weights=w))
+    with pytest.raises(CheckpointError, match=r"model.safetensors:model.layers.0.mlp.up_proj.weight: tensor "
+                                              r"layers/0/mlp/up_proj/kernel has a non-finite value \(nan\)"):
+        hf.check_finite(ir)
+    hf.check_finite(hf.import_checkpoint(write(tmp_path / "ok")))
+
+
+def test_shard_index_may_not_point_outside_the_checkpoint(tmp_path):
+    path = write(tmp_path / "s", sharded=True)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    outside = tmp_path / "elsewhere.safetensors"
+    (path / "model-00001-of-00002.safetensors").rename(outside)
+    index["weight_map"] = {k: ("../elsewhere.safetensors" if v.startswith("model-00001") else v)
+                           for k, v in index["weight_map"].items()}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"shard '../elsewhere.safetensors' is not a .safetensors file inside"):
+        hf.import_checkpoint(path)
+
+
+@pytest.mark.parametrize("key, value", [("head_dim", 2 ** 31), ("hidden_size", 0), ("num_hidden_layers", 2 ** 40)])
+def test_config_sizes_are_bounded_before_anything_is_built(tmp_path, key, value):
+    path = write(tmp_path / "c", config={**CONFIG, key: value})
+    with pytest.raises(ConfigError, match=r"config.json: config\.\w+=\d+ is out of bounds"):
+        hf.import_checkpoint(path)

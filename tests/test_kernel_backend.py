@@ -80,3 +80,15 @@ def test_set_kernel_and_bad_modes(monkeypatch):
     with pytest.raises(ValueError, match="use_kernel"):
         with backend.use_kernel("fast"):
             pass
+
+
+@pytest.mark.parametrize("mode", ["jax", "ffi"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_activations_come_out_non_finite(big, mode, bad):
+    """NaN in, NaN out on both runtime paths: the kernel's int8 activation quantizer must not
+    turn a NaN or an infinity into finite numbers; other rows are untouched."""
+    q, x = big
+    x = x.at[1, 100].set(bad)
+    with backend.use_kernel(mode):
+        y = np.asarray(_matmul(q, x))
+    assert not np.isfinite(y[1]).any() and np.isfinite(y[0]).all()

@@ -131,16 +131,28 @@ def from_json(x: Any, where: str = "value") -> Any:
     if not isinstance(x, dict):
         return x
     if "__float__" in x:
-        return float(x["__float__"])
+        try:
+            return float(x["__float__"])
+        except (TypeError, ValueError) as e:
+            raise ArtifactError(f"{where}: bad tagged float {x['__float__']!r}") from e
     if "__tuple__" in x:
+        if not isinstance(x["__tuple__"], list):
+            raise ArtifactError(f"{where}: a tagged tuple must hold a list")
         return tuple(from_json(v, where) for v in x["__tuple__"])
     if "__items__" in x:
-        return {from_json(k, where): from_json(v, where) for k, v in x["__items__"]}
+        if not (isinstance(x["__items__"], list) and all(isinstance(p, list) and len(p) == 2 for p in x["__items__"])):
+            raise ArtifactError(f"{where}: tagged items must be [key, value] pairs")
+        try:
+            return {from_json(k, where): from_json(v, where) for k, v in x["__items__"]}
+        except TypeError as e:  # an unhashable key
+            raise ArtifactError(f"{where}: {e}") from e
     if "__dataclass__" in x:
         cls = CONFIG_CLASSES.get(x["__dataclass__"])
         if cls is None:
             raise ArtifactError(f"{where}: unknown config class {x['__dataclass__']!r}; "
                                 f"known: {sorted(CONFIG_CLASSES)}")
+        if not isinstance(x.get("fields"), dict):
+            raise ArtifactError(f"{where}: a {cls.__name__} needs its 'fields' mapping")
         try:
             return cls(**{k: from_json(v, f"{where}.{k}") for k, v in x["fields"].items()})
         except (TypeError, ValueError) as e:
@@ -255,7 +267,9 @@ def save(ir: IR, directory: str | os.PathLike, *, tokenizer_from: str | os.PathL
         log.warning("removed %s, left by an interrupted save of %s", old, directory)
     tmp = atomic.temp_dir(directory)
     try:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, "version": str(VERSION)})
+        # One metadata key: safetensors writes a map in no fixed order, so more keys would break
+        # byte-identical files.
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": f"{FORMAT}/{VERSION}"})
         copied = copy_tokenizer(tokenizer_from, tmp / TOKENIZER_DIR) if tokenizer_from else []
         manifest["tokenizer"] = TOKENIZER_DIR if copied else None
         atomic.write_json(tmp / MANIFEST, manifest, sort_keys=True)
@@ -344,8 +358,15 @@ def _load_entry(entry: dict, f: SafetensorsFile, mpath: Path, checksums: bool) -
     if kind != "float":
         validate.check_values(kind, static, arrays, where)
         arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
-    meta = TensorMeta(role=entry["role"], tower=entry["tower"], hf_name=entry["hf_name"],
-                      shape=tuple(entry["shape"]), dtype=entry["dtype"], info=from_json(entry["info"], where))
+    _check(all(isinstance(entry[k], str) for k in ("hf_name", "dtype")) and isinstance(entry["info"], dict)
+           and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= validate.MAX_DIM
+                   for d in entry["shape"]), where, "hf_name and dtype must be strings, info a mapping, shape "
+           f"non-negative integers (got {entry['shape']!r})")
+    try:
+        meta = TensorMeta(role=entry["role"], tower=entry["tower"], hf_name=entry["hf_name"],
+                          shape=tuple(entry["shape"]), dtype=entry["dtype"], info=from_json(entry["info"], where))
+    except ValueError as e:
+        raise ArtifactError(f"{where}: {e}") from e
     if kind == "float":
         _check(set(arrays) == {"value"}, where, "a float tensor has exactly one array, 'value'")
         sf, name = arrays["value"]

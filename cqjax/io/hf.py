@@ -163,8 +163,8 @@ def import_checkpoint(path_or_id: str | Path) -> IR:
     directory = resolve(path_or_id)
     raw = read_config(directory)
     family = registry.for_model_type(raw["model_type"], str(directory / "config.json"))
+    registry.check_bounds(raw, str(directory / "config.json"))  # before a parser computes anything from it
     cfg = family.parse_config(raw, str(directory / "config.json"))
-    registry.check_bounds(cfg, str(directory / "config.json"))
     tensors = open_shards(directory)
     params, meta, used = {}, {}, set()
     for path, (shape, role) in param_roles(abstract_model(family, cfg)).items():

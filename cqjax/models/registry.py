@@ -16,7 +16,7 @@ from cqjax.errors import CheckpointError, ConfigError
 MAX_SIZE = 1 << 24
 #: Config fields that are sizes of the model itself, so at least 1.
 POSITIVE = frozenset({"vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                      "head_dim"})
+                      "head_dim", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,13 +60,17 @@ def for_model_type(model_type: str, source: str) -> Family:
 
 
 def check_bounds(cfg: Any, source: str, where: str = "config") -> None:
-    """Raises :class:`ConfigError` naming the field of a parsed config whose integer is out of
+    """Raises :class:`ConfigError` naming the field of a config (a raw config.json mapping, or a
+    parsed config dataclass) whose integer is out of
     ``[-1, MAX_SIZE]`` (one of :data:`POSITIVE` must be ``>= 1``) or whose float is not finite: a model is
     never built from sizes that could not be real (a ``head_dim`` of 2**31 would allocate
     until the machine runs out of memory)."""
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
         for f in dataclasses.fields(cfg):
             check_bounds(getattr(cfg, f.name), source, f"{where}.{f.name}")
+    elif isinstance(cfg, dict):
+        for k, v in cfg.items():
+            check_bounds(v, source, f"{where}.{k}")
     elif isinstance(cfg, (list, tuple)):
         for i, v in enumerate(cfg):
             check_bounds(v, source, f"{where}[{i}]")

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -280,9 +281,12 @@ void PrepareRows(const Plan& plan, const float* x, int xk, const int8_t* s1, con
     int8_t* xq = prep->xq.data() + static_cast<size_t>(m) * Kpad;
     for (int j = 0; j < nb; ++j) {
       const int o = plan.offs[j], b = plan.blocks[j];
-      float amax = 0.0f;
-      for (int k = o; k < o + b; ++k) amax = std::max(amax, std::fabs(v[k]));
-      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      float amax = 0.0f, poison = 0.0f;
+      for (int k = o; k < o + b; ++k) {
+        amax = std::max(amax, std::fabs(v[k]));
+        poison += v[k] * 0.0f;  // NaN iff some v[k] is NaN or infinite
+      }
+      const float inv = amax > 0.0f && std::isfinite(amax) ? 127.0f / amax : 0.0f;
       int sum = 0;
       for (int k = o; k < o + b; ++k) {
         float q = std::nearbyint(v[k] * inv);
@@ -290,7 +294,10 @@ void PrepareRows(const Plan& plan, const float* x, int xk, const int8_t* s1, con
         xq[k] = static_cast<int8_t>(q);
         sum += xq[k];
       }
-      prep->fx[static_cast<size_t>(m) * nb + j] = (amax / 127.0f) * prep->cs[j];
+      // NaN in, NaN out: a non-finite activation makes the block's scale NaN, so every output
+      // of this row is NaN (as a float matmul would make it), never a finite number.
+      prep->fx[static_cast<size_t>(m) * nb + j] =
+          poison == 0.0f ? (amax / 127.0f) * prep->cs[j] : std::numeric_limits<float>::quiet_NaN();
       if (u8) {
         // first lane of block j in chunk order
         const int bstart = o / plan.per;  // lane-plane byte where block j starts

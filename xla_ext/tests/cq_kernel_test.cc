@@ -157,6 +157,32 @@ void TestPathsAgainstReference() {
   }
 }
 
+void TestNonFiniteActivationsPropagate() {
+  // NaN in, NaN out: an activation row with a NaN or an infinity gives non-finite outputs on
+  // every path (the int8 quantizer must not turn it into finite numbers); other rows stay finite.
+  std::mt19937 rng(7);
+  const float bad[] = {std::nanf(""), INFINITY, -INFINITY};
+  for (int bits = 1; bits <= 4; ++bits) {
+    for (float b : bad) {
+      const int M = 3, N = 9, K = 200;
+      Weight w = RandomWeight(rng, N, K, bits, 128, 16);
+      std::normal_distribution<float> g;
+      std::vector<float> x(static_cast<size_t>(M) * K);
+      for (auto& v : x) v = g(rng);
+      x[1 * K + 150] = b;  // row 1, in the second block
+      for (cq::Path p : Paths()) {
+        const std::vector<float> y = RunPath(w, x, M, p);
+        for (int n = 0; n < N; ++n) {
+          CHECK(!std::isfinite(y[1 * N + n]), "path %s bits=%d: output %d of a non-finite row is %g",
+                cq::PathName(p), bits, n, y[1 * N + n]);
+          CHECK(std::isfinite(y[0 * N + n]) && std::isfinite(y[2 * N + n]), "path %s bits=%d: finite rows",
+                cq::PathName(p), bits);
+        }
+      }
+    }
+  }
+}
+
 void TestPackRoundTrip() {
   std::mt19937 rng(7);
   for (int bits : {1, 2, 3, 4, 8}) {
@@ -252,6 +278,7 @@ int main(int argc, char** argv) {
               cq::PathName(cq::BestPath()));
   TestPackRoundTrip();
   TestPathsAgainstReference();
+  TestNonFiniteActivationsPropagate();
   TestGolden(argc > 1 ? argv[1] : "tests/golden/cq_kernel_v1.txt");
   std::printf("cq_kernel_test: %d checks, %d failures\n", g_checks, g_failures);
   return g_failures ? 1 : 0;
