@@ -132,6 +132,8 @@ def quantize(model_or_path: Any, *, bits: int = 3, embed_bits: int | None = 4, m
         cfg = recipes.config(method, {"bits": bits, "embed_bits": embed_bits, **quant}, steps)
         pipeline = recipes.build(cfg)
         recipes.check_rules(cfg, ir)
+        recipes.check_budget(pipeline, ir)
+        hf.check_finite(ir)
         recipe = {"method": method, "bits": bits, "embed_bits": embed_bits, **quant, "steps": steps}
     else:
         cfg, recipe = None, {"method": "custom", "pipeline": pipeline_lib.to_pass(pipeline).name}
