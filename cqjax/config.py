@@ -110,7 +110,9 @@ class QuantConfig:
       bits: bit width of every linear layer (one of :data:`SUPPORTED_BITS`).
       embed_bits: token / per-layer embeddings and the LM head; None = as ``bits``.
       block: input-dim block of the rotation, norms and RTN scales (a power of two >= 16).
-      codebook: ``analytic`` (data-free Lloyd–Max levels) or ``fitted`` (fitted per tensor).
+      codebook: ``analytic`` (data-free Lloyd–Max levels), ``fitted`` (fitted per tensor) or
+        ``hessian`` (fitted per tensor, weighted by block norm² × the rotated calibration
+        Hessian's diagonal; needs calibration).
       seed: rotation seed (each tensor derives its own from it and its path).
       overrides: ``{filter: bits}``, first match wins, e.g. ``{"role:lm_head": 8}``; a filter
         that matches no eligible tensor of the model is an error (naming the nearest paths).

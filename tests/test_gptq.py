@@ -19,7 +19,7 @@ from cqjax.passes.common import bits_rules
 from cqjax.passes.cq import FitCodebook, Pack, Rotate
 from cqjax.passes.gptq import (ErrorFeedbackPack, GPTQRoundToNearest, block_matrices, cq_rotated,
                                cq_unrotated, rotate_hessian, rtn_gptq)
-from cqjax.formats.rotation import Rotation, make_rotation, rotate_rows_np, unrotate_rows_np
+from cqjax.formats.rotation import Rotation, make_rotation, rotate_rows_np, rotated_diagonal, unrotate_rows_np
 from cqjax.passes.rtn import RoundToNearest
 from cqjax.pipeline import Context, same
 from test_import_errors import write
@@ -171,6 +171,32 @@ def test_block_matrices_are_the_rotation_and_rotate_the_hessian():
     x = rng.standard_normal((50, K))
     xr = rotate_rows_np(x, rot)
     np.testing.assert_allclose(rotate_hessian(x.T @ x, mats), xr.T @ xr, atol=1e-9)
+    np.testing.assert_allclose(rotated_diagonal(x.T @ x, rot), np.diag(xr.T @ xr), atol=1e-9)
+
+
+def test_hessian_codebook_mode_fits_to_the_weighted_error_and_falls_back_without_one():
+    K = 200
+    w, meta = kernel(K)
+    H = correlated_hessian(K, seed=3)
+    r, m = Rotate(block=128).rewrite(PATH, w, meta, Context())
+    fitted, fmeta = FitCodebook(bits=2, mode="fitted").rewrite(PATH, r, m, Context())
+    hess, hmeta = FitCodebook(bits=2, mode="hessian").rewrite(PATH, r, m, ctx_with(H))
+    alone, ameta = FitCodebook(bits=2, mode="hessian").rewrite(PATH, r, m, Context())
+    assert FitCodebook(mode="hessian").needs.statistics == {"hessian"} and not FitCodebook().needs
+    assert (fmeta.info["codebook"], hmeta.info["codebook"], ameta.info["codebook"]) == ("fitted", "hessian", "fitted")
+    for d in fitted.codebooks:
+        np.testing.assert_array_equal(alone.codebooks[d], fitted.codebooks[d])
+    assert any(not np.array_equal(hess.codebooks[d], fitted.codebooks[d]) for d in fitted.codebooks)
+    Hr = np.diag(rotated_diagonal(H, r.rotation))  # the metric the weighted fit minimizes
+
+    def err(leaf):
+        q = Pack().rewrite(PATH, leaf, m, Context())[0]
+        codes = fmt.unpack_codes(np.asarray(q.codes), q.bits, sum(q.blocks))
+        rot_hat = codebook_core.dequantize_rows(codes, np.asarray(q.norms), q.blocks,
+                                                list(np.asarray(q.codebooks, np.float32)))
+        return output_error(r.rows, rot_hat, Hr)
+
+    assert err(hess) < err(fitted)
 
 
 # ----------------------------------------------------------------------------- the passes

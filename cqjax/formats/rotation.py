@@ -167,6 +167,22 @@ def block_matrices(rot: Rotation, dtype=np.float64) -> list[np.ndarray]:
     return out
 
 
+def rotated_diagonal(H: np.ndarray, rot: Rotation) -> np.ndarray:
+    """The diagonal of ``Mᵀ H_pad M`` (``M = blockdiag(M_j)``, ``H_pad``: ``H [K, K]`` zero-padded
+    to ``Kpad``), float64 ``[Kpad]``: e.g. each rotated input's second moment when ``H = E[x xᵀ]``.
+    Reads only the diagonal blocks of ``H``."""
+    H = np.asarray(H, dtype=np.float64)
+    K = H.shape[0]
+    out = np.zeros(rot.Kpad)
+    offs = block_offsets(rot.blocks)
+    for lo, hi, m in zip(offs[:-1], offs[1:], block_matrices(rot)):
+        top = min(hi, K)
+        if lo < top:
+            mk = m[: top - lo]
+            out[lo:hi] = np.sum((H[lo:top, lo:top] @ mk) * mk, axis=0)
+    return out
+
+
 def rotate_rows(rows: np.ndarray, rot: Rotation) -> np.ndarray:
     """:func:`rotate_rows_np` in float32 with the signs and permutation folded into one
     ``[b, b]`` matrix per block (one single-threaded BLAS matmul per block written straight

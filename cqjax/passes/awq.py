@@ -50,7 +50,7 @@ import numpy as np
 from cqjax import select
 from cqjax.ir import IR, KERNEL_ROLES, LazyTensor, materialize
 from cqjax.kernels.qarrays import is_quantized
-from cqjax.passes.gptq import calibration_hessian
+from cqjax.passes.common import calibration_hessian
 from cqjax.pipeline import Chain, Context, Needs, Pass, PassLike, named_chain, sub_ir
 from cqjax.progress import Progress
 from cqjax.quant_stats import dequantizer

@@ -87,7 +87,8 @@ def analytic_codebook(d: int, bits: int) -> np.ndarray:
 
 
 def fit_codebook(
-    values: np.ndarray, bits: int, iters: int = 100, init: np.ndarray | None = None
+    values: np.ndarray, bits: int, iters: int = 100, init: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """Lloyd–Max (1-D k-means) levels fitted to data; deterministic.
 
@@ -97,28 +98,48 @@ def fit_codebook(
       iters: maximum Lloyd iterations (stops early when the levels no longer move).
       init: initial levels ``[2**bits]``; default: the data quantiles at ``(i + 0.5) / k``
         (evenly spaced between min and max if those collide).
+      weights: optional non-negative weight per value (same size): the levels then minimize
+        ``Σ weight · (value − level)²`` (each level is its cell's weighted mean; the default
+        init uses weighted quantiles).
 
     Returns:
-      float32 ``[2**bits]`` sorted ascending. A level whose cell is empty keeps its value.
+      float32 ``[2**bits]`` sorted ascending. A level whose cell is empty (or weightless) keeps
+      its value.
     """
     k = 1 << bits
-    v = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    v = np.asarray(values, dtype=np.float64).ravel()
     if v.size == 0 or not np.all(np.isfinite(v)):
         raise ValueError(f"fit_codebook: values must be non-empty and finite (size {v.size})")
+    if weights is None:
+        v = np.sort(v)
+        wt = None
+    else:
+        wt = np.asarray(weights, dtype=np.float64).ravel()
+        if wt.shape != v.shape or not np.all(np.isfinite(wt)) or np.any(wt < 0) or not wt.sum() > 0:
+            raise ValueError(f"fit_codebook: weights must be finite, non-negative, not all zero and "
+                             f"one per value ({v.size}), got shape {wt.shape}")
+        order = np.argsort(v, kind="stable")
+        v, wt = v[order], wt[order]
     if init is not None:
         c = np.sort(np.asarray(init, dtype=np.float64).ravel())
         if c.shape != (k,):
             raise ValueError(f"fit_codebook: init must have {k} levels for bits={bits}, got {c.shape}")
     else:
-        c = np.quantile(v, (np.arange(k) + 0.5) / k)
+        if wt is None:
+            c = np.quantile(v, (np.arange(k) + 0.5) / k)
+        else:
+            cw = np.cumsum(wt)
+            c = v[np.minimum(np.searchsorted(cw, (np.arange(k) + 0.5) / k * cw[-1]), v.size - 1)]
         if np.any(np.diff(c) <= 0):
             c = np.linspace(v[0], v[-1], k)
-    S = np.concatenate([[0.0], np.cumsum(v)])
+    w1 = np.ones_like(v) if wt is None else wt
+    W = np.concatenate([[0.0], np.cumsum(w1)])
+    S = np.concatenate([[0.0], np.cumsum(w1 * v)])
     for _ in range(iters):
         idx = np.concatenate([[0], np.searchsorted(v, 0.5 * (c[:-1] + c[1:])), [v.size]])
-        cnt = np.diff(idx)
+        cnt = W[idx[1:]] - W[idx[:-1]]
         sums = S[idx[1:]] - S[idx[:-1]]
-        new = np.where(cnt > 0, sums / np.maximum(cnt, 1), c)
+        new = np.where(cnt > 0, sums / np.where(cnt > 0, cnt, 1.0), c)
         done = np.array_equal(new, c)
         c = np.sort(new)
         if done:
@@ -155,15 +176,48 @@ def unit_blocks(w_rot: np.ndarray, blocks: Sequence[int]) -> dict[int, np.ndarra
     return {d: np.concatenate(parts) for d, parts in out.items()}
 
 
-def fit_codebooks(w_rot: np.ndarray, blocks: Sequence[int], bits: int, iters: int = 100) -> dict[int, np.ndarray]:
+def fit_codebooks(w_rot: np.ndarray, blocks: Sequence[int], bits: int, iters: int = 100,
+                  column_weights: np.ndarray | None = None) -> dict[int, np.ndarray]:
     """One data-fitted codebook per block size, on that size's unit-vector coordinates.
 
     Starts from :func:`analytic_codebook` (falls back to it for a size with no nonzero block).
+
+    Args:
+      column_weights: optional ``[Kpad]`` non-negative weight per rotated input column (e.g. the
+        diagonal of the rotated calibration Hessian). Given, each unit coordinate ``u[r, k]`` of
+        a block with norm ``n`` weighs ``n² · column_weights[k]``: the levels then minimize the
+        (diagonal-)Hessian-weighted squared error of the reconstruction ``n · level`` rather
+        than of the unit vectors.
     """
-    return {
-        d: fit_codebook(u, bits, iters, init=analytic_codebook(d, bits)) if u.size else analytic_codebook(d, bits)
-        for d, u in unit_blocks(w_rot, blocks).items()
-    }
+    if column_weights is None:
+        groups = {d: (u, None) for d, u in unit_blocks(w_rot, blocks).items()}
+    else:
+        groups = _weighted_unit_blocks(w_rot, blocks, column_weights)
+    out = {}
+    for d, (u, wt) in groups.items():
+        init = analytic_codebook(d, bits)
+        ok = u.size and (wt is None or wt.sum() > 0)
+        out[d] = fit_codebook(u, bits, iters, init=init, weights=wt) if ok else init
+    return out
+
+
+def _weighted_unit_blocks(w_rot, blocks, column_weights) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """``{d: (unit coordinates [n, d], weights n² · column weight [n, d])}`` of nonzero blocks."""
+    w_rot = _check_rows(w_rot, blocks, "fit_codebooks")
+    h = np.asarray(column_weights, dtype=np.float64).ravel()
+    if h.shape != (w_rot.shape[1],) or not np.all(np.isfinite(h)) or np.any(h < 0):
+        raise ValueError(f"fit_codebooks: column_weights must be {w_rot.shape[1]} finite non-negative "
+                         f"values, got shape {h.shape}")
+    units: dict[int, list] = {}
+    wts: dict[int, list] = {}
+    offs = block_offsets(blocks)
+    for lo, hi, d in zip(offs[:-1], offs[1:], blocks):
+        seg = w_rot[:, lo:hi].astype(np.float32)
+        n = np.sqrt(np.sum(np.square(seg, dtype=np.float64), axis=1))
+        keep = n > 0
+        units.setdefault(d, []).append(seg[keep] / n[keep, None].astype(np.float32))
+        wts.setdefault(d, []).append(np.square(n[keep])[:, None] * h[None, lo:hi])
+    return {d: (np.concatenate(units[d]), np.concatenate(wts[d])) for d in units}
 
 
 def _check_rows(w: np.ndarray, blocks: Sequence[int], who: str) -> np.ndarray:

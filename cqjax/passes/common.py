@@ -1,4 +1,5 @@
-"""What the quantization passes share: the rows of a tensor and the bit width of a path.
+"""What the quantization passes share: the rows of a tensor, the bit width of a path and a
+tensor's calibration Hessian.
 
 (Which tensors are eligible is :data:`cqjax.quant_stats.ELIGIBLE`.)
 """
@@ -11,6 +12,7 @@ import numpy as np
 
 from cqjax import select
 from cqjax.ir import EMBED_ROLES, KERNEL_ROLES, TensorMeta, materialize
+from cqjax.pipeline import Context
 
 
 def rows_of(leaf: Any, meta: TensorMeta) -> tuple[np.ndarray, bool]:
@@ -46,3 +48,21 @@ def bits_for(rules: select.Rules, path: str, meta: TensorMeta) -> int:
     if bits is None:
         raise ValueError(f"{path}: no bits rule matches (role {meta.role}); rules: {rules}")
     return int(bits)
+
+
+def calibration_hessian(ctx: Context, path: str, K: int) -> np.ndarray | None:
+    """``ctx.calibration[path]["hessian"]`` as float64 ``[K, K]``, or None when absent.
+
+    Raises:
+      ValueError: naming the path when the entry has the wrong shape or non-finite values.
+    """
+    entry = ctx.calibration.get(path)
+    if entry is None or entry.get("hessian") is None:
+        return None
+    H = np.asarray(entry["hessian"], dtype=np.float64)
+    if H.shape != (K, K):
+        raise ValueError(f"calibration[{path!r}]['hessian']: expected [{K}, {K}] (the input "
+                         f"features), got {H.shape}")
+    if not np.all(np.isfinite(H)):
+        raise ValueError(f"calibration[{path!r}]['hessian'] has non-finite values")
+    return H

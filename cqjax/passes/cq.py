@@ -6,7 +6,9 @@ pass           rewrite of each eligible tensor
 Rotate         float ``[K, N]`` / ``[V, D]`` → :class:`Rotated` rows ``R·w`` (block-local
                randomized Walsh–Hadamard over the input dim, blocks from ``block_plan``)
 FitCodebook    attaches per-block-size Lloyd–Max levels for its bit width (``analytic`` for a
-               random unit vector's coordinate, or ``fitted`` to the tensor's own values)
+               random unit vector's coordinate, ``fitted`` to the tensor's own values, or
+               ``hessian``: fitted to them weighted by block norm² × the rotated calibration
+               Hessian's diagonal; ``fitted`` where a tensor has no Hessian)
 Pack           nearest level per weight, one fp16 norm per (row, block) (optionally scaled by
                a least-squares or norm-preserving gain), bit-packed → :class:`CQArray`
 =============  ===============================================================================
@@ -25,12 +27,12 @@ from cqjax.formats import cq as fmt
 from cqjax.formats import rotation
 from cqjax.kernels.qarrays import CQArray
 from cqjax.passes import codebook_core
-from cqjax.passes.common import bits_for, rows_of
-from cqjax.pipeline import Pass
+from cqjax.passes.common import bits_for, calibration_hessian, rows_of
+from cqjax.pipeline import Needs, Pass
 from cqjax.quant_stats import ELIGIBLE
 from cqjax.select import Rules
 
-CODEBOOK_MODES = ("analytic", "fitted")
+CODEBOOK_MODES = ("analytic", "fitted", "hessian")
 GAINS = ("none", "ls", "norm")
 
 
@@ -101,16 +103,27 @@ class FitCodebook(Pass):
             raise ValueError(f"codebook.mode={self.mode!r}; allowed: {CODEBOOK_MODES}")
         object.__setattr__(self, "bits", Rules.of(self.bits))
 
+    @property
+    def needs(self) -> Needs:
+        return Needs(statistics={"hessian"}) if self.mode == "hessian" else Needs()
+
     def rewrite(self, path, leaf, meta, ctx):
         r = require_rotated(leaf, path, self.name)
         bits = bits_for(self.bits, path, meta)
         if bits not in fmt.SUPPORTED_BITS:
             raise ValueError(f"{path}: bits={bits}; supported: {fmt.SUPPORTED_BITS}")
-        if self.mode == "fitted":
-            books = codebook_core.fit_codebooks(r.rows, r.rotation.blocks, bits, self.iters)
-        else:
+        mode, weights = self.mode, None
+        if mode == "hessian":
+            H = calibration_hessian(ctx, path, r.K)
+            if H is None:
+                mode = "fitted"
+            else:
+                weights = rotation.rotated_diagonal(H, r.rotation)
+        if mode == "analytic":
             books = {d: codebook_core.analytic_codebook(d, bits) for d in set(r.rotation.blocks)}
-        info = {**meta.info, "bits": bits, "codebook": self.mode}
+        else:
+            books = codebook_core.fit_codebooks(r.rows, r.rotation.blocks, bits, self.iters, weights)
+        info = {**meta.info, "bits": bits, "codebook": mode}
         return dataclasses.replace(r, bits=bits, codebooks=books), meta.replace(info=info)
 
 

@@ -41,7 +41,7 @@ from cqjax.formats import rtn
 from cqjax.formats.rotation import block_matrices
 from cqjax.kernels.qarrays import RTNArray
 from cqjax.passes import codebook_core, gptq_core, rtn_core
-from cqjax.passes.common import bits_for, rows_of
+from cqjax.passes.common import bits_for, calibration_hessian, rows_of
 from cqjax.passes.cq import Pack, Rotated, require_rotated
 from cqjax.passes.rtn import RoundToNearest
 from cqjax.pipeline import Context, Needs, Pass
@@ -50,24 +50,6 @@ from cqjax.select import Rules
 
 BASES = ("rotated", "unrotated")
 _F16_MAX = float(np.finfo(np.float16).max)
-
-
-def calibration_hessian(ctx: Context, path: str, K: int) -> np.ndarray | None:
-    """``ctx.calibration[path]["hessian"]`` as float64 ``[K, K]``, or None when absent.
-
-    Raises:
-      ValueError: naming the path when the entry has the wrong shape or non-finite values.
-    """
-    entry = ctx.calibration.get(path)
-    if entry is None or entry.get("hessian") is None:
-        return None
-    H = np.asarray(entry["hessian"], dtype=np.float64)
-    if H.shape != (K, K):
-        raise ValueError(f"calibration[{path!r}]['hessian']: expected [{K}, {K}] (the input "
-                         f"features), got {H.shape}")
-    if not np.all(np.isfinite(H)):
-        raise ValueError(f"calibration[{path!r}]['hessian'] has non-finite values")
-    return H
 
 
 def _apply_blocks(rows: np.ndarray, mats: list[np.ndarray], transpose: bool) -> np.ndarray:
