@@ -232,3 +232,34 @@ def test_generate_needs_a_prompt(tmp_path):
     with pytest.raises(ConfigError, match='prompt="..."'):
         cfg_lib.validate_inputs(cfg)
     cfg_lib.validate_inputs(composed("mode=generate", f"artifact={tmp_path}", "prompt=hi"))
+
+
+def readme_commands() -> list[list[str]]:
+    """The overrides of every single-run conversion in the README's command-line block."""
+    import shlex
+
+    text = (CONF.parent / "README.md").read_text()
+    block = text.split("## Command line (Hydra)", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    out = []
+    for line in block.splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:3] == ["python", "-m", "cqjax"] and "-m" not in words[3:] and any(w.startswith("+model=") for w in words):
+            out.append(words[3:])
+    return out
+
+
+def test_every_readme_conversion_composes_and_builds_its_recipe(tmp_path, monkeypatch):
+    """The README's examples compose, pass validation and instantiate their passes (a pass option
+    the chosen pipeline rejects, e.g. a gain under error feedback, fails here, not for a user)."""
+    from cqjax.config import validate
+    from cqjax.recipes import build
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my.txt").write_text("a text file the example names\n")
+    commands = readme_commands()
+    assert len(commands) >= 10
+    for words in commands:
+        cfg = composed(*words)
+        validate(cfg)
+        if cfg.pipeline:
+            assert build(cfg).steps, words
