@@ -238,7 +238,7 @@ def readme_commands() -> list[list[str]]:
     """The overrides of every single-run conversion in the README's command-line block."""
     import shlex
 
-    text = (CONF.parent / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = text.split("## Command line (Hydra)", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     out = []
     for line in block.splitlines():
