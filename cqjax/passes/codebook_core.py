@@ -166,14 +166,32 @@ def _per_block(codebooks, blocks: Sequence[int]) -> list[np.ndarray]:
 
 def unit_blocks(w_rot: np.ndarray, blocks: Sequence[int]) -> dict[int, np.ndarray]:
     """The unit vectors of every nonzero (row, block), grouped by block size: ``{d: [n, d]}``."""
-    w_rot = _check_rows(w_rot, blocks, "unit_blocks")
-    out: dict[int, list[np.ndarray]] = {}
+    return {d: u for d, (u, _) in _unit_blocks(w_rot, blocks, "unit_blocks").items()}
+
+
+def _unit_blocks(w_rot, blocks, who: str, column_weights=None
+                 ) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:
+    """``{d: (unit vectors [n, d], weights n² · column weight [n, d], or None without
+    column weights)}`` of the nonzero (row, block)s, grouped by block size."""
+    w_rot = _check_rows(w_rot, blocks, who)
+    h = None
+    if column_weights is not None:
+        h = np.asarray(column_weights, dtype=np.float64).ravel()
+        if h.shape != (w_rot.shape[1],) or not np.all(np.isfinite(h)) or np.any(h < 0):
+            raise ValueError(f"{who}: column_weights must be {w_rot.shape[1]} finite non-negative "
+                             f"values, got shape {h.shape}")
+    units: dict[int, list] = {}
+    wts: dict[int, list] = {}
     offs = block_offsets(blocks)
     for lo, hi, d in zip(offs[:-1], offs[1:], blocks):
         seg = w_rot[:, lo:hi].astype(np.float32)
         n = np.sqrt(np.sum(np.square(seg, dtype=np.float64), axis=1))
-        out.setdefault(d, []).append(seg[n > 0] / n[n > 0, None].astype(np.float32))
-    return {d: np.concatenate(parts) for d, parts in out.items()}
+        keep = n > 0
+        units.setdefault(d, []).append(seg[keep] / n[keep, None].astype(np.float32))
+        if h is not None:
+            wts.setdefault(d, []).append(np.square(n[keep])[:, None] * h[None, lo:hi])
+    return {d: (np.concatenate(parts), np.concatenate(wts[d]) if h is not None else None)
+            for d, parts in units.items()}
 
 
 def fit_codebooks(w_rot: np.ndarray, blocks: Sequence[int], bits: int, iters: int = 100,
@@ -189,35 +207,12 @@ def fit_codebooks(w_rot: np.ndarray, blocks: Sequence[int], bits: int, iters: in
         (diagonal-)Hessian-weighted squared error of the reconstruction ``n · level`` rather
         than of the unit vectors.
     """
-    if column_weights is None:
-        groups = {d: (u, None) for d, u in unit_blocks(w_rot, blocks).items()}
-    else:
-        groups = _weighted_unit_blocks(w_rot, blocks, column_weights)
     out = {}
-    for d, (u, wt) in groups.items():
+    for d, (u, wt) in _unit_blocks(w_rot, blocks, "fit_codebooks", column_weights).items():
         init = analytic_codebook(d, bits)
         ok = u.size and (wt is None or wt.sum() > 0)
         out[d] = fit_codebook(u, bits, iters, init=init, weights=wt) if ok else init
     return out
-
-
-def _weighted_unit_blocks(w_rot, blocks, column_weights) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """``{d: (unit coordinates [n, d], weights n² · column weight [n, d])}`` of nonzero blocks."""
-    w_rot = _check_rows(w_rot, blocks, "fit_codebooks")
-    h = np.asarray(column_weights, dtype=np.float64).ravel()
-    if h.shape != (w_rot.shape[1],) or not np.all(np.isfinite(h)) or np.any(h < 0):
-        raise ValueError(f"fit_codebooks: column_weights must be {w_rot.shape[1]} finite non-negative "
-                         f"values, got shape {h.shape}")
-    units: dict[int, list] = {}
-    wts: dict[int, list] = {}
-    offs = block_offsets(blocks)
-    for lo, hi, d in zip(offs[:-1], offs[1:], blocks):
-        seg = w_rot[:, lo:hi].astype(np.float32)
-        n = np.sqrt(np.sum(np.square(seg, dtype=np.float64), axis=1))
-        keep = n > 0
-        units.setdefault(d, []).append(seg[keep] / n[keep, None].astype(np.float32))
-        wts.setdefault(d, []).append(np.square(n[keep])[:, None] * h[None, lo:hi])
-    return {d: (np.concatenate(units[d]), np.concatenate(wts[d])) for d in units}
 
 
 def _check_rows(w: np.ndarray, blocks: Sequence[int], who: str) -> np.ndarray:
