@@ -224,6 +224,20 @@ class GenerateConfig:
 
 
 @dataclasses.dataclass
+class RuntimeConfig:
+    """How the quantized model runs (evaluation, generation).
+
+    Attributes:
+      threads: CPU cores for JAX and the CQ kernel (:func:`cqjax.runtime.set_threads`); null = all.
+      kernel: ``auto`` (the C++ kernel on CPU, pure JAX elsewhere), ``ffi`` or ``jax``
+        (:mod:`cqjax.kernels.backend`; ``auto`` defers to ``CQJAX_KERNEL`` when it is set).
+    """
+
+    threads: Optional[int] = None
+    kernel: str = "auto"
+
+
+@dataclasses.dataclass
 class ReportConfig:
     """What goes into the run directory besides report.json and report.md.
 
@@ -249,6 +263,7 @@ class Config:
     verify: bool = True
     prompt: Optional[str] = None
     generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
     seed: int = 0
 
 
@@ -294,6 +309,15 @@ def _check_quant(q: DictConfig) -> None:
     from cqjax.passes.allocate import PROXIES
 
     _allowed("quant.proxy", q.proxy, PROXIES)
+
+
+def _check_runtime(r: DictConfig) -> None:
+    from cqjax.kernels.backend import MODES
+
+    _allowed("runtime.kernel", r.kernel, MODES)
+    _positive("runtime.threads", r.threads, optional=True)
+    if r.threads is not None and r.threads > len(os.sched_getaffinity(0)):
+        raise ConfigError(f"runtime.threads={r.threads}: this process may use {len(os.sched_getaffinity(0))} cores")
 
 
 def _check_calib(c: DictConfig) -> None:
@@ -342,6 +366,7 @@ def validate(cfg: DictConfig) -> None:
     _check_quant(cfg.quant)
     _check_calib(cfg.calib)
     _check_eval(cfg.eval)
+    _check_runtime(cfg.runtime)
     for name, p in (cfg.pipeline or {}).items():
         if p is not None and (not isinstance(p, DictConfig) or "_target_" not in p):
             raise ConfigError(f"pipeline.{name}: expected a pass config with a _target_ (a Pass class), "

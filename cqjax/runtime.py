@@ -18,9 +18,64 @@ from flax import nnx, struct
 from cqjax.eval.scoring import from_nnx
 
 
+def set_threads(n: int | None) -> None:
+    """Runs this process's JAX computations and CQ kernel calls on ``n`` CPU cores (None: all).
+
+    XLA's CPU backend sizes its thread pool from the cores the process may run on when it
+    starts, so this must come before the first JAX computation: it restricts the process's CPU
+    affinity to the first ``n`` cores it has and caps the C++ kernel's threads at ``n``.
+
+    Raises:
+      ValueError: ``n < 1`` or more cores than the process has.
+      RuntimeError: JAX's backend has already started (its pool size is fixed).
+    """
+    if n is None:
+        return
+    import os
+
+    from jax._src import xla_bridge
+
+    cores = sorted(os.sched_getaffinity(0))
+    if not 1 <= n <= len(cores):
+        raise ValueError(f"runtime.threads={n}: expected 1..{len(cores)} (the cores this process may use)")
+    if len(cores) != n:
+        if xla_bridge.backends_are_initialized():
+            raise RuntimeError(f"runtime.threads={n} must be set before the first JAX computation "
+                               "(XLA's CPU thread pool is sized when its backend starts)")
+        os.sched_setaffinity(0, cores[:n])
+    from cqjax.kernels import backend
+
+    if backend.ffi_available():
+        from cqjax import _ffi
+
+        _ffi.set_kernel_threads(n)
+
+
+def prepare(model: nnx.Module) -> nnx.Module:
+    """``model`` with every CQ leaf that runs in pure JAX under the current kernel mode
+    (:func:`cqjax.kernels.backend.runs_in_jax`) in the column-tiled runtime layout
+    (:mod:`cqjax.kernels.columns`); other leaves, and ``model`` itself, are left as they are."""
+    from cqjax.kernels import backend
+    from cqjax.kernels.columns import to_columns
+    from cqjax.kernels.qarrays import CQArray
+
+    graphdef, state = nnx.split(model)
+    found = []
+
+    def convert(leaf):
+        if isinstance(leaf, CQArray) and backend.runs_in_jax(leaf):
+            found.append(leaf)
+            return to_columns(leaf)
+        return leaf
+
+    state = jax.tree.map(convert, state, is_leaf=lambda x: isinstance(x, CQArray))
+    return nnx.merge(graphdef, state) if found else model
+
+
 def forward_fn(model: nnx.Module) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """A jitted ``forward(tokens int32[B, T], mask bool[B, T]) -> float32 logits[B, T, V]``."""
-    bound = from_nnx(model)
+    """A jitted ``forward(tokens int32[B, T], mask bool[B, T]) -> float32 logits[B, T, V]``
+    (quantized leaves in the layout their kernel mode runs fastest, :func:`prepare`)."""
+    bound = from_nnx(prepare(model))
     run = jax.jit(bound.fn)
     return lambda tokens, mask: run(bound.params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool))
 
@@ -102,6 +157,46 @@ def _decode_step(graphdef, temperature: float, top_k: int | None):
     return step
 
 
+class Decoder:
+    """Decoding of one model with its KV cache: :meth:`prefill` the prompt once, then one jitted,
+    cache-donating :meth:`step` per token (what :func:`generate` loops over; benchmarks time the
+    two apart). Quantized leaves run in the layout of the kernel mode current at construction
+    (:func:`prepare`).
+
+    >>> dec = Decoder(model, batch=1, max_len=48)   # doctest: +SKIP
+    >>> nxt = dec.prefill(prompt_ids)                # [B] next token ids
+    >>> nxt = dec.step(nxt)                          # one more token per row
+    """
+
+    def __init__(self, model: nnx.Module, *, batch: int, max_len: int, temperature: float = 0.0,
+                 top_k: int | None = None, seed: int = 0):
+        self.graphdef, self.state = nnx.split(prepare(model))
+        self.caches = empty_caches(model, batch, max_len)
+        self.batch, self.max_len = batch, max_len
+        self._step = _decode_step(self.graphdef, float(temperature), top_k)
+        self._key = jax.random.PRNGKey(seed)
+        self.length = 0
+
+    def _run(self, tokens: np.ndarray) -> np.ndarray:
+        b, t = tokens.shape
+        if b != self.batch or self.length + t > self.max_len:
+            raise ValueError(f"Decoder: {b} rows of {t} tokens after {self.length} do not fit batch={self.batch}, "
+                             f"max_len={self.max_len}")
+        positions = jnp.broadcast_to(jnp.arange(self.length, self.length + t, dtype=jnp.int32), (b, t))
+        self._key, sub = jax.random.split(self._key)
+        nxt, self.caches = self._step(self.state, self.caches, jnp.asarray(tokens, jnp.int32), positions, sub)
+        self.length += t
+        return np.asarray(nxt)
+
+    def prefill(self, prompt: np.ndarray) -> np.ndarray:
+        """Reads ``prompt [B, T]`` into the cache; returns the next token of every row ``[B]``."""
+        return self._run(np.atleast_2d(np.asarray(prompt, np.int32)))
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Feeds one token per row ``[B]``; returns the next ``[B]``."""
+        return self._run(np.asarray(tokens, np.int32).reshape(self.batch, 1))
+
+
 def generate(model: nnx.Module, prompt: Sequence[int] | np.ndarray, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
              eos_token_id: int | Sequence[int] | None = None,
@@ -119,23 +214,15 @@ def generate(model: nnx.Module, prompt: Sequence[int] | np.ndarray, *, max_new_t
     """
     ids = np.atleast_2d(np.asarray(prompt, np.int32))
     b, t = ids.shape
-    graphdef, state = nnx.split(model)
-    caches = empty_caches(model, b, t + max_new_tokens)
+    dec = Decoder(model, batch=b, max_len=t + max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
     eos = set(np.atleast_1d(eos_token_id).tolist()) if eos_token_id is not None else set()
-    step = _decode_step(graphdef, float(temperature), top_k)
-    key = jax.random.PRNGKey(seed)
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     out = [ids]
-    tokens = jnp.asarray(ids)
+    nxt = None
     for n in range(max_new_tokens):
-        key, sub = jax.random.split(key)
-        nxt, caches = step(state, caches, tokens, positions, sub)
-        nxt = np.asarray(nxt)
+        nxt = dec.prefill(ids) if n == 0 else dec.step(nxt)
         out.append(nxt[:, None])
         if on_step is not None:
             on_step(b)
         if eos and all(int(x) in eos for x in nxt):
             break
-        tokens = jnp.asarray(nxt[:, None])
-        positions = jnp.full((b, 1), t + n, jnp.int32)
     return np.concatenate(out, axis=1)

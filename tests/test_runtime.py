@@ -54,3 +54,46 @@ def test_gemma4_cached_generation_matches_recompute(name, tmp_path):
         logits = np.asarray(forward(ids, np.ones_like(ids, bool)))
         ids = np.concatenate([ids, logits[:, -1].argmax(-1)[:, None].astype(np.int32)], 1)
     np.testing.assert_array_equal(out, ids)
+
+
+def test_pure_jax_runtime_layout_generates_the_same_tokens(tmp_path):
+    """runtime.prepare puts CQ leaves that run in pure JAX in the column layout; greedy tokens
+    and logits stay those of the row layout."""
+    from cqjax import api
+    from cqjax.kernels import backend
+    from cqjax.kernels.columns import CQColumns
+
+    write_checkpoint(CASES["llama"](), tmp_path)
+    q = api.quantize(tmp_path, bits=3, embed_bits=4, progress=False)
+    prompt = np.array([[5, 17, 3, 42]], np.int32)
+    with backend.use_kernel("jax"):
+        prepared = runtime.prepare(q.model)
+        kernel = prepared.layers[0].mlp.down_proj.kernel.get_value()
+        assert isinstance(kernel, CQColumns)
+        a = runtime.forward_fn(q.model)(prompt, np.ones_like(prompt, bool))
+        b = runtime.forward_fn(prepared)(prompt, np.ones_like(prompt, bool))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+        out = runtime.generate(q.model, prompt, max_new_tokens=6)
+    with backend.use_kernel("ffi"):  # the kernel reads rows: nothing is converted
+        assert runtime.prepare(q.model) is q.model
+    with backend.use_kernel("jax"):
+        dec = runtime.Decoder(q.model, batch=1, max_len=10)
+        nxt = dec.prefill(prompt)
+        steps = [nxt]
+        for _ in range(5):
+            nxt = dec.step(nxt)
+            steps.append(nxt)
+        np.testing.assert_array_equal(np.concatenate(steps), out[0, 4:])
+        dec.step(nxt)  # the 10th position: the cache is full
+        with pytest.raises(ValueError, match="max_len=10"):
+            dec.step(nxt)
+
+
+def test_set_threads_checks_its_value():
+    import os
+
+    with pytest.raises(ValueError, match="runtime.threads=0"):
+        runtime.set_threads(0)
+    with pytest.raises(ValueError, match="runtime.threads"):
+        runtime.set_threads(len(os.sched_getaffinity(0)) + 1)
+    runtime.set_threads(None)  # all cores: nothing changes

@@ -45,6 +45,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from cqjax.cli import convert, evaluate, generate
 
     validate(cfg)
+    _apply_runtime(cfg.runtime)
     recipe = recipes.build(cfg) if cfg.pipeline and cfg.mode == Mode.convert else None  # bad values fail now
     validate_inputs(cfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(os.getcwd())
@@ -52,3 +53,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.mode == Mode.convert:
         return convert.run(cfg, out_dir, recipe)
     return {Mode.eval: evaluate.run, Mode.generate: generate.run}[cfg.mode](cfg, out_dir)
+
+
+def _apply_runtime(r: DictConfig) -> None:
+    """``runtime.threads`` and ``runtime.kernel`` for this process (before any JAX computation)."""
+    from cqjax import runtime
+    from cqjax.kernels import backend
+
+    runtime.set_threads(r.threads)
+    if r.kernel != "auto":
+        backend.set_kernel(r.kernel)

@@ -212,39 +212,49 @@ def unpack_codes(packed: np.ndarray, bits: int, Kpad: int) -> np.ndarray:
     return _unpack_plane(packed, bits)
 
 
-def _unpack_plane_jnp(packed, bits: int):
+def _unpack_plane_jnp(packed, bits: int, axis: int):
+    # Broadcast each byte over its ``per`` codes and shift: index arithmetic that XLA fuses into
+    # the consumer (a stack or concatenate of shifted copies is materialized instead).
     import jax.numpy as jnp
 
     per = 8 // bits
-    shifts = jnp.arange(per, dtype=jnp.uint8) * jnp.uint8(bits)
-    vals = (packed[..., None] >> shifts) & jnp.uint8((1 << bits) - 1)
-    return vals.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+    shape = list(packed.shape)
+    wide = shape[: axis + 1] + [per] + shape[axis + 1 :]
+    b = jnp.broadcast_to(jnp.expand_dims(packed, axis + 1), wide)
+    shifts = (jnp.arange(per, dtype=jnp.uint8) * jnp.uint8(bits)).reshape([per] + [1] * (len(shape) - axis - 1))
+    shape[axis] *= per
+    return ((b >> shifts) & jnp.uint8((1 << bits) - 1)).reshape(shape)
 
 
-def unpack_codes_jnp(packed, bits: int, Kpad: int):
-    """JAX version of :func:`unpack_codes`, jittable (``bits`` and ``Kpad`` static).
+def unpack_codes_jnp(packed, bits: int, Kpad: int, axis: int = -1):
+    """JAX version of :func:`unpack_codes`, jittable (``bits``, ``Kpad`` and ``axis`` static).
 
     Args:
-      packed: ``uint8 [..., row_bytes]`` (any leading dims).
+      packed: ``uint8`` with the ``row_bytes`` of each row along ``axis`` (any other dims).
       bits: 1, 2, 3, 4 or 8.
       Kpad: the padded row length.
+      axis: the byte axis. ``-1`` (rows ``[..., row_bytes]``); ``0`` unpacks the transposed
+        layout ``[row_bytes, ...]`` to ``[Kpad, ...]`` without transposing the codes, the
+        orientation XLA's CPU dot reads fastest (see :meth:`CQArray.decode_kn`).
 
     Returns:
-      ``uint8 [..., Kpad]`` codes, bit-identical to :func:`unpack_codes`.
+      ``uint8`` codes with ``Kpad`` along ``axis``, bit-identical to :func:`unpack_codes`.
     """
     import jax.numpy as jnp
+    from jax import lax
 
     nb = row_bytes(Kpad, bits)
     packed = jnp.asarray(packed)
-    if packed.dtype != jnp.uint8 or packed.shape[-1] != nb:
+    axis = axis % packed.ndim
+    if packed.dtype != jnp.uint8 or packed.shape[axis] != nb:
         raise ValueError(
-            f"unpack_codes_jnp: expected uint8 [..., {nb}] for Kpad={Kpad}, bits={bits}, "
-            f"got {packed.dtype} {packed.shape}"
+            f"unpack_codes_jnp: expected uint8 with {nb} bytes along axis {axis} for Kpad={Kpad}, "
+            f"bits={bits}, got {packed.dtype} {packed.shape}"
         )
     if bits == 8:
         return packed
     if bits == 3:
-        low = _unpack_plane_jnp(packed[..., : Kpad // 4], 2)
-        high = _unpack_plane_jnp(packed[..., Kpad // 4 :], 1)
+        low = _unpack_plane_jnp(lax.slice_in_dim(packed, 0, Kpad // 4, axis=axis), 2, axis)
+        high = _unpack_plane_jnp(lax.slice_in_dim(packed, Kpad // 4, nb, axis=axis), 1, axis)
         return low | (high << jnp.uint8(2))
-    return _unpack_plane_jnp(packed, bits)
+    return _unpack_plane_jnp(packed, bits, axis)

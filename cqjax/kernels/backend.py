@@ -109,6 +109,14 @@ def _uses_kernel(q) -> str | None:
     return mode
 
 
+def runs_in_jax(q) -> bool:
+    """True when a quantized leaf's matmul runs in pure JAX under the current mode on the
+    default backend (no kernel: mode ``jax``, no extension, RTN, 8 bits, a tiny layer under
+    ``auto``, or ``auto`` on a TPU/GPU host)."""
+    mode = _uses_kernel(q)
+    return mode is None or (mode == "auto" and jax.default_backend() != "cpu")
+
+
 def _pick(mode: str, operand, ffi_fn, jax_fn):
     if mode == "ffi":
         return ffi_fn(operand)

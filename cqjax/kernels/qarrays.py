@@ -42,9 +42,84 @@ from cqjax.formats import rotation, rtn
 from cqjax.kernels import backend
 
 
-def _expand(per_block: jax.Array, blocks: tuple[int, ...]) -> jax.Array:
-    """``[..., nblocks]`` → ``[..., Kpad]`` by repeating each block's value over its width."""
-    return jnp.repeat(per_block, np.asarray(blocks), axis=-1, total_repeat_length=sum(blocks))
+def _expand(per_block: jax.Array, blocks: tuple[int, ...], axis: int = -1) -> jax.Array:
+    """``nblocks`` → ``Kpad`` along ``axis`` by repeating each block's value over its width.
+
+    Built from broadcasts of runs of equal blocks (index arithmetic XLA fuses into the consumer,
+    where ``jnp.repeat`` is a gather per element)."""
+    axis = axis % per_block.ndim
+    pieces, start = [], 0
+    for size, run in _runs(blocks):
+        part = jax.lax.slice_in_dim(per_block, start, start + run, axis=axis)
+        wide = part.shape[: axis + 1] + (size,) + part.shape[axis + 1 :]
+        part = jnp.broadcast_to(jnp.expand_dims(part, axis + 1), wide)
+        pieces.append(part.reshape(part.shape[:axis] + (run * size,) + part.shape[axis + 2 :]))
+        start += run
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=axis)
+
+
+def _runs(blocks: tuple[int, ...]) -> list[tuple[int, int]]:
+    """``[(size, count), ...]`` of consecutive equal blocks."""
+    runs: list[tuple[int, int]] = []
+    for b in blocks:
+        if runs and runs[-1][0] == b:
+            runs[-1] = (b, runs[-1][1] + 1)
+        else:
+            runs.append((b, 1))
+    return runs
+
+
+def select_levels(codes: jax.Array, levels: jax.Array) -> jax.Array:
+    """``levels[k, codes[k, n]]``: float32 ``[Kpad, N]`` from uint8 codes ``[Kpad, N]`` and
+    per-position levels ``[Kpad, L]``.
+
+    Up to 16 levels, a tree of selects on the code's bits (dense, vectorized by XLA on CPU,
+    where a gather of the same values runs element by element); a gather beyond.
+    """
+    n_levels = levels.shape[-1]
+    if n_levels > 16:
+        return jnp.take_along_axis(levels, codes.astype(jnp.int32), axis=1)
+    picks = [levels[:, i : i + 1] for i in range(n_levels)]
+    bit = 0
+    while len(picks) > 1:
+        on = ((codes >> jnp.uint8(bit)) & jnp.uint8(1)).astype(bool)
+        picks = [jnp.where(on, picks[2 * i + 1], picks[2 * i]) for i in range(len(picks) // 2)]
+        bit += 1
+    return jnp.broadcast_to(picks[0], codes.shape)
+
+
+def tied_to(a: jax.Array, x: jax.Array) -> jax.Array:
+    """``a`` unchanged, but computed from ``x``: a weight decoded from it cannot be scheduled
+    before the activation it multiplies. Without this XLA decodes every weight of a model up
+    front (they do not depend on the activations) and holds all the float decodes at once
+    (a whole float model of temporaries, streamed through memory on every call); an
+    ``optimization_barrier`` does not survive XLA's CPU pipeline."""
+    never = jnp.abs(x.reshape(-1)[0]) > jnp.inf  # false for every value, NaN included
+    return a + never.astype(a.dtype)
+
+
+def decode_rows(codes: jax.Array, norms: jax.Array, codebooks: jax.Array, bits: int,
+                blocks: tuple[int, ...]) -> jax.Array:
+    """Rotated CQ rows as float32 ``[..., Kpad]`` from packed rows ``[..., row_bytes]`` and their
+    norms ``[..., nblocks]`` (the plain reference decode)."""
+    idx = fmt.unpack_codes_jnp(codes, bits, sum(blocks)).astype(jnp.int32)
+    block_id = np.repeat(np.arange(len(blocks)), blocks)
+    levels = codebooks.astype(jnp.float32).reshape(-1)[jnp.asarray(block_id * (1 << bits)) + idx]
+    return levels * _expand(norms.astype(jnp.float32), blocks)
+
+
+def decode_columns(codes_t: jax.Array, norms_t: jax.Array, codebooks: jax.Array, bits: int,
+                   blocks: tuple[int, ...]) -> jax.Array:
+    """Rotated CQ weights as float32 ``[Kpad, n]`` from codes in the transposed layout
+    ``[row_bytes, n]`` and norms ``[nblocks, n]``.
+
+    Unpacked along the byte axis, the levels picked by :func:`select_levels`: XLA's CPU dot
+    reads ``[K, N]`` ~19x faster than ``[N, K]`` at batch 1, and no transpose of the
+    decoded weight is ever needed.
+    """
+    codes = fmt.unpack_codes_jnp(codes_t, bits, sum(blocks), axis=0)
+    levels = select_levels(codes, _expand(codebooks.astype(jnp.float32), blocks, axis=0))
+    return levels * _expand(norms_t.astype(jnp.float32), blocks, axis=0)
 
 
 class _RowsMixin:
@@ -91,10 +166,16 @@ class _RowsMixin:
         return self._dot_rows_jnp(x)
 
     def _dot_rows_jnp(self, x):
-        """The pure-JAX reference: scale and rotate ``x``, decode every row, einsum (float32)."""
+        """The pure-JAX path: scale and rotate ``x``, decode the weight as ``[Kpad, rows]``
+        (:meth:`decode_kn`), one dot (float32)."""
         xr = self.rotate_activation(self.scale_input(x.astype(jnp.float32)))
-        w = self.decode_rows(self.codes, self.norms_or_scales())
-        return jnp.einsum("...k,nk->...n", xr, w)
+        return jnp.einsum("...k,kn->...n", xr, self.tied(xr).decode_kn())
+
+    def reference_dot(self, x):
+        """``x @ dequantize()`` or ``x @ dequantize().T`` (float32): the plain reference every
+        fast path (pure JAX, C++ kernel) is checked against."""
+        w = self.dequantize()
+        return jnp.einsum("...k,kn->...n", x.astype(jnp.float32), w if self.transposed else w.T)
 
     def matmul(self, x):
         assert self.transposed, "matmul is for kernels [K, N]; use attend for tables"
@@ -152,12 +233,16 @@ class CQArray(_RowsMixin):
         return self.norms
 
     def decode_rows(self, codes, norms):
-        kpad = sum(self.blocks)
-        idx = fmt.unpack_codes_jnp(codes, self.bits, kpad).astype(jnp.int32)
-        block_id = np.repeat(np.arange(len(self.blocks)), self.blocks)
-        flat = self.codebooks.astype(jnp.float32).reshape(-1)
-        levels = flat[jnp.asarray(block_id * (1 << self.bits)) + idx]
-        return levels * _expand(norms.astype(jnp.float32), self.blocks)
+        return decode_rows(codes, norms, self.codebooks, self.bits, self.blocks)
+
+    def tied(self, x):
+        """This leaf with its codes :func:`tied_to` ``x``."""
+        return self.replace(codes=tied_to(self.codes, x))
+
+    def decode_kn(self):
+        """The rotated weight as float32 ``[Kpad, rows]`` (``decode_rows`` of every row,
+        transposed): :func:`decode_columns` of the transposed codes."""
+        return decode_columns(self.codes.T, self.norms.T, self.codebooks, self.bits, self.blocks)
 
     def rotate_activation(self, x):
         return rotation.rotate_jnp(x, (self.s1, self.s2, self.perm), self.blocks)
@@ -211,6 +296,16 @@ class RTNArray(_RowsMixin):
         q = fmt.unpack_codes_jnp(codes, self.bits, kpad)[..., : self.K].astype(jnp.float32)
         sz = scale_zero.astype(jnp.float32)
         return q * _expand(sz[..., 0], self.blocks) + _expand(sz[..., 1], self.blocks)
+
+    def tied(self, x):
+        """This leaf with its codes :func:`tied_to` ``x``."""
+        return self.replace(codes=tied_to(self.codes, x))
+
+    def decode_kn(self):
+        """The weight as float32 ``[K, rows]`` (see :meth:`CQArray.decode_kn`)."""
+        q = fmt.unpack_codes_jnp(self.codes.T, self.bits, rtn.kpad(self.K), axis=0)[: self.K].astype(jnp.float32)
+        scale = _expand(self.scales.T.astype(jnp.float32), self.blocks, axis=0)
+        return q * scale + _expand(self.zeros.T.astype(jnp.float32), self.blocks, axis=0)
 
 
 QARRAY_TYPES = (CQArray, RTNArray)
