@@ -26,6 +26,7 @@ key            group (``conf/<group>/``)            what
                                                     windows, tasks, documents per task)
 ``report``     —                                    :class:`ReportConfig` (plots on/off)
 ``generate``   —                                    :class:`GenerateConfig` (``mode=generate``)
+``runtime``    —                                    :class:`RuntimeConfig` (threads, kernel path)
 —              ``experiment/``                      ``# @package _global_`` presets
 =============  ===================================  ============================================
 

@@ -88,7 +88,7 @@ def eval_model(qir, packed: bool):
     from cqjax import runtime
     from cqjax.io import hf
 
-    return hf.to_model(qir) if packed else runtime.dequantized_model(qir)
+    return runtime.prepare(hf.to_model(qir)) if packed else runtime.dequantized_model(qir)
 
 
 def tensor_rows(rows: list[dict], ir=None) -> list[dict]:
