@@ -109,20 +109,27 @@ def cqjax_child(args) -> dict:
     return {"bits_per_weight": round(float(bpw), 3), **speeds(args, runs)}
 
 
+def llama_file(model: str, config: str) -> Path:
+    """The model's F32 GGUF (the packaged GGUF dequantized), quantized to ``config``; cached."""
+    import peer_llamacpp as lc
+
+    from cqjax import data
+
+    work = lc.work_dir(model)
+    path = lc.float_f32(data.gguf_path(model), work / "float-f32.gguf")
+    return path if config == "F32" else lc.quantize(path, work / f"{config}.gguf", config, os.cpu_count())
+
+
 def llama_child(args) -> dict:
     import peer_llamacpp as lc
     from llama_cpp import Llama
 
-    from cqjax import data
-
-    work = lc.work_dir(args.model)
-    path = lc.float_f32(data.gguf_path(args.model), work / "float-f32.gguf")
-    if args.config != "F32":
-        path = lc.quantize(path, work / f"{args.config}.gguf", args.config, args.threads)
+    path = llama_file(args.model, args.config)
     llm = Llama(model_path=str(path), n_ctx=len(args.prompt) + args.new_tokens + 8, n_batch=512,
                 n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
 
     def generation():
+        llm.reset()  # else generate() reuses the previous run's cached prompt and skips the prefill
         for n, tok in enumerate(llm.generate(args.prompt, top_k=1, temp=0.0, reset=True), 1):
             yield tok
             if n == args.new_tokens:
@@ -139,7 +146,16 @@ def speeds(args, runs: list[tuple[float, float]]) -> dict:
     rest = min(r[1] for r in runs)
     return {"prefill_tok_s": round(len(args.prompt) / first, 2),
             "decode_tok_s": round((args.new_tokens - 1) / rest, 2) if args.new_tokens > 1 else None,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (``VmHWM``; ``ru_maxrss`` would carry the parent's peak
+    across the fork and exec that started it)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def run_one(args, engine: str, model: str, config: str, threads: int, prompt: list[int]) -> dict:
@@ -196,6 +212,8 @@ def main(argv=None) -> int:
         prompt = prompt_ids(model, args.prompt_tokens)
         for bits in sorted({int(c[2]) for c in args.configs if c.startswith("cq")}):
             artifact_dir(model, bits, args.embed_bits)  # quantize once, outside the timed children
+        for config in args.llama if have_llama else []:
+            llama_file(model, config)
         for threads in args.threads:
             for config in args.configs:
                 records.append(run_one(args, "cqjax", model, config, threads, prompt))
