@@ -11,7 +11,7 @@ from test_kernel_support import make_cq, rel_rms
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
-@pytest.mark.parametrize("M,N,K,tile", [(1, 37, 200, 16), (3, 64, 576, 32), (2, 5, 40, 128)])
+@pytest.mark.parametrize("M,N,K,tile", [(1, 37, 200, 16), (2, 5, 40, 128)])  # ragged tiles; tile > N
 def test_pallas_matmul_matches_the_reference(bits, M, N, K, tile):
     rng = np.random.default_rng(bits * 10 + N)
     q = make_cq(rng, N, K, bits)

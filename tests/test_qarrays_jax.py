@@ -16,7 +16,7 @@ from cqjax.kernels import backend
 from cqjax.kernels.qarrays import RTNArray, select_levels
 from test_kernel_support import make_cq, rel_rms
 
-SIZES = [(7, 100), (33, 576), (5, 8), (19, 200)]  # (rows, K): ragged block plans, padding
+SIZES = [(7, 100), (33, 576), (5, 8)]  # (rows, K): ragged block plans (64+32+16, 128x4+64), padding
 
 
 def make_rtn(rng, N, K, bits, block=64):
@@ -87,7 +87,7 @@ def test_column_tiles_match_the_row_layout(bits):
         ref = np.asarray(q.matmul(x))
         table = q.replace(transposed=False)
         ref_rows = np.asarray(table.take_rows(ids))
-    for tile in (8, 16, 37, 4096):  # ragged last tile, exact tiles, one tile
+    for tile in (16, 4096):  # three tiles (the last one ragged), one tile
         c = to_columns(q, tile)
         assert c.codes.shape[0] == -(-N // min(tile, N))
         y = np.asarray(jax.jit(lambda c, x: c.matmul(x))(c, x))
