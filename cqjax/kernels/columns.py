@@ -26,14 +26,14 @@ import jax.numpy as jnp
 from flax import struct
 
 from cqjax.formats import rotation
-from cqjax.kernels.qarrays import CQArray, decode_columns, decode_rows, tied_to
+from cqjax.kernels.qarrays import CQArray, InputScaleMixin, decode_columns, decode_rows, tied_to
 
 TILE = 4096
 """Output columns per tile: a tile's float decode (``Kpad x TILE``) stays within the L3 cache."""
 
 
 @struct.dataclass
-class CQColumns:
+class CQColumns(InputScaleMixin):
     """A CQ leaf in the column-tiled layout (see the module docstring); the other fields are
     :class:`~cqjax.kernels.qarrays.CQArray`'s."""
 
@@ -58,12 +58,8 @@ class CQColumns:
     def tile(self) -> int:
         return self.codes.shape[-1]
 
-    def _scaled(self, x):
-        x = x.astype(jnp.float32)
-        return x if self.in_scale is None else x / self.in_scale.astype(jnp.float32)
-
     def _dot(self, x):
-        xr = rotation.rotate_jnp(self._scaled(x), (self.s1, self.s2, self.perm), self.blocks)
+        xr = rotation.rotate_jnp(self.scale_input(x.astype(jnp.float32)), (self.s1, self.s2, self.perm), self.blocks)
         outs, after = [], xr
         for t in range(self.codes.shape[0]):
             # Each tile's decode waits for the previous tile's product (and the first for the
@@ -87,8 +83,7 @@ class CQColumns:
         ids = jnp.asarray(ids)
         t, c = ids // self.tile, ids % self.tile
         rows = decode_rows(self.codes[t, :, c], self.norms[t, :, c], self.codebooks, self.bits, self.blocks)
-        rows = rotation.unrotate_jnp(rows, (self.s1, self.s2, self.perm), self.blocks)[..., : self.K]
-        return rows if self.in_scale is None else rows / self.in_scale.astype(jnp.float32)
+        return self.unscale_rows(rotation.unrotate_jnp(rows, (self.s1, self.s2, self.perm), self.blocks)[..., : self.K])
 
 
 def to_columns(q: CQArray, tile: int = TILE) -> CQColumns:

@@ -122,14 +122,8 @@ def decode_columns(codes_t: jax.Array, norms_t: jax.Array, codebooks: jax.Array,
     return levels * _expand(norms_t.astype(jnp.float32), blocks, axis=0)
 
 
-class _RowsMixin:
-    """matmul / take_rows / attend from ``decode_rows`` (+ optional rotation hooks)."""
-
-    def rotate_activation(self, x):
-        return x
-
-    def unrotate_rows(self, rows):
-        return rows
+class InputScaleMixin:
+    """The optional ``in_scale`` of a quantized leaf (see the module docstring)."""
 
     def scale_input(self, x):
         """``x / in_scale`` along the last (input) dim, float32; ``x`` itself without a scale."""
@@ -142,6 +136,20 @@ class _RowsMixin:
         if self.in_scale is None:
             return rows
         return rows / self.in_scale.astype(jnp.float32)
+
+
+class _RowsMixin(InputScaleMixin):
+    """matmul / take_rows / attend from ``decode_rows`` (+ optional rotation hooks)."""
+
+    def tied(self, x):
+        """This leaf with its codes :func:`tied_to` ``x``."""
+        return self.replace(codes=tied_to(self.codes, x))
+
+    def rotate_activation(self, x):
+        return x
+
+    def unrotate_rows(self, rows):
+        return rows
 
     @property
     def logical_shape(self) -> tuple[int, int]:
@@ -235,10 +243,6 @@ class CQArray(_RowsMixin):
     def decode_rows(self, codes, norms):
         return decode_rows(codes, norms, self.codebooks, self.bits, self.blocks)
 
-    def tied(self, x):
-        """This leaf with its codes :func:`tied_to` ``x``."""
-        return self.replace(codes=tied_to(self.codes, x))
-
     def decode_kn(self):
         """The rotated weight as float32 ``[Kpad, rows]`` (``decode_rows`` of every row,
         transposed): :func:`decode_columns` of the transposed codes."""
@@ -296,10 +300,6 @@ class RTNArray(_RowsMixin):
         q = fmt.unpack_codes_jnp(codes, self.bits, kpad)[..., : self.K].astype(jnp.float32)
         sz = scale_zero.astype(jnp.float32)
         return q * _expand(sz[..., 0], self.blocks) + _expand(sz[..., 1], self.blocks)
-
-    def tied(self, x):
-        """This leaf with its codes :func:`tied_to` ``x``."""
-        return self.replace(codes=tied_to(self.codes, x))
 
     def decode_kn(self):
         """The weight as float32 ``[K, rows]`` (see :meth:`CQArray.decode_kn`)."""
