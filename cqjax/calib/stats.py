@@ -36,7 +36,7 @@ from cqjax.progress import Progress
 TABLE_ROLES = ("embedding", "per_layer_embedding")
 
 
-class _Tape:
+class Tape:
     """Inputs recorded while tracing one forward: ``(path, x)`` in call order."""
 
     def __init__(self):
@@ -44,10 +44,10 @@ class _Tape:
 
 
 @struct.dataclass
-class _KernelProbe:
+class KernelProbe:
     w: jax.Array
     path: str = struct.field(pytree_node=False)
-    tape: _Tape = struct.field(pytree_node=False)
+    tape: Tape = struct.field(pytree_node=False)
 
     def matmul(self, x):
         self.tape.records.append((self.path, x))
@@ -58,7 +58,7 @@ class _KernelProbe:
 class _TableProbe:
     w: jax.Array
     path: str = struct.field(pytree_node=False)
-    tape: _Tape = struct.field(pytree_node=False)
+    tape: Tape = struct.field(pytree_node=False)
 
     @property
     def shape(self):
@@ -102,7 +102,7 @@ class Calibration(Mapping):
                 **{k: round(v, 1) for k, v in self.timing.items()}}
 
 
-def _probed(model: nnx.Module, ir: IR, tape: _Tape):
+def _probed(model: nnx.Module, ir: IR, tape: Tape):
     graphdef, state = nnx.split(nnx.clone(model))  # the caller's model keeps its leaves
     probed = []
     for key, var in nnx.to_flat_state(state):
@@ -112,7 +112,7 @@ def _probed(model: nnx.Module, ir: IR, tape: _Tape):
             continue
         value = var.get_value()
         if meta.role in KERNEL_ROLES:
-            var.set_value(_KernelProbe(value, path, tape))
+            var.set_value(KernelProbe(value, path, tape))
         elif meta.role in TABLE_ROLES:
             var.set_value(_TableProbe(value, path, tape))
         else:
@@ -137,7 +137,7 @@ def collect(model: nnx.Module, ir: IR, tokens: np.ndarray, *, mask: np.ndarray |
     start = time.perf_counter()
     tokens = np.asarray(tokens, np.int32)
     mask = np.ones(tokens.shape, bool) if mask is None else np.asarray(mask, bool)
-    tape = _Tape()
+    tape = Tape()
     graphdef, state, probed = _probed(model, ir, tape)
     layout: dict[str, Any] = {}
 

@@ -46,12 +46,11 @@ from cqjax.kernels import backend
 from cqjax.kernels.qarrays import CQArray, is_quantized
 from cqjax.passes.tune_core import (ADDITIVE, MULTIPLICATIVE, Tunable, assemble, optimizer, relative_mse,
                                     teacher_topk, topk_kl)
+from cqjax.passes.blockwise import chunks, embed, take_rows
 from cqjax.pipeline import Context, Needs, Pass
 
 #: Float parameters tuned besides the quantized leaves' fields.
 FLOAT_ROLES = ("norm", "bias")
-#: Rows per forward call outside training (bounds the activations held at once).
-CHUNK = 4
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -137,8 +136,8 @@ class Tune(Pass):
         budget = self.max_seconds * (self.block_share if self.e2e_steps else 1.0)
         fwd_f, fwd_q = _block_runner(fmodel), _block_runner(qmodel)
         step = _block_step(qmodel, optimizer(self.lr, self.steps))
-        xf, side_f = _embed(fmodel, tokens)
-        xq, side_q = _embed(qmodel, tokens)
+        xf, side_f = embed(fmodel, tokens)
+        xq, side_q = embed(qmodel, tokens)
         rng = np.random.default_rng(self.seed)
         for i in range(n):
             t0 = time.perf_counter()
@@ -154,7 +153,7 @@ class Tune(Pass):
                 opt_state = step.opt.init(t)
                 while steps < self.steps and time.perf_counter() - t0 < share:
                     idx = np.sort(rng.choice(len(tokens), min(self.batch, len(tokens)), replace=False))
-                    t, opt_state, loss = step(t, opt_state, *tun.args, xq[idx], _rows(side_q, idx), yf[idx],
+                    t, opt_state, loss = step(t, opt_state, *tun.args, xq[idx], take_rows(side_q, idx), yf[idx],
                                               np.int32(i), treedef=tun.treedef, graphdef=gq)
                     jax.block_until_ready(loss)
                     steps += 1
@@ -222,20 +221,7 @@ class _Report:
                      f"{self.elapsed() / 60:.1f} min in all)")
 
 
-def _rows(tree, idx):
-    return jax.tree_util.tree_map(lambda a: a[idx], tree)
 
-
-def _embed(model, tokens):
-    """The first block's input and side inputs for all rows, a few rows at a time."""
-    g, state = nnx.split(model)
-    run = jax.jit(lambda state, tok: nnx.merge(g, state).embed(tok))
-    parts = [run(state, jnp.asarray(tokens[c])) for c in _chunks(len(tokens))]
-    return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)
-
-
-def _chunks(n: int) -> list[slice]:
-    return [slice(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK)]
 
 
 def _block_runner(model):
@@ -248,7 +234,7 @@ def _block_runner(model):
 
     def run(layer, x, side, i):
         g, state = nnx.split(layer)
-        parts = [fwd(g, state, x[c], _rows(side, c), np.int32(i)) for c in _chunks(x.shape[0])]
+        parts = [fwd(g, state, x[c], take_rows(side, c), np.int32(i)) for c in chunks(x.shape[0])]
         return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)
 
     return run
@@ -292,7 +278,7 @@ def _teacher(fmodel, tokens, k: int):
     """The float model's top-``k`` log-probabilities, ids and rest mass on every row."""
     g, state = nnx.split(fmodel)
     run = jax.jit(lambda state, tok: teacher_topk(nnx.merge(g, state)(tok), k))
-    parts = [run(state, jnp.asarray(tokens[c])) for c in _chunks(len(tokens))]
+    parts = [run(state, jnp.asarray(tokens[c])) for c in chunks(len(tokens))]
     return tuple(np.concatenate([np.asarray(p[j]) for p in parts]) for j in range(3))
 
 
@@ -306,7 +292,7 @@ def _kl_fn(graphdef, treedef):
 
     def kl(t, tun, tokens, top, ids, rest):
         parts = [(float(part(t, *tun.args, tokens[c], top[c], ids[c], rest[c])), c.stop - c.start)
-                 for c in _chunks(len(tokens))]
+                 for c in chunks(len(tokens))]
         return sum(v * n for v, n in parts) / sum(n for _, n in parts)
 
     return kl
