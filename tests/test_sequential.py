@@ -4,8 +4,6 @@ stream, every eligible tensor ends packed, and the result beats the data-free re
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -13,13 +11,12 @@ from cqjax import pipeline as pl
 from cqjax import recipes
 from cqjax.calib.stats import collect
 from cqjax.io import hf
-from cqjax.kernels import backend
 from cqjax.kernels.qarrays import CQArray
 from cqjax.passes.cq import FitCodebook, Rotate
 from cqjax.passes.gptq import ErrorFeedbackPack
 from cqjax.passes.sequential import SequentialErrorFeedbackPack
 from cqjax.pipeline import Context
-from test_tune import CFG, _weights
+from test_tune import CFG, _weights, kl
 from test_import_errors import write
 
 HEAD = "embed_tokens/embedding"
@@ -39,13 +36,6 @@ def setup(tmp_path_factory):
     ef, _ = pl.run(pl.chain(front, ErrorFeedbackPack()), ir, Context(calibration=calib), progress=False)
     plain, _ = pl.run(recipes.recipe("cq", bits=2, embed_bits=2, block=32), ir, progress=False)
     return ir, seq, ef, plain, rows, held_out
-
-
-def kl(ir, qir, rows) -> float:
-    with backend.use_kernel("jax"):
-        p = jax.nn.log_softmax(hf.to_model(ir)(rows), -1)
-        q = jax.nn.log_softmax(hf.to_model(qir)(rows), -1)
-    return float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), -1)))
 
 
 def test_every_eligible_tensor_is_packed_with_its_record(setup):
