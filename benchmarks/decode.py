@@ -15,13 +15,15 @@ greedy tokens and report the best of ``--reps`` timed runs after one warm-up:
 
 cqjax configurations: ``float-jax`` (the float model), ``cqN-kernel`` (CQ N bits through the
 C++ FFI kernel, ``CQJAX_KERNEL=ffi``) and ``cqN-jax`` (the same artifact in pure JAX, the path
-TPU and GPU hosts run), all through the same jitted decode step (:class:`cqjax.runtime.Decoder`).
+TPU and GPU hosts run), all through the same jitted decode step (:class:`cqjax.runtime.Decoder`),
+each with every KV cache of ``--kv-bits`` (``none``: float32; ``8``/``4``: :mod:`cqjax.kv_cache`).
 CQ artifacts are quantized once with the data-free recipe (linears at N bits, embeddings and the
 tied head at ``--embed-bits``) and cached. llama.cpp (``bash benchmarks/setup_peers.sh``)
 quantizes the model's F32 GGUF to ``F32``, ``Q4_0``, ``Q4_K_M`` and ``Q2_K``.
 
 Output: ``{"machine": ..., "records": [{"engine", "model", "config", "bits_per_weight",
 "threads", "prompt_tokens", "new_tokens", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"}, ...]}``
+(cqjax records also carry ``kv_bits``, null for the float cache)
 (a crashed or failed configuration has ``"status"`` and ``"error"`` instead of speeds).
 """
 
@@ -97,7 +99,7 @@ def cqjax_child(args) -> dict:
     prompt = np.asarray([args.prompt], np.int32)
 
     def generation():
-        dec = runtime.Decoder(model, batch=1, max_len=prompt.shape[1] + args.new_tokens)
+        dec = runtime.Decoder(model, batch=1, max_len=prompt.shape[1] + args.new_tokens, kv_bits=args.kv_bit)
         nxt = dec.prefill(prompt)
         yield nxt
         for _ in range(args.new_tokens - 1):
@@ -158,15 +160,19 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def run_one(args, engine: str, model: str, config: str, threads: int, prompt: list[int]) -> dict:
+def run_one(args, engine: str, model: str, config: str, threads: int, prompt: list[int],
+            kv_bits: int | None = None) -> dict:
     """One configuration in a ``taskset``-pinned subprocess; a crash or error becomes a record."""
     rec = {"engine": engine, "model": model, "config": config, "threads": threads,
            "prompt_tokens": len(prompt), "new_tokens": args.new_tokens}
-    out = Path(args.json + f".{engine}.{config}.t{threads}.part")
+    if engine == "cqjax":
+        rec["kv_bits"] = kv_bits
+    out = Path(args.json + f".{engine}.{config}.t{threads}.kv{kv_bits}.part")
     cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))[:threads]))
     cmd = ["taskset", "-c", cpus, sys.executable, __file__, "--child", engine, "--json", str(out),
            "--model", model, "--config", config, "--threads", str(threads), "--new-tokens", str(args.new_tokens),
            "--reps", str(args.reps), "--embed-bits", str(args.embed_bits), "--prompt", json.dumps(prompt)]
+    cmd += ["--kv-bit", str(kv_bits)] if kv_bits is not None else []
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0 or not out.exists():
         status = f"crashed (signal {-proc.returncode})" if proc.returncode < 0 else f"failed (exit {proc.returncode})"
@@ -189,6 +195,9 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--embed-bits", type=int, default=4, help="CQ width of embeddings and the tied head")
+    ap.add_argument("--kv-bits", nargs="+", default=["none"], choices=("none", "8", "4"),
+                    help="cqjax KV cache widths to run each configuration with (none: float32)")
+    ap.add_argument("--kv-bit", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=("cqjax", "llama.cpp"), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
@@ -216,7 +225,9 @@ def main(argv=None) -> int:
             llama_file(model, config)
         for threads in args.threads:
             for config in args.configs:
-                records.append(run_one(args, "cqjax", model, config, threads, prompt))
+                for kv in args.kv_bits:
+                    records.append(run_one(args, "cqjax", model, config, threads, prompt,
+                                           None if kv == "none" else int(kv)))
             for config in args.llama if have_llama else []:
                 records.append(run_one(args, "llama.cpp", model, config, threads, prompt))
     result = {"machine": {"platform": platform.platform(), "processor": platform.processor(),

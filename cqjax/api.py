@@ -185,14 +185,14 @@ def load(directory: str | os.PathLike, dtype=jnp.float32, *, verify: bool = True
 
 def generate(model: Quantized | nnx.Module, tokenizer: Any, prompt: str | Sequence[int] | np.ndarray, *,
              max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
-             stop_at_eos: bool = True) -> str | np.ndarray:
+             stop_at_eos: bool = True, kv_bits: int | None = None) -> str | np.ndarray:
     """Continues ``prompt`` with :func:`cqjax.runtime.generate` (KV cache, jitted steps).
 
     Args:
       model: a :class:`Quantized` or any cqjax Flax model.
       tokenizer: a transformers tokenizer, or None to use the :class:`Quantized`'s own.
       prompt: text (needs a tokenizer) or token ids ``[T]`` / ``[B, T]``.
-      max_new_tokens, temperature, top_k, seed: as in :func:`cqjax.runtime.generate`.
+      max_new_tokens, temperature, top_k, seed, kv_bits: as in :func:`cqjax.runtime.generate`.
       stop_at_eos: stop at the tokenizer's EOS token (when there is a tokenizer).
 
     Returns:
@@ -209,7 +209,7 @@ def generate(model: Quantized | nnx.Module, tokenizer: Any, prompt: str | Sequen
                              "checkpoint that has tokenizer files)")
         ids = np.asarray(tokenizer(prompt)["input_ids"], np.int32)
         out = runtime.generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                               seed=seed, eos_token_id=eos)
+                               seed=seed, eos_token_id=eos, kv_bits=kv_bits)
         return tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
     return runtime.generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                            seed=seed, eos_token_id=eos)
+                            seed=seed, eos_token_id=eos, kv_bits=kv_bits)

@@ -26,7 +26,7 @@ key            group (``conf/<group>/``)            what
                                                     windows, tasks, documents per task)
 ``report``     —                                    :class:`ReportConfig` (plots on/off)
 ``generate``   —                                    :class:`GenerateConfig` (``mode=generate``)
-``runtime``    —                                    :class:`RuntimeConfig` (threads, kernel path)
+``runtime``    —                                    :class:`RuntimeConfig` (threads, kernel path, KV cache)
 —              ``experiment/``                      ``# @package _global_`` presets
 =============  ===================================  ============================================
 
@@ -232,10 +232,12 @@ class RuntimeConfig:
       threads: CPU cores for JAX and the CQ kernel (:func:`cqjax.runtime.set_threads`); null = all.
       kernel: ``auto`` (the C++ kernel on CPU, pure JAX elsewhere), ``ffi`` or ``jax``
         (:mod:`cqjax.kernels.backend`; ``auto`` defers to ``CQJAX_KERNEL`` when it is set).
+      kv_bits: the KV cache of generation: null (float32), 8 or 4 (:mod:`cqjax.kv_cache`).
     """
 
     threads: Optional[int] = None
     kernel: str = "auto"
+    kv_bits: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -317,6 +319,10 @@ def _check_runtime(r: DictConfig) -> None:
 
     _allowed("runtime.kernel", r.kernel, MODES)
     _positive("runtime.threads", r.threads, optional=True)
+    if r.kv_bits is not None:
+        from cqjax.kv_cache import KV_BITS
+
+        _allowed("runtime.kv_bits", r.kv_bits, KV_BITS)
     if r.threads is not None and r.threads > len(os.sched_getaffinity(0)):
         raise ConfigError(f"runtime.threads={r.threads}: this process may use {len(os.sched_getaffinity(0))} cores")
 

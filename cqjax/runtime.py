@@ -117,6 +117,14 @@ class KVCache:
                    pos=jnp.zeros((batch, size), jnp.int32), valid=jnp.zeros((batch, size), bool),
                    index=jnp.zeros((), jnp.int32))
 
+    def query(self, q):
+        """The query as the cached keys are stored (here: as is; see :mod:`cqjax.kv_cache`)."""
+        return q
+
+    def output(self, out):
+        """The attention output back in the model's basis (here: as is)."""
+        return out
+
     def update(self, k, v, positions, valid):
         """Writes ``T`` new entries at ``index``; returns all keys/values/positions/validity."""
         i = self.index
@@ -126,13 +134,49 @@ class KVCache:
         return new.k, new.v, new.pos, new.valid, new
 
 
-def empty_caches(model: nnx.Module, batch: int, size: int) -> list[KVCache]:
-    """One empty cache per layer, sized from each layer's attention module."""
+def empty_caches(model: nnx.Module, batch: int, size: int, kv_bits: int | None = None) -> list:
+    """One empty cache per layer, sized from each layer's attention module: float32, or
+    quantized to ``kv_bits`` (:class:`cqjax.kv_cache.QuantizedKVCache`).
+
+    Raises:
+      ValueError: ``kv_bits`` unsupported, or the model's attention cannot read a quantized cache.
+    """
+    from cqjax.kv_cache import QuantizedKVCache
+
     caches = []
     for layer in model.layers:
         attn = layer.self_attn
-        caches.append(KVCache.empty(batch, size, attn.num_kv_heads, attn.head_dim))
+        if kv_bits is None:
+            caches.append(KVCache.empty(batch, size, attn.num_kv_heads, attn.head_dim))
+            continue
+        if not getattr(attn, "rotated_cache", False):
+            raise ValueError(f"runtime.kv_bits={kv_bits}: {type(model).__name__}'s attention "
+                             f"({type(attn).__module__}) reads only a float cache; use runtime.kv_bits=null")
+        caches.append(QuantizedKVCache.empty(batch, size, attn.num_kv_heads, attn.head_dim, kv_bits))
     return caches
+
+
+def cached_logits(model: nnx.Module, tokens: np.ndarray, kv_bits: int | None = None) -> jax.Array:
+    """float32 logits ``[B, T, V]`` of ``tokens [B, T]`` read through a fresh KV cache of
+    ``kv_bits`` (every key and value attended to comes from the cache, as in decoding): the
+    perplexity cost of a quantized cache."""
+    tokens = np.atleast_2d(np.asarray(tokens, np.int32))
+    graphdef, state = nnx.split(prepare(model))
+    caches = empty_caches(model, tokens.shape[0], tokens.shape[1], kv_bits)
+    return _cached_forward(graphdef)(state, caches, jnp.asarray(tokens))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_forward(graphdef):
+    """The jitted forward of :func:`cached_logits`, one per model structure."""
+
+    @jax.jit
+    def run(state, caches, tokens):
+        m = nnx.merge(graphdef, state)
+        h, _ = m.hidden_states(tokens, jnp.ones(tokens.shape, bool), None, caches)
+        return m.logits(h)
+
+    return run
 
 
 @functools.lru_cache(maxsize=16)
@@ -169,9 +213,9 @@ class Decoder:
     """
 
     def __init__(self, model: nnx.Module, *, batch: int, max_len: int, temperature: float = 0.0,
-                 top_k: int | None = None, seed: int = 0):
+                 top_k: int | None = None, seed: int = 0, kv_bits: int | None = None):
         self.graphdef, self.state = nnx.split(prepare(model))
-        self.caches = empty_caches(model, batch, max_len)
+        self.caches = empty_caches(model, batch, max_len, kv_bits)
         self.batch, self.max_len = batch, max_len
         self._step = _decode_step(self.graphdef, float(temperature), top_k)
         self._key = jax.random.PRNGKey(seed)
@@ -200,7 +244,7 @@ class Decoder:
 def generate(model: nnx.Module, prompt: Sequence[int] | np.ndarray, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
              eos_token_id: int | Sequence[int] | None = None,
-             on_step: Callable[[int], None] | None = None) -> np.ndarray:
+             on_step: Callable[[int], None] | None = None, kv_bits: int | None = None) -> np.ndarray:
     """Generates continuations of ``prompt`` (``[T]`` or ``[B, T]`` token ids, equal lengths).
 
     Args:
@@ -208,13 +252,15 @@ def generate(model: nnx.Module, prompt: Sequence[int] | np.ndarray, *, max_new_t
       top_k: sample only among the ``top_k`` most likely tokens.
       eos_token_id: stop when every row has produced one of these.
       on_step: called with the batch size after each decoding step (for progress reports).
+      kv_bits: None for a float32 KV cache, 8 or 4 for a quantized one (:mod:`cqjax.kv_cache`).
 
     Returns:
       ``[B, T + n]`` token ids (``n <= max_new_tokens``), prompt included.
     """
     ids = np.atleast_2d(np.asarray(prompt, np.int32))
     b, t = ids.shape
-    dec = Decoder(model, batch=b, max_len=t + max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    dec = Decoder(model, batch=b, max_len=t + max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                  kv_bits=kv_bits)
     eos = set(np.atleast_1d(eos_token_id).tolist()) if eos_token_id is not None else set()
     out = [ids]
     nxt = None

@@ -26,7 +26,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     g = cfg.generate
     log(f"generating up to {g.max_new_tokens} tokens ({'greedy' if g.temperature == 0 else f'T={g.temperature}'})")
     text = api.generate(q, None, cfg.prompt, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                        top_k=g.top_k, seed=g.seed)
+                        top_k=g.top_k, seed=g.seed, kv_bits=cfg.runtime.kv_bits)
     out = {"artifact": str(path), "prompt": cfg.prompt, "completion": text,
            "settings": OmegaConf.to_container(g, resolve=True), "seconds": time.perf_counter() - start}
     write_json(out_dir / "generation.json", out)

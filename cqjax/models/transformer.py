@@ -95,6 +95,9 @@ class DecoderConfig:
 
 
 class Attention(nnx.Module):
+    #: Talks to its cache through ``query`` / ``update`` / ``output`` (a quantized cache works).
+    rotated_cache = True
+
     def __init__(self, cfg: DecoderConfig, layer_type: str, dtype=jnp.float32):
         d, hd = cfg.hidden_size, cfg.head_dim
         self.q_proj = layers.Linear(d, cfg.num_heads * hd, bias=cfg.qkv_bias, dtype=dtype)
@@ -121,10 +124,13 @@ class Attention(nnx.Module):
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
         q, k = layers.apply_rope(q, positions, inv_freq), layers.apply_rope(k, positions, inv_freq)
         k_pos, k_valid = positions, valid
-        if cache is not None:
+        if cache is not None:  # a quantized cache attends in its rotated basis (cqjax.kv_cache)
+            q = cache.query(q)
             k, v, k_pos, k_valid, cache = cache.update(k, v, positions, valid)
         mask = layers.attention_mask(positions, k_pos, k_valid, self.window)
         out = layers.dot_product_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
+        if cache is not None:
+            out = cache.output(out)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 

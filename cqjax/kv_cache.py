@@ -1,0 +1,139 @@
+"""A quantized KV cache: each key and value head vector stored as the CQ recipe stores a weight row.
+
+``runtime.kv_bits=8|4`` (:func:`cqjax.runtime.empty_caches`) replaces the float cache of every
+attention layer by a :class:`QuantizedKVCache`:
+
+==============  ===================================================================================
+step            what
+==============  ===================================================================================
+rotate          one randomized Walsh–Hadamard rotation ``R`` per model over the head dim (padded to
+                a power of two ``P``), applied to each new key / value vector after RoPE
+store           its L2 norm (float32) and, per coordinate of the unit vector, the index of the
+                nearest of ``2^bits`` Lloyd–Max levels for a coordinate of a random unit vector in
+                R^P (:func:`cqjax.passes.codebook_core.analytic_codebook`); 4-bit codes two per byte
+attend          in the rotated basis: the query is rotated (``(Rq)·(Rk) = q·k``), scores and the
+                weighted sum of values use the decoded rotated vectors, and the output is rotated
+                back once (``Rᵀ Σ p (R v)``): no key or value is ever rotated back
+==============  ===================================================================================
+
+Bytes per cached head vector: ``P·bits/8 + 4`` (float32: ``4·head_dim``): 3.8x smaller at
+8 bits and 7.1x at 4 bits for ``head_dim = 64``. An attention layer talks to its cache through
+``query``, ``update`` and ``output``; the float :class:`cqjax.runtime.KVCache` has the same three
+(``query`` and ``output`` are the identity there).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from cqjax.formats.rotation import make_rotation, rotate_jnp, unrotate_jnp
+
+#: The widths a quantized cache supports.
+KV_BITS = (4, 8)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(1, (int(n) - 1).bit_length())
+
+
+@struct.dataclass
+class QuantizedKVCache:
+    """One attention layer's keys and values, ``size`` positions, as codes and norms.
+
+    ``pos`` / ``valid`` / ``index`` mean what they mean in :class:`cqjax.runtime.KVCache`.
+    """
+
+    k_codes: jax.Array   # uint8 [B, S, KV, P·bits/8]
+    k_norm: jax.Array    # float32 [B, S, KV]
+    v_codes: jax.Array
+    v_norm: jax.Array
+    pos: jax.Array
+    valid: jax.Array
+    index: jax.Array
+    levels: jax.Array    # float32 [2^bits]
+    rot: tuple           # (s1, s2, perm) of the rotation over P
+    bits: int = struct.field(pytree_node=False)
+    head_dim: int = struct.field(pytree_node=False)
+
+    @classmethod
+    def empty(cls, batch: int, size: int, kv_heads: int, head_dim: int, bits: int, seed: int = 0
+              ) -> QuantizedKVCache:
+        """An empty cache; ``bits`` in :data:`KV_BITS`."""
+        if bits not in KV_BITS:
+            raise ValueError(f"runtime.kv_bits={bits!r}: supported {KV_BITS} (or null for a float cache)")
+        from cqjax.passes.codebook_core import analytic_codebook
+
+        P = _pow2(head_dim)
+        r = make_rotation(P, (P,), seed)
+        width = P * bits // 8
+        codes = lambda: jnp.zeros((batch, size, kv_heads, width), jnp.uint8)  # noqa: E731
+        norm = lambda: jnp.zeros((batch, size, kv_heads), jnp.float32)  # noqa: E731
+        return cls(k_codes=codes(), k_norm=norm(), v_codes=codes(), v_norm=norm(),
+                   pos=jnp.zeros((batch, size), jnp.int32), valid=jnp.zeros((batch, size), bool),
+                   index=jnp.zeros((), jnp.int32), levels=jnp.asarray(analytic_codebook(P, bits)),
+                   rot=tuple(jnp.asarray(a) for a in (r.s1, r.s2, r.perm)), bits=bits, head_dim=head_dim)
+
+    @property
+    def padded_dim(self) -> int:
+        """``P``: the head dim padded to a power of two (the rotation's one block)."""
+        return _pow2(self.head_dim)
+
+    @property
+    def _blocks(self) -> tuple[int, ...]:
+        return (self.padded_dim,)
+
+    def query(self, q: jax.Array) -> jax.Array:
+        """``R q`` (``[..., head_dim] -> [..., P]``): what attends to the rotated keys."""
+        return rotate_jnp(q, self.rot, self._blocks)
+
+    def output(self, out: jax.Array) -> jax.Array:
+        """``Rᵀ out`` back to ``[..., head_dim]``."""
+        return unrotate_jnp(out, self.rot, self._blocks, self.head_dim).astype(out.dtype)
+
+    def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(codes uint8 [..., P·bits/8], norms float32 [...])`` of head vectors ``x [..., head_dim]``."""
+        xr = rotate_jnp(x.astype(jnp.float32), self.rot, self._blocks)
+        norm = jnp.sqrt(jnp.sum(xr * xr, axis=-1))
+        u = xr / jnp.where(norm > 0, norm, 1.0)[..., None]
+        mids = 0.5 * (self.levels[1:] + self.levels[:-1])
+        codes = jnp.searchsorted(mids, u, side="left").astype(jnp.uint8)
+        if self.bits == 4:
+            codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        return codes, norm
+
+    def decode(self, codes: jax.Array, norm: jax.Array) -> jax.Array:
+        """Rotated head vectors ``float32 [..., P]`` of :meth:`encode`'s output."""
+        if self.bits == 4:
+            codes = jnp.stack((codes & 15, codes >> 4), axis=-1).reshape(*codes.shape[:-1], -1)
+        return jnp.take(self.levels, codes.astype(jnp.int32)) * norm[..., None]
+
+    def update(self, k, v, positions, valid):
+        """Writes ``T`` new entries at ``index``; returns every slot's decoded rotated keys and
+        values ``[B, S, KV, P]``, positions, validity, and the new cache."""
+        i = self.index
+        upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), i, axis=1)  # noqa: E731
+        kc, kn = self.encode(k)
+        vc, vn = self.encode(v)
+        new = self.replace(k_codes=upd(self.k_codes, kc), k_norm=upd(self.k_norm, kn), v_codes=upd(self.v_codes, vc),
+                           v_norm=upd(self.v_norm, vn), pos=upd(self.pos, positions), valid=upd(self.valid, valid),
+                           index=i + k.shape[1])
+        return (new.decode(new.k_codes, new.k_norm), new.decode(new.v_codes, new.v_norm), new.pos, new.valid, new)
+
+    def nbytes_per_token(self) -> int:
+        """Stored bytes of one position of this layer (keys and values, all heads)."""
+        kv = self.k_codes.shape[2]
+        return 2 * kv * (self.k_codes.shape[3] + 4)
+
+
+def cache_bytes_per_token(caches) -> int:
+    """Bytes one position takes in a list of caches (float or quantized)."""
+    total = 0
+    for c in caches:
+        if isinstance(c, QuantizedKVCache):
+            total += c.nbytes_per_token()
+        else:
+            total += 2 * int(np.prod(c.k.shape[2:])) * c.k.dtype.itemsize
+    return total

@@ -1,0 +1,87 @@
+"""The quantized KV cache (runtime.kv_bits): its codes are the CQ reference quantizer's on the
+rotated head vectors (odd head dims padded), attention through it matches the float cache
+within what its width allows, decoding runs through it, and models that cannot read it say so."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cqjax import runtime
+from cqjax.formats.rotation import make_rotation, rotate_rows_np
+from cqjax.io import hf
+from cqjax.kv_cache import QuantizedKVCache, cache_bytes_per_token
+from cqjax.passes import codebook_core
+from test_import_errors import write
+from test_tune import CFG, _weights
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("head_dim", [16, 24])
+def test_codes_are_the_reference_quantizer_on_rotated_vectors(bits, head_dim):
+    cache = QuantizedKVCache.empty(1, 4, 2, head_dim, bits)
+    x = np.random.default_rng(head_dim).standard_normal((3, 5, 2, head_dim)).astype(np.float32)
+    codes, norms = cache.encode(jnp.asarray(x))
+    P = cache.padded_dim
+    rot = make_rotation(P, (P,), 0)
+    rows = rotate_rows_np(x.reshape(-1, head_dim).astype(np.float64), rot).astype(np.float32)
+    ref_codes, ref_norms = codebook_core.quantize_rows(rows, (P,), [np.asarray(cache.levels)])
+    got = np.asarray(cache.decode(codes, norms)).reshape(-1, P)
+    ref = codebook_core.dequantize_rows(ref_codes, np.asarray(norms).reshape(-1, 1), (P,), [np.asarray(cache.levels)])
+    assert np.mean(np.abs(got - ref) < 1e-5) > 0.999  # ties at a midpoint may round either way
+    np.testing.assert_allclose(np.asarray(norms).reshape(-1), np.asarray(ref_norms, np.float32).reshape(-1), rtol=1e-3)
+    # attention is invariant to the rotation: R q · R k = q · k
+    q = jnp.asarray(x[0, 0, 0])
+    np.testing.assert_allclose(float(cache.query(q) @ cache.query(q)), float(q @ q), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(cache.output(cache.query(q))), x[0, 0, 0], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    ir = hf.import_checkpoint(write(tmp_path_factory.mktemp("kv") / "ckpt", config=CFG, weights=_weights()))
+    return hf.to_model(ir)
+
+
+def _kl(p_logits, q_logits) -> float:
+    p, q = jax.nn.log_softmax(p_logits, -1), jax.nn.log_softmax(q_logits, -1)
+    return float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), -1)))
+
+
+def test_attention_through_the_cache_matches_the_float_model(model):
+    tokens = np.random.default_rng(1).integers(0, 37, (2, 40)).astype(np.int32)
+    ref = model(tokens)
+    np.testing.assert_allclose(np.asarray(runtime.cached_logits(model, tokens)), np.asarray(ref), atol=1e-4)
+    kl8 = _kl(ref, runtime.cached_logits(model, tokens, kv_bits=8))
+    kl4 = _kl(ref, runtime.cached_logits(model, tokens, kv_bits=4))
+    assert kl8 < 1e-4 and kl8 < kl4 < 2e-2, (kl8, kl4)
+
+
+def test_decoding_reads_the_quantized_cache(model):
+    prompt = np.random.default_rng(2).integers(0, 37, (1, 12)).astype(np.int32)
+    plain = runtime.generate(model, prompt, max_new_tokens=8)
+    assert np.array_equal(runtime.generate(model, prompt, max_new_tokens=8, kv_bits=8), plain)
+    dec = runtime.Decoder(model, batch=1, max_len=20, kv_bits=4)
+    dec.prefill(prompt)
+    per_token = cache_bytes_per_token(dec.caches)
+    float_per_token = cache_bytes_per_token(runtime.empty_caches(model, 1, 20))
+    # head_dim 32: 16 code bytes + 4 norm bytes per head vector against 128 float bytes
+    assert per_token * 128 == float_per_token * 20
+
+
+def test_unsupported_widths_and_attention_are_named(model):
+    with pytest.raises(ValueError, match="runtime.kv_bits=3"):
+        runtime.empty_caches(model, 1, 4, kv_bits=3)
+
+    class Other:
+        num_kv_heads, head_dim = 1, 8
+
+    class Layer:
+        self_attn = Other()
+
+    class Model:
+        layers = [Layer()]
+
+    with pytest.raises(ValueError, match="reads only a float cache"):
+        runtime.empty_caches(Model(), 1, 4, kv_bits=8)
