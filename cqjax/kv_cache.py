@@ -11,9 +11,14 @@ rotate          one randomized Walsh–Hadamard rotation ``R`` per model over th
 store           its L2 norm (float32) and, per coordinate of the unit vector, the index of the
                 nearest of ``2^bits`` Lloyd–Max levels for a coordinate of a random unit vector in
                 R^P (:func:`cqjax.passes.codebook_core.analytic_codebook`); 4-bit codes two per byte
-attend          in the rotated basis: the query is rotated (``(Rq)·(Rk) = q·k``), scores and the
-                weighted sum of values use the decoded rotated vectors, and the output is rotated
-                back once (``Rᵀ Σ p (R v)``): no key or value is ever rotated back
+center          the first write (the prompt) fixes a per-head mean key ``μ_k`` and value ``μ_v``
+                (rotated); what is quantized is ``R k − μ_k`` and ``R v − μ_v`` (a shared offset,
+                such as an attention sink's, costs no code range)
+attend          in the rotated basis: the query is rotated (``(Rq)·(Rk) = q·k``); the scores use the
+                centered keys (``q·μ_k`` is the same for every key, and softmax ignores it; not
+                done under a score softcap, which does not), the weighted sum uses the centered
+                values and adds ``μ_v`` back (the weights sum to 1), and the output is rotated back
+                once (``Rᵀ (Σ p (R v − μ_v) + μ_v)``): no key or value is ever rotated back
 ==============  ===================================================================================
 
 Bytes per cached head vector: ``P·bits/8 + 4`` (float32: ``4·head_dim``): 3.8x smaller at
@@ -53,15 +58,19 @@ class QuantizedKVCache:
     pos: jax.Array
     valid: jax.Array
     index: jax.Array
+    k_mean: jax.Array    # float32 [B, KV, P], fixed by the first write
+    v_mean: jax.Array
     levels: jax.Array    # float32 [2^bits]
     rot: tuple           # (s1, s2, perm) of the rotation over P
     bits: int = struct.field(pytree_node=False)
     head_dim: int = struct.field(pytree_node=False)
+    center_keys: bool = struct.field(pytree_node=False, default=True)
 
     @classmethod
-    def empty(cls, batch: int, size: int, kv_heads: int, head_dim: int, bits: int, seed: int = 0
-              ) -> QuantizedKVCache:
-        """An empty cache; ``bits`` in :data:`KV_BITS`."""
+    def empty(cls, batch: int, size: int, kv_heads: int, head_dim: int, bits: int, seed: int = 0,
+              center_keys: bool = True) -> QuantizedKVCache:
+        """An empty cache; ``bits`` in :data:`KV_BITS`; ``center_keys=False`` where the scores go
+        through a softcap (a shift of the scores then matters)."""
         if bits not in KV_BITS:
             raise ValueError(f"runtime.kv_bits={bits!r}: supported {KV_BITS} (or null for a float cache)")
         from cqjax.passes.codebook_core import analytic_codebook
@@ -73,8 +82,10 @@ class QuantizedKVCache:
         norm = lambda: jnp.zeros((batch, size, kv_heads), jnp.float32)  # noqa: E731
         return cls(k_codes=codes(), k_norm=norm(), v_codes=codes(), v_norm=norm(),
                    pos=jnp.zeros((batch, size), jnp.int32), valid=jnp.zeros((batch, size), bool),
-                   index=jnp.zeros((), jnp.int32), levels=jnp.asarray(analytic_codebook(P, bits)),
-                   rot=tuple(jnp.asarray(a) for a in (r.s1, r.s2, r.perm)), bits=bits, head_dim=head_dim)
+                   index=jnp.zeros((), jnp.int32), k_mean=jnp.zeros((batch, kv_heads, P), jnp.float32),
+                   v_mean=jnp.zeros((batch, kv_heads, P), jnp.float32), levels=jnp.asarray(analytic_codebook(P, bits)),
+                   rot=tuple(jnp.asarray(a) for a in (r.s1, r.s2, r.perm)), bits=bits, head_dim=head_dim,
+                   center_keys=center_keys)
 
     @property
     def padded_dim(self) -> int:
@@ -90,12 +101,17 @@ class QuantizedKVCache:
         return rotate_jnp(q, self.rot, self._blocks)
 
     def output(self, out: jax.Array) -> jax.Array:
-        """``Rᵀ out`` back to ``[..., head_dim]``."""
-        return unrotate_jnp(out, self.rot, self._blocks, self.head_dim).astype(out.dtype)
+        """``Rᵀ (out + μ_v)`` back to ``[B, T, H, head_dim]`` (``out [B, T, H, P]``)."""
+        groups = out.shape[2] // self.v_mean.shape[1]
+        mean = jnp.repeat(self.v_mean, groups, axis=1)[:, None]  # [B, 1, H, P]
+        return unrotate_jnp(out + mean, self.rot, self._blocks, self.head_dim).astype(out.dtype)
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``(codes uint8 [..., P·bits/8], norms float32 [...])`` of head vectors ``x [..., head_dim]``."""
-        xr = rotate_jnp(x.astype(jnp.float32), self.rot, self._blocks)
+        """``(codes uint8 [..., P·bits/8], norms float32 [...])`` of head vectors ``x [..., head_dim]``
+        (uncentered: :meth:`update` centers)."""
+        return self._encode_rotated(self.query(x.astype(jnp.float32)))
+
+    def _encode_rotated(self, xr: jax.Array) -> tuple[jax.Array, jax.Array]:
         norm = jnp.sqrt(jnp.sum(xr * xr, axis=-1))
         u = xr / jnp.where(norm > 0, norm, 1.0)[..., None]
         mids = 0.5 * (self.levels[1:] + self.levels[:-1])
@@ -111,21 +127,27 @@ class QuantizedKVCache:
         return jnp.take(self.levels, codes.astype(jnp.int32)) * norm[..., None]
 
     def update(self, k, v, positions, valid):
-        """Writes ``T`` new entries at ``index``; returns every slot's decoded rotated keys and
-        values ``[B, S, KV, P]``, positions, validity, and the new cache."""
+        """Writes ``T`` new entries at ``index``; returns every slot's decoded rotated, centered
+        keys and values ``[B, S, KV, P]``, positions, validity, and the new cache."""
         i = self.index
         upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), i, axis=1)  # noqa: E731
-        kc, kn = self.encode(k)
-        vc, vn = self.encode(v)
+        kr, vr = self.query(k.astype(jnp.float32)), self.query(v.astype(jnp.float32))
+        w = valid.astype(jnp.float32)[:, :, None, None]
+        mean = lambda x: jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)  # noqa: E731
+        first = i == 0
+        k_mean = jnp.where(first, mean(kr), self.k_mean) if self.center_keys else self.k_mean
+        v_mean = jnp.where(first, mean(vr), self.v_mean)
+        kc, kn = self._encode_rotated(kr - k_mean[:, None])
+        vc, vn = self._encode_rotated(vr - v_mean[:, None])
         new = self.replace(k_codes=upd(self.k_codes, kc), k_norm=upd(self.k_norm, kn), v_codes=upd(self.v_codes, vc),
                            v_norm=upd(self.v_norm, vn), pos=upd(self.pos, positions), valid=upd(self.valid, valid),
-                           index=i + k.shape[1])
+                           index=i + k.shape[1], k_mean=k_mean, v_mean=v_mean)
         return (new.decode(new.k_codes, new.k_norm), new.decode(new.v_codes, new.v_norm), new.pos, new.valid, new)
 
     def nbytes_per_token(self) -> int:
         """Stored bytes of one position of this layer (keys and values, all heads)."""
         kv = self.k_codes.shape[2]
-        return 2 * kv * (self.k_codes.shape[3] + 4)
+        return 2 * kv * (self.k_codes.shape[3] + 4)  # the means are per head, not per position
 
 
 def cache_bytes_per_token(caches) -> int:

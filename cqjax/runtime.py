@@ -152,7 +152,8 @@ def empty_caches(model: nnx.Module, batch: int, size: int, kv_bits: int | None =
         if not getattr(attn, "rotated_cache", False):
             raise ValueError(f"runtime.kv_bits={kv_bits}: {type(model).__name__}'s attention "
                              f"({type(attn).__module__}) reads only a float cache; use runtime.kv_bits=null")
-        caches.append(QuantizedKVCache.empty(batch, size, attn.num_kv_heads, attn.head_dim, kv_bits))
+        caches.append(QuantizedKVCache.empty(batch, size, attn.num_kv_heads, attn.head_dim, kv_bits,
+                                             center_keys=getattr(attn, "softcap", None) is None))
     return caches
 
 

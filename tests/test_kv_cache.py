@@ -33,9 +33,9 @@ def test_codes_are_the_reference_quantizer_on_rotated_vectors(bits, head_dim):
     assert np.mean(np.abs(got - ref) < 1e-5) > 0.999  # ties at a midpoint may round either way
     np.testing.assert_allclose(np.asarray(norms).reshape(-1), np.asarray(ref_norms, np.float32).reshape(-1), rtol=1e-3)
     # attention is invariant to the rotation: R q · R k = q · k
-    q = jnp.asarray(x[0, 0, 0])
-    np.testing.assert_allclose(float(cache.query(q) @ cache.query(q)), float(q @ q), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(cache.output(cache.query(q))), x[0, 0, 0], atol=1e-5)
+    q = jnp.asarray(x[:1, :1])  # [B, T, H, head_dim]; an empty cache's mean value is 0
+    np.testing.assert_allclose(float(jnp.sum(cache.query(q) ** 2)), float(jnp.sum(q ** 2)), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(cache.output(cache.query(q))), x[:1, :1], atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +85,21 @@ def test_unsupported_widths_and_attention_are_named(model):
 
     with pytest.raises(ValueError, match="reads only a float cache"):
         runtime.empty_caches(Model(), 1, 4, kv_bits=8)
+
+
+def test_a_shared_offset_costs_no_code_range():
+    """Keys and values that share a large offset (an attention sink's direction) are quantized
+    around the prompt's mean: their error is that of the spread, not of the offset."""
+    rng = np.random.default_rng(3)
+    k = rng.standard_normal((1, 8, 1, 16)).astype(np.float32) + 50 * rng.standard_normal(16).astype(np.float32)
+    pos, valid = jnp.arange(8)[None], jnp.ones((1, 8), bool)
+    errors = {}
+    for center in (True, False):
+        cache = QuantizedKVCache.empty(1, 8, 1, 16, 4, center_keys=center)
+        keys, values, _, _, new = cache.update(jnp.asarray(k), jnp.asarray(k), pos, valid)
+        exact = new.query(jnp.asarray(k)) - new.k_mean[:, None]
+        errors[center] = float(jnp.linalg.norm(keys - exact) / jnp.linalg.norm(exact - exact.mean(1)))
+        # values are always centered, and output() adds the mean back
+        out = new.output(jnp.mean(values, axis=1, keepdims=True))
+        np.testing.assert_allclose(np.asarray(out)[0, 0], k[0].mean(0), rtol=0.05, atol=0.05 * np.abs(k).max())
+    assert errors[True] < 0.2 < 5 * errors[True] < errors[False], errors
