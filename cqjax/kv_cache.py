@@ -9,8 +9,11 @@ step            what
 rotate          one randomized Walsh–Hadamard rotation ``R`` per model over the head dim (padded to
                 a power of two ``P``), applied to each new key / value vector after RoPE
 store           its L2 norm (float32) and, per coordinate of the unit vector, the index of the
-                nearest of ``2^bits`` Lloyd–Max levels for a coordinate of a random unit vector in
-                R^P (:func:`cqjax.passes.codebook_core.analytic_codebook`); 4-bit codes two per byte
+                nearest level: at 4 bits the 16 Lloyd–Max levels for a coordinate of a random unit
+                vector in R^P (:func:`cqjax.passes.codebook_core.analytic_codebook`), codes two per
+                byte, decoded by a tree of selects; at 8 bits 256 evenly spaced levels spanning
+                the Lloyd–Max range (as good at that width, and decoded by a multiply-add instead
+                of a 256-entry lookup)
 center          the first write (the prompt) fixes a per-head mean key ``μ_k`` and value ``μ_v``
                 (rotated); what is quantized is ``R k − μ_k`` and ``R v − μ_v`` (a shared offset,
                 such as an attention sink's, costs no code range)
@@ -35,9 +38,20 @@ import numpy as np
 from flax import struct
 
 from cqjax.formats.rotation import make_rotation, rotate_jnp, unrotate_jnp
+from cqjax.kernels.qarrays import select_levels
 
 #: The widths a quantized cache supports.
 KV_BITS = (4, 8)
+
+
+def _levels(P: int, bits: int) -> np.ndarray:
+    """The sorted float32 levels of a unit vector's coordinate in R^P (module table)."""
+    from cqjax.passes.codebook_core import analytic_codebook
+
+    lm = analytic_codebook(P, bits)
+    if bits == 4:
+        return lm
+    return np.linspace(lm[0], lm[-1], 256).astype(np.float32)
 
 
 def _pow2(n: int) -> int:
@@ -73,8 +87,6 @@ class QuantizedKVCache:
         through a softcap (a shift of the scores then matters)."""
         if bits not in KV_BITS:
             raise ValueError(f"runtime.kv_bits={bits!r}: supported {KV_BITS} (or null for a float cache)")
-        from cqjax.passes.codebook_core import analytic_codebook
-
         P = _pow2(head_dim)
         r = make_rotation(P, (P,), seed)
         width = P * bits // 8
@@ -83,7 +95,7 @@ class QuantizedKVCache:
         return cls(k_codes=codes(), k_norm=norm(), v_codes=codes(), v_norm=norm(),
                    pos=jnp.zeros((batch, size), jnp.int32), valid=jnp.zeros((batch, size), bool),
                    index=jnp.zeros((), jnp.int32), k_mean=jnp.zeros((batch, kv_heads, P), jnp.float32),
-                   v_mean=jnp.zeros((batch, kv_heads, P), jnp.float32), levels=jnp.asarray(analytic_codebook(P, bits)),
+                   v_mean=jnp.zeros((batch, kv_heads, P), jnp.float32), levels=jnp.asarray(_levels(P, bits)),
                    rot=tuple(jnp.asarray(a) for a in (r.s1, r.s2, r.perm)), bits=bits, head_dim=head_dim,
                    center_keys=center_keys)
 
@@ -122,9 +134,12 @@ class QuantizedKVCache:
 
     def decode(self, codes: jax.Array, norm: jax.Array) -> jax.Array:
         """Rotated head vectors ``float32 [..., P]`` of :meth:`encode`'s output."""
-        if self.bits == 4:
-            codes = jnp.stack((codes & 15, codes >> 4), axis=-1).reshape(*codes.shape[:-1], -1)
-        return jnp.take(self.levels, codes.astype(jnp.int32)) * norm[..., None]
+        if self.bits == 8:  # evenly spaced: level(c) = levels[0] + c·step
+            step = (self.levels[-1] - self.levels[0]) / 255.0
+            return (self.levels[0] + codes.astype(jnp.float32) * step) * norm[..., None]
+        codes = jnp.stack((codes & 15, codes >> 4), axis=-1).reshape(*codes.shape[:-1], -1)
+        unit = select_levels(codes.reshape(1, -1), self.levels[None]).reshape(codes.shape)
+        return unit * norm[..., None]
 
     def update(self, k, v, positions, valid):
         """Writes ``T`` new entries at ``index``; returns every slot's decoded rotated, centered
