@@ -56,3 +56,22 @@ def recipe(variant: str, embed_bits: int):
     if variant.startswith("awq"):
         steps["awq"] = {"_target_": "cqjax.passes.awq.ActivationScale"}
     return recipes.recipe(name, bits=2, embed_bits=embed_bits, steps=steps)
+
+
+def machine() -> dict[str, Any]:
+    """Where a benchmark ran: platform, processor, the cores this process may use, load."""
+    import os
+    import platform
+
+    return {"platform": platform.platform(), "processor": platform.processor(),
+            "cpus": len(os.sched_getaffinity(0)), "loadavg_at_end": os.getloadavg()}
+
+
+def write_result(path: str, result: dict) -> None:
+    """``result`` as indented JSON at ``path``, atomically (temp file + rename)."""
+    import json
+    import os
+
+    tmp = path + ".tmp"
+    Path(tmp).write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)

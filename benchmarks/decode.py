@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -230,13 +229,11 @@ def main(argv=None) -> int:
                                            None if kv == "none" else int(kv)))
             for config in args.llama if have_llama else []:
                 records.append(run_one(args, "llama.cpp", model, config, threads, prompt))
-    result = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                          "cpus": len(os.sched_getaffinity(0)), "loadavg_at_end": os.getloadavg()},
-              "llama_cpp": "installed" if have_llama else "not installed (bash benchmarks/setup_peers.sh)",
-              "records": records}
-    tmp = args.json + ".tmp"
-    Path(tmp).write_text(json.dumps(result, indent=1))
-    os.replace(tmp, args.json)
+    from common import machine, write_result
+
+    write_result(args.json, {"machine": machine(),
+                             "llama_cpp": "installed" if have_llama else "not installed (bash benchmarks/setup_peers.sh)",
+                             "records": records})
     return 0
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -89,6 +87,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import math
 
+    from common import machine, write_result
     from decode import artifact_dir
 
     from cqjax import api, data
@@ -115,12 +114,8 @@ def main(argv=None) -> int:
                        "seconds": round(seconds, 1)}
                 print(json.dumps(rec), file=sys.stderr, flush=True)
                 records.append(rec)
-    result = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                          "cpus": len(os.sched_getaffinity(0))},
-              "context": args.context, "windows": args.windows, "records": records}
-    tmp = args.json + ".tmp"
-    Path(tmp).write_text(json.dumps(result, indent=1))
-    os.replace(tmp, args.json)
+    write_result(args.json, {"machine": machine(), "context": args.context, "windows": args.windows,
+                             "records": records})
     return 0
 
 
