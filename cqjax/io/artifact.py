@@ -58,7 +58,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
 
 from cqjax.errors import CheckpointError, ConfigError
 from cqjax.formats import cq as fmt
@@ -218,21 +217,44 @@ def reproducible(record: dict) -> dict:
     return out
 
 
-def manifest_of(ir: IR) -> tuple[dict, dict[str, np.ndarray]]:
-    """The manifest and the ``{name: array}`` to write for ``ir``."""
-    verify_ir(ir)
-    tensors, entries = {}, []
-    for path, leaf in ir.params.items():
-        if SEP in path:
-            raise ArtifactError(f"{path}: IR paths may not contain {SEP!r}")
-        kind, arrays = encode_leaf(path, leaf)
-        entry = _entry(path, ir.meta[path], kind, arrays, leaf)
-        for field, (stored, _, _) in arrays.items():
-            tensors[entry["arrays"][field]["name"]] = stored
-        entries.append(entry)
-    manifest = {"format": FORMAT, "version": VERSION, "layout_versions": list(SUPPORTED_LAYOUTS),
-                "family": ir.family, "config": to_json(ir.config, "config"), "tensors": entries}
-    return manifest, tensors
+def stored(path: str, leaf: Any, meta: TensorMeta) -> tuple[dict, dict[str, np.ndarray]]:
+    """The manifest entry of one leaf and the ``{safetensors name: array}`` it stores."""
+    if SEP in path:
+        raise ArtifactError(f"{path}: IR paths may not contain {SEP!r}")
+    kind, arrays = encode_leaf(path, leaf)
+    entry = _entry(path, meta, kind, arrays, leaf)
+    return entry, {entry["arrays"][field]["name"]: s for field, (s, _, _) in arrays.items()}
+
+
+def header_of(family: str, config: Any, extra: dict | None = None) -> dict:
+    """The manifest without its ``tensors`` (and ``tokenizer``)."""
+    out = {"format": FORMAT, "version": VERSION, "layout_versions": list(SUPPORTED_LAYOUTS),
+           "family": family, "config": to_json(config, "config")}
+    if extra:
+        out["extra"] = to_json(reproducible(extra), "extra")
+    return out
+
+
+def check_target(directory: Path) -> None:
+    """Refuses to replace a non-empty directory that is not an artifact; removes (and logs) what
+    killed saves of ``directory`` left beside it."""
+    if directory.exists() and (not directory.is_dir() or (any(directory.iterdir())
+                                                          and not (directory / MANIFEST).is_file())):
+        raise ArtifactError(f"{directory}: exists and is not a cqjax artifact; refusing to replace it")
+    for old in atomic.leftovers(directory):
+        shutil.rmtree(old, ignore_errors=True)
+        log.warning("removed %s, left by an interrupted save of %s", old, directory)
+
+
+def tokenizer_copier(source: str | os.PathLike | None):
+    """``artifact_dir -> "tokenizer" | None`` for :meth:`ArtifactWriter.finish`: copies
+    ``source``'s tokenizer files into :data:`TOKENIZER_DIR`."""
+    return None if source is None else (
+        lambda target: TOKENIZER_DIR if copy_tokenizer(source, target / TOKENIZER_DIR) else None)
+
+
+#: safetensors metadata of the weights file. One key: more would make no difference to readers.
+WEIGHTS_METADATA = {"format": f"{FORMAT}/{VERSION}"}
 
 
 def save(ir: IR, directory: str | os.PathLike, *, tokenizer_from: str | os.PathLike | None = None,
@@ -243,7 +265,8 @@ def save(ir: IR, directory: str | os.PathLike, *, tokenizer_from: str | os.PathL
     ``directory``'s place in one atomic exchange (:func:`cqjax.io.atomic.replace_dir`): a kill at
     any moment leaves the previous artifact or the new one, never neither. What killed saves
     left beside it is removed first (and logged). A non-empty directory that is not an artifact
-    is never replaced.
+    is never replaced. The leaves go through :class:`cqjax.io.artifact_writer.ArtifactWriter`
+    one at a time, as a streamed conversion writes them, so both give the same bytes.
 
     Args:
       ir: a fully quantized (or float) IR: every leaf an array, a lazy tensor or a quantized leaf.
@@ -255,30 +278,16 @@ def save(ir: IR, directory: str | os.PathLike, *, tokenizer_from: str | os.PathL
     Returns:
       The artifact directory.
     """
+    from cqjax.io.artifact_writer import ArtifactWriter
+
     directory = Path(directory)
-    if directory.exists() and (not directory.is_dir() or (any(directory.iterdir())
-                                                          and not (directory / MANIFEST).is_file())):
-        raise ArtifactError(f"{directory}: exists and is not a cqjax artifact; refusing to replace it")
-    manifest, tensors = manifest_of(ir)
-    if extra:
-        manifest["extra"] = to_json(reproducible(extra), "extra")
-    for old in atomic.leftovers(directory):  # what killed saves left behind
-        shutil.rmtree(old, ignore_errors=True)
-        log.warning("removed %s, left by an interrupted save of %s", old, directory)
-    tmp = atomic.temp_dir(directory)
-    try:
-        # One metadata key: safetensors writes a map in no fixed order, so more keys would break
-        # byte-identical files.
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": f"{FORMAT}/{VERSION}"})
-        copied = copy_tokenizer(tokenizer_from, tmp / TOKENIZER_DIR) if tokenizer_from else []
-        manifest["tokenizer"] = TOKENIZER_DIR if copied else None
-        atomic.write_json(tmp / MANIFEST, manifest, sort_keys=True)
-        atomic.fsync_tree(tmp)
-        atomic.replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    check_target(directory)
+    verify_ir(ir)
+    header = header_of(ir.family, ir.config, extra)
+    writer = ArtifactWriter(directory)
+    for path, leaf in ir.params.items():
+        writer.add(*stored(path, leaf, ir.meta[path]))
+    return writer.finish(header, metadata=WEIGHTS_METADATA, tokenizer=tokenizer_copier(tokenizer_from))
 
 
 def copy_tokenizer(source: str | os.PathLike, target: Path, names: Iterable[str] = TOKENIZER_FILES) -> list[str]:
