@@ -197,6 +197,10 @@ class Pass:
     default_where: ClassVar[Any] = True
     may_change: ClassVar[frozenset[str]] = frozenset()
     needs: ClassVar[Needs] = Needs()
+    #: ``rewrite`` of a block of a tensor's rows (output rows of a kernel, rows of a table) gives
+    #: those rows of ``rewrite`` of the whole tensor: :mod:`cqjax.stream` may then convert a large
+    #: tensor in row chunks.
+    row_separable: ClassVar[bool] = False
 
     where: Any = None  # a cqjax.select filter; None means ``default_where``
 

@@ -24,6 +24,8 @@ tensor are not free).
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -56,19 +58,22 @@ def error_sums(w: Any, w_hat: Any) -> tuple[float, float]:
 
 
 def pooled_rel_error(sums: Iterable[tuple[float, float]]) -> float:
-    """``Σ‖w − ŵ‖² / Σ‖w‖²`` over several tensors' :func:`error_sums`."""
+    """``Σ‖w − ŵ‖² / Σ‖w‖²`` over several tensors' (or row blocks') :func:`error_sums` (0 when
+    both are zero)."""
     sums = list(sums)
-    return sum(s[0] for s in sums) / sum(s[1] for s in sums)
+    num, den = sum(s[0] for s in sums), sum(s[1] for s in sums)
+    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
 
 
 def rel_error(w: Any, w_hat: Any) -> float:
     """``‖w − ŵ‖² / ‖w‖²`` in float64 (0 when both are zero)."""
-    num, den = error_sums(w, w_hat)
-    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+    return pooled_rel_error([error_sums(w, w_hat)])
 
 
+@functools.cache
 def dequantizer():
-    """A jitted ``leaf -> float array``, compiled once per leaf shape and format.
+    """A jitted ``leaf -> float array``, compiled once per leaf shape and format (one function
+    per process, so its compilations are shared by every caller).
 
     ``seed`` (a static field of CQ leaves that only records how the rotation was drawn; the
     rotation itself is in the leaf's arrays) is zeroed first, or every tensor would compile

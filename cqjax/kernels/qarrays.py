@@ -32,6 +32,10 @@ by ``s``.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,6 +155,19 @@ class _RowsMixin(InputScaleMixin):
     def unrotate_rows(self, rows):
         return rows
 
+    @classmethod
+    def concat_rows(cls, parts: Sequence[_RowsMixin]) -> _RowsMixin:
+        """The leaf whose rows are those of ``parts`` in order (each quantized alone, sharing the
+        rotation, levels and static fields); an error if the shared fields differ."""
+        first = parts[0]
+        for i, p in enumerate(parts[1:], 1):
+            for f in dataclasses.fields(first):
+                a, b = getattr(first, f.name), getattr(p, f.name)
+                if f.name not in cls.ROW_FIELDS and not (a is b or (a is not None and b is not None and
+                                                         np.array_equal(np.asarray(a), np.asarray(b)))):
+                    raise ValueError(f"{cls.__name__}.concat_rows: part {i} differs from part 0 in {f.name!r}")
+        return first.replace(**{f: jnp.concatenate([getattr(p, f) for p in parts]) for f in cls.ROW_FIELDS})
+
     @property
     def logical_shape(self) -> tuple[int, int]:
         rows = self.codes.shape[0]
@@ -212,6 +229,8 @@ class CQArray(_RowsMixin):
       in_scale: optional float16 ``[K]`` input scales (see the module docstring); None: absent.
     """
 
+    ROW_FIELDS: ClassVar[tuple[str, ...]] = ("codes", "norms")
+
     codes: jax.Array
     norms: jax.Array
     codebooks: jax.Array
@@ -271,6 +290,8 @@ class RTNArray(_RowsMixin):
       scales, zeros: float16 ``[rows, nblocks]``; ``w = code * scale + zero``.
       in_scale: optional float16 ``[K]`` input scales (see the module docstring); None: absent.
     """
+
+    ROW_FIELDS: ClassVar[tuple[str, ...]] = ("codes", "scales", "zeros")
 
     codes: jax.Array
     scales: jax.Array

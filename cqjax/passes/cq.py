@@ -74,6 +74,7 @@ class Rotate(Pass):
     """Block-local randomized Hadamard rotation of each row along the input dim."""
 
     default_where = ELIGIBLE
+    row_separable = True
     block: int = 128
     min_block: int = 16
     seed: int = 0
@@ -107,6 +108,10 @@ class FitCodebook(Pass):
     def needs(self) -> Needs:
         return Needs(statistics={"hessian"}) if self.mode == "hessian" else Needs()
 
+    @property
+    def row_separable(self) -> bool:  # type: ignore[override]
+        return self.mode == "analytic"  # fitted levels depend on all rows
+
     def rewrite(self, path, leaf, meta, ctx):
         r = require_rotated(leaf, path, self.name)
         bits = bits_for(self.bits, path, meta)
@@ -132,6 +137,7 @@ class Pack(Pass):
     """Assigns nearest levels, stores fp16 norms (× optional gain) and bit-packs the codes."""
 
     default_where = ELIGIBLE
+    row_separable = True  # codes, norms and gains are per (row, block)
     gain: str = "none"
 
     def __post_init__(self):

@@ -18,6 +18,7 @@ class RoundToNearest(Pass):
     """Asymmetric uniform codes in blocks of ``block`` along the input dim, fp16 scale + zero."""
 
     default_where = ELIGIBLE
+    row_separable = True  # scales and zeros are per (row, block)
     bits: Any = 3
     block: int = 128
 
