@@ -63,6 +63,7 @@ from cqjax.errors import CheckpointError, ConfigError
 from cqjax.formats import cq as fmt
 from cqjax.formats import encoding, validate
 from cqjax.io import atomic
+from cqjax.io.artifact_writer import ArtifactWriter, raw_bytes
 from cqjax.io.safetensors_lazy import SafetensorsFile
 from cqjax.ir import IR, LazyTensor, TensorMeta, materialize
 from cqjax.ir import verify as verify_ir
@@ -200,7 +201,7 @@ def _entry(path: str, meta: TensorMeta, kind: str, arrays: dict, leaf: Any) -> d
         entry["arrays"][field] = {"name": path if kind == "float" else f"{path}{SEP}{field}",
                                   "dtype": stored.dtype.name, "shape": list(stored.shape), "encoding": how,
                                   "leaf_dtype": a.dtype.name, "leaf_shape": list(a.shape),
-                                  "sha256": hashlib.sha256(memoryview(np.ascontiguousarray(stored)).cast("B")).hexdigest()}
+                                  "sha256": hashlib.sha256(raw_bytes(stored)).hexdigest()}
     return entry
 
 
@@ -278,8 +279,6 @@ def save(ir: IR, directory: str | os.PathLike, *, tokenizer_from: str | os.PathL
     Returns:
       The artifact directory.
     """
-    from cqjax.io.artifact_writer import ArtifactWriter
-
     directory = Path(directory)
     check_target(directory)
     verify_ir(ir)
@@ -398,7 +397,7 @@ def _check_sha256(f: SafetensorsFile, name: str, spec: dict) -> None:
     want = spec.get("sha256")
     if want is None:
         return  # a version-1 artifact: no checksums
-    got = hashlib.sha256(memoryview(np.ascontiguousarray(f.read(name))).cast("B")).hexdigest()
+    got = hashlib.sha256(raw_bytes(f.read(name))).hexdigest()
     _check(got == want, f"{f.path}: tensor {name!r}", f"sha256 {got[:16]}... does not match the manifest's "
            f"{str(want)[:16]}... (the file was changed or damaged)")
 

@@ -49,6 +49,12 @@ ST_NAMES = {dtype: name for name, dtype in DTYPES.items()} | {np.dtype(np.uint16
 _COPY_CHUNK = 64 << 20
 
 
+def raw_bytes(a: np.ndarray) -> np.ndarray:
+    """``a``'s bytes in C order as a flat uint8 array (a view when ``a`` is contiguous; works
+    for dtypes the buffer protocol lacks, e.g. bfloat16)."""
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+
+
 def partial_dir(directory: str | os.PathLike) -> Path:
     """Where the parts of ``directory``'s unfinished conversion live."""
     directory = Path(directory)
@@ -135,8 +141,8 @@ class ArtifactWriter:
         ranges, offset = {}, 0
         with open(stem.with_suffix(".bin"), "wb") as f:
             for name, a in arrays.items():
-                a = np.ascontiguousarray(a)
-                f.write(memoryview(a).cast("B"))
+                a = raw_bytes(a)
+                f.write(a)
                 ranges[name] = (offset, offset + a.nbytes)
                 offset += a.nbytes
             f.flush()
