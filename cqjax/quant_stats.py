@@ -51,10 +51,13 @@ def tensor_bytes(leaf: Any, numel: int) -> int:
 
 
 def error_sums(w: Any, w_hat: Any) -> tuple[float, float]:
-    """``(‖w − ŵ‖², ‖w‖²)`` in float64; summed over several tensors, their ratio is the pooled
-    relative error."""
-    w, w_hat = np.asarray(w, np.float64), np.asarray(w_hat, np.float64)
-    return float(np.sum((w - w_hat) ** 2)), float(np.sum(w * w))
+    """``(‖w − ŵ‖², ‖w‖²)``; summed over several tensors, their ratio is the pooled relative
+    error. float32 with NumPy's pairwise summation (relative error ~1e-7, ~10x faster than
+    float64 copies of both tensors)."""
+    w = np.asarray(w, np.float32)
+    d = np.ravel(np.subtract(w, np.asarray(w_hat, np.float32)), order="K")  # a new array: contiguous
+    d = np.square(d, out=d)
+    return float(np.sum(d)), float(np.sum(np.square(np.ravel(w, order="K"))))
 
 
 def pooled_rel_error(sums: Iterable[tuple[float, float]]) -> float:
@@ -71,9 +74,10 @@ def rel_error(w: Any, w_hat: Any) -> float:
 
 
 @functools.cache
-def dequantizer():
-    """A jitted ``leaf -> float array``, compiled once per leaf shape and format (one function
-    per process, so its compilations are shared by every caller).
+def dequantizer(transpose: bool = False):
+    """A jitted ``leaf -> float array`` (``transpose``: its transpose, e.g. a kernel's output
+    rows), compiled once per leaf shape and format (one function per process, so its
+    compilations are shared by every caller).
 
     ``seed`` (a static field of CQ leaves that only records how the rotation was drawn; the
     rotation itself is in the leaf's arrays) is zeroed first, or every tensor would compile
@@ -81,7 +85,7 @@ def dequantizer():
     """
     import jax
 
-    run = jax.jit(lambda leaf: leaf.dequantize())
+    run = jax.jit(lambda leaf: leaf.dequantize().T if transpose else leaf.dequantize())
     return lambda leaf: run(leaf.replace(seed=0) if getattr(leaf, "seed", 0) else leaf)
 
 

@@ -125,15 +125,20 @@ def check_finite(ir: IR, chunk: int = 1 << 22) -> None:
     infinity; reads every tensor once, ``chunk`` values at a time."""
     for path, leaf in ir.params.items():
         lazy = isinstance(leaf, LazyTensor)
-        flat = np.asarray(leaf.reader() if lazy else leaf).reshape(-1)  # the source order: no transpose copy
-        for lo in range(0, flat.size, chunk):
-            part = np.asarray(flat[lo:lo + chunk], np.float32)
-            if not np.all(np.isfinite(part)):
-                bad = lo + int(np.argmin(np.isfinite(part)))
-                source = leaf.source if lazy else path
-                raise CheckpointError(f"{source}: tensor {path} has a non-finite value ({part[bad - lo]}) at "
-                                      f"flat index {bad}: the checkpoint is damaged or was saved after a "
-                                      "diverged training step")
+        check_finite_array(leaf.reader() if lazy else leaf, path, leaf.source if lazy else path, chunk)
+
+
+def check_finite_array(array: Any, path: str, source: str, chunk: int = 1 << 22) -> None:
+    """:func:`check_finite` of one array (tensor ``path`` read from ``source``), in its storage
+    order (no transpose copy)."""
+    flat = np.ravel(np.asarray(array), order="K")  # a view for a (transposed) memory map
+    for lo in range(0, flat.size, chunk):
+        part = np.asarray(flat[lo:lo + chunk], np.float32)
+        if not np.all(np.isfinite(part)):
+            bad = lo + int(np.argmin(np.isfinite(part)))
+            raise CheckpointError(f"{source}: tensor {path} has a non-finite value ({part[bad - lo]}) at "
+                                  f"flat index {bad}: the checkpoint is damaged or was saved after a "
+                                  "diverged training step")
 
 
 def _swap_last_axes(array: np.ndarray) -> np.ndarray:
@@ -191,7 +196,9 @@ def import_checkpoint(path_or_id: str | Path) -> IR:
 
 
 def to_model(ir: IR, dtype=jnp.float32) -> nnx.Module:
-    """Builds the Flax model of an IR, loading lazy leaves (float leaves cast to ``dtype``)."""
+    """Builds the Flax model of an IR, loading lazy leaves (float leaves cast to ``dtype``;
+    ``None`` keeps each leaf's stored dtype: a bf16 checkpoint then takes half the memory and
+    computes the same float32 logits, since every layer upcasts its weights exactly)."""
     family = registry.FAMILIES[ir.family]
     graphdef, state = nnx.split(abstract_model(family, ir.config))
     for key, var in nnx.to_flat_state(state):
@@ -200,7 +207,7 @@ def to_model(ir: IR, dtype=jnp.float32) -> nnx.Module:
             raise CheckpointError(f"IR has no leaf for model parameter {path}")
         leaf = materialize(ir.params[path])
         if isinstance(leaf, (np.ndarray, jax.Array)) and jnp.issubdtype(leaf.dtype, jnp.floating):
-            leaf = jnp.asarray(leaf, dtype)
+            leaf = jnp.asarray(leaf, dtype or leaf.dtype)
         var.set_value(leaf)
     return nnx.merge(graphdef, state)
 

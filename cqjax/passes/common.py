@@ -17,9 +17,11 @@ from cqjax.pipeline import Context
 
 def rows_of(leaf: Any, meta: TensorMeta) -> tuple[np.ndarray, bool]:
     """The float32 rows to quantize and whether they are a kernel's columns (``transposed``)."""
-    w = np.asarray(materialize(leaf), dtype=np.float32)
+    w = materialize(leaf)
     transposed = meta.role in KERNEL_ROLES
-    return (np.ascontiguousarray(w.T) if transposed else w), transposed
+    # A lazily imported kernel is a transposed view of its [out, in] source: cast its transpose
+    # (the source's own order) in one contiguous pass.
+    return np.ascontiguousarray(np.asarray(w.T if transposed else w, dtype=np.float32)), transposed
 
 
 def width_rules(bits: int, embed_bits: int | None, overrides: Any = None, roles: Any = None
