@@ -17,16 +17,21 @@ conversion resumed with ``resume=True`` gives the same bytes as one never interr
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cqjax import pipeline as pl
 from cqjax import quant_stats
 from cqjax import select as select_lib
-from cqjax.io import artifact
+from cqjax.io import artifact, hf
 from cqjax.io.artifact_writer import ArtifactWriter
 from cqjax.ir import IR, LazyTensor, TensorMeta, materialize
 from cqjax.passes.common import KERNEL_ROLES
@@ -36,6 +41,8 @@ from cqjax.progress import Progress
 #: Weights per row block of a large tensor: a block's conversion takes ~35 bytes per weight at
 #: its peak (float32 rows, rotated copy, codes, float64 error sums), so ~300 MB.
 BLOCK_PARAMS = 1 << 23
+#: Threads converting blocks at once: this process's cores, at most 4.
+WORKERS = min(4, len(os.sched_getaffinity(0)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,20 +111,42 @@ def row_blocks(leaf: Any, meta: TensorMeta, steps: list[Step], path: str, max_pa
 
 
 def _run_steps(steps: list[Step], path: str, leaf: Any, meta: TensorMeta, ctx: pl.Context,
-               seconds: dict[str, float], full_shape: tuple[int, ...]) -> tuple[Any, TensorMeta, dict[str, bool]]:
-    """``leaf`` through every step that selects it; also ``{step: changed}``. Selection sees
-    ``full_shape``-shaped metadata, so a row block is selected as its whole tensor is."""
-    touched = {}
+               full_shape: tuple[int, ...]) -> tuple[Any, TensorMeta, dict[str, bool], dict[str, float]]:
+    """``leaf`` through every step that selects it; also ``{step: changed}`` and ``{step:
+    seconds}``. Selection sees ``full_shape``-shaped metadata, so a row block is selected as its
+    whole tensor is."""
+    touched, seconds = {}, {}
     for s in steps:
         if not s.selects(path, meta.replace(shape=full_shape)):
             continue
         start = time.perf_counter()
         new_leaf, new_meta = s.p.rewrite(path, leaf, meta, ctx.replace(step=s.name))
-        seconds[s.name] += time.perf_counter() - start
+        seconds[s.name] = time.perf_counter() - start
         _check_meta(s, path, meta, new_meta)
         touched[s.name] = not (pl.same(leaf, new_leaf) and pl.same(meta, new_meta))
         leaf, meta = new_leaf, new_meta
-    return leaf, meta, touched
+    return leaf, meta, touched, seconds
+
+
+def _block(steps: list[Step], path: str, part: Any, part_meta: TensorMeta, ctx: pl.Context,
+           full_shape: tuple[int, ...]):
+    """One row block (or whole tensor): read once, checked finite, converted, and its error sums
+    (None: not quantized). Runs on a worker thread: NumPy, BLAS and XLA release the GIL."""
+    source = part.source if isinstance(part, LazyTensor) else path
+    part = materialize(part)
+    hf.check_finite_array(part, path, source)
+    transposed = part_meta.role in KERNEL_ROLES and part.ndim == 2
+    rows = None
+    if any(s.selects(path, part_meta.replace(shape=full_shape)) for s in steps):
+        # float32 once, in the source's row order (a kernel's output rows: contiguous as read);
+        # the steps see the IR layout (a transposed view), the error compares contiguous rows.
+        rows = np.asarray(part.T if transposed else part, np.float32)
+        part = rows.T if transposed else rows
+    q, q_meta, touched, seconds = _run_steps(steps, path, part, part_meta, ctx, full_shape)
+    sums = None
+    if rows is not None and quant_stats.is_quantized(q):
+        sums = quant_stats.error_sums(rows, quant_stats.dequantizer(transpose=transposed)(q))
+    return q, q_meta, touched, seconds, sums
 
 
 def _join(done: list, shape: tuple[int, ...], path: str) -> tuple[Any, TensorMeta]:
@@ -130,9 +159,24 @@ def _join(done: list, shape: tuple[int, ...], path: str) -> tuple[Any, TensorMet
     return leaf, meta.replace(shape=shape)
 
 
+def _write(writer: ArtifactWriter, ir: IR, path: str, done: list, seconds: dict[str, float]) -> None:
+    """Joins a tensor's converted blocks and writes it, with its stats row and steps as the note."""
+    for *_, took, _ in done:
+        for name, t in took.items():
+            seconds[name] += t
+    leaf, meta = _join([(q, m) for q, m, *_ in done], ir.meta[path].shape, path)
+    row, = quant_stats.tensors(IR(family=ir.family, config=ir.config, params={path: leaf}, meta={path: meta}))
+    sums = [d[4] for d in done if d[4] is not None]
+    if sums:
+        row["rel_error"] = quant_stats.pooled_rel_error(sums)
+    touched = {name: any(d[2][name] for d in done) for name in done[0][2]}
+    writer.add(*artifact.stored(path, leaf, meta), note={"row": row, "steps": touched})
+
+
 def convert(pipeline: Any, ir: IR, directory: str | Path, *, ctx: pl.Context | None = None,
             extra: dict | None = None, tokenizer_from: str | Path | None = None, resume: bool = False,
-            key: Any = None, progress: bool = True, max_params: int = BLOCK_PARAMS) -> tuple[list[dict], list[dict]]:
+            key: Any = None, progress: bool = True, max_params: int = BLOCK_PARAMS,
+            workers: int = WORKERS) -> tuple[list[dict], list[dict]]:
     """Converts the (lazy) float ``ir`` with the leaf-wise ``pipeline`` into the artifact
     ``directory``, one tensor at a time.
 
@@ -150,6 +194,8 @@ def convert(pipeline: Any, ir: IR, directory: str | Path, *, ctx: pl.Context | N
       progress: a progress line on stderr.
       max_params: a tensor with more weights is converted in row blocks of at most this many
         (when every step is row-separable), which bounds the memory one tensor takes.
+      workers: threads converting blocks at once (each holds one block; the artifact is the
+        same for any number).
 
     Returns:
       ``(passes, rows)``: one ``{"name", "seconds", "changed", "selected"}`` per step (as
@@ -159,6 +205,8 @@ def convert(pipeline: Any, ir: IR, directory: str | Path, *, ctx: pl.Context | N
     Raises:
       ValueError: the pipeline does not rewrite leaf by leaf (run it with :func:`cqjax.pipeline.run`).
       PassError: a step's filter selects nothing, or a step changed protected metadata.
+      CheckpointError: a tensor has a NaN or an infinity (checked as each tensor is read; the
+        tensors converted before it stay resumable).
     """
     ctx = pl.Context() if ctx is None else ctx
     steps = leafwise_steps(pipeline)
@@ -175,22 +223,37 @@ def convert(pipeline: Any, ir: IR, directory: str | Path, *, ctx: pl.Context | N
     if writer.resumed:
         ctx.log(f"resuming: {writer.resumed} of {len(ir.meta)} tensors already converted")
     seconds = dict.fromkeys((s.name for s in steps), 0.0)
-    for path, meta in ir.meta.items():
-        bar.update(1)
-        if writer.done(path):
-            continue
-        blocks = row_blocks(ir.params[path], meta, steps, path, max_params) or [(ir.params[path], meta)]
-        done, sums = [], []
-        for part, part_meta in blocks:
-            q, q_meta, touched = _run_steps(steps, path, part, part_meta, ctx, seconds, meta.shape)
-            if quant_stats.is_quantized(q):
-                sums.append(quant_stats.error_sums(materialize(part), quant_stats.dequantizer()(q)))
-            done.append((q, q_meta))
-        leaf, meta = _join(done, meta.shape, path)
-        row, = quant_stats.tensors(IR(family=ir.family, config=ir.config, params={path: leaf}, meta={path: meta}))
-        if sums:
-            row["rel_error"] = quant_stats.pooled_rel_error(sums)
-        writer.add(*artifact.stored(path, leaf, meta), note={"row": row, "steps": touched})
+
+    def jobs():  # (path, its number of blocks, the future of one block; None: already written)
+        for path, meta in ir.meta.items():
+            if writer.done(path):
+                yield path, 0, None
+                continue
+            blocks = row_blocks(ir.params[path], meta, steps, path, max_params) or [(ir.params[path], meta)]
+            for part, part_meta in blocks:
+                yield path, len(blocks), pool.submit(_block, steps, path, part, part_meta, ctx, meta.shape)
+
+    done: list = []
+
+    def drain(keep: int) -> None:  # writes finished tensors, in order, until `keep` jobs are left
+        nonlocal done
+        while len(window) > keep:
+            path, n, future = window.popleft()
+            if future is not None:
+                done.append(future.result())
+                if len(done) < n:
+                    continue
+                _write(writer, ir, path, done, seconds)
+                done = []
+            bar.update(1)
+
+    workers = max(1, workers)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        window: collections.deque = collections.deque()
+        for job in jobs():
+            window.append(job)
+            drain(workers)  # at most `workers` blocks in flight: memory stays bounded
+        drain(0)
     bar.close()
     notes = [writer.notes[p] for p in ir.meta]
     passes = [{"name": s.name, "seconds": seconds[s.name], "selected": sum(s.name in n["steps"] for n in notes),

@@ -55,7 +55,9 @@ def test_streamed_artifact_is_the_saved_pipeline_run(ckpt, tmp_path):
 
 def test_row_blocks_give_the_whole_tensor(ckpt, tmp_path):
     converted(ckpt, tmp_path / "whole")
-    converted(ckpt, tmp_path / "blocks", max_params=3200)  # every quantized tensor split, the table too
+    converted(ckpt, tmp_path / "blocks", max_params=3200, workers=3)  # every quantized tensor split
+    converted(ckpt, tmp_path / "serial", max_params=3200, workers=1)
+    assert files(tmp_path / "blocks") == files(tmp_path / "serial")  # threads do not change a byte
     whole, blocks = artifact.load(tmp_path / "whole"), artifact.load(tmp_path / "blocks")
     split = 0
     for path, leaf in whole.params.items():
@@ -151,3 +153,24 @@ def test_manifest_records_the_passes(ckpt, tmp_path):
     manifest = json.loads((tmp_path / "m" / artifact.MANIFEST).read_text())
     assert [p["name"] for p in manifest["extra"]["passes"]] == ["rotate", "codebook", "pack"]
     assert manifest["extra"]["recipe"] == EXTRA["recipe"]
+
+
+def test_bf16_checkpoint_streams_and_keeps_float_tensors_bf16(tmp_path):
+    import ml_dtypes
+
+    from cqjax.io.artifact_writer import raw_bytes, safetensors_header
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    weights = {k: v.astype(bf16) for k, v in tensors(CFG, seed=5, scale=0.05).items()}
+    src = write(tmp_path / "ckpt", config=CFG, weights={})  # config.json; the weights are written below
+    (src / "model.safetensors").unlink()
+    head, order = safetensors_header([(k, bf16, v.shape, v.nbytes) for k, v in weights.items()], {"format": "pt"})
+    (src / "model.safetensors").write_bytes(head + b"".join(raw_bytes(weights[name]).tobytes() for name, *_ in order))
+    converted(src, tmp_path / "a")
+    qir = artifact.load(tmp_path / "a")  # verifies every stored array's sha256
+    assert qir.params["norm/scale"].dtype == bf16
+    np.testing.assert_array_equal(materialize(qir.params["norm/scale"]), weights["model.norm.weight"])
+    ir = hf.import_checkpoint(src)
+    run, ran = pipeline.run(recipes.recipe("cq", bits=3), ir, pipeline.Context(rng_seed=1), progress=False)
+    artifact.save(run, tmp_path / "b", extra={**EXTRA, "passes": ran})
+    assert files(tmp_path / "a") == files(tmp_path / "b")
