@@ -34,6 +34,7 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
+import threading
 from collections.abc import Iterator, Sequence
 
 import jax.numpy as jnp
@@ -202,6 +203,9 @@ def rotate_rows(rows: np.ndarray, rot: Rotation) -> np.ndarray:
     return out
 
 
+_BLAS_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=1)
 def _openblas_local_threads():
     """NumPy's OpenBLAS ``openblas_set_num_threads_local`` (per calling thread, returns the
@@ -223,23 +227,26 @@ def _openblas_local_threads():
 
 @contextlib.contextmanager
 def single_thread_blas() -> Iterator[None]:
-    """Run NumPy's BLAS calls on the calling thread only, inside the ``with`` block.
+    """Run NumPy's BLAS calls on the calling thread only, and one such block at a time.
 
     The fast rotation is many small ``[rows, b] @ [b, b]`` products; OpenBLAS's worker threads
     cost more to wake than they save there (10x slower on a busy 2-core machine). Results do
     not change: OpenBLAS splits a product over rows/columns, never over the summed axis. The
-    setting is OpenBLAS's thread-local one, so other threads are unaffected; a no-op where
-    NumPy's BLAS is not OpenBLAS (0.3.27+).
+    setting is OpenBLAS's thread-local one (a no-op where NumPy's BLAS is not OpenBLAS 0.3.27+).
+    Blocks on different threads (:mod:`cqjax.stream`'s workers) take turns: OpenBLAS called
+    from two threads at once was measured to round a few rows differently about one run in
+    four, which would break byte-identical artifacts; the other work of a block still overlaps.
     """
-    fn = _openblas_local_threads()
-    if fn is None:
-        yield
-        return
-    prev = fn(1)
-    try:
-        yield
-    finally:
-        fn(prev)
+    with _BLAS_LOCK:
+        fn = _openblas_local_threads()
+        if fn is None:
+            yield
+            return
+        prev = fn(1)
+        try:
+            yield
+        finally:
+            fn(prev)
 
 
 # ----------------------------------------------------------------------------- JAX
