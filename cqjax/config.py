@@ -27,6 +27,8 @@ key            group (``conf/<group>/``)            what
 ``report``     —                                    :class:`ReportConfig` (plots on/off)
 ``generate``   —                                    :class:`GenerateConfig` (``mode=generate``)
 ``runtime``    —                                    :class:`RuntimeConfig` (threads, kernel path, KV cache)
+``resume``     —                                    continue a killed data-free conversion in
+                                                    the same run directory (``hydra.run.dir``)
 —              ``experiment/``                      ``# @package _global_`` presets
 =============  ===================================  ============================================
 
@@ -264,6 +266,7 @@ class Config:
     report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
     artifact: Optional[str] = None
     verify: bool = True
+    resume: bool = False
     prompt: Optional[str] = None
     generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)

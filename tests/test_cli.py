@@ -72,7 +72,7 @@ def test_convert_writes_artifact_report_and_plots(converted):
     assert sorted(report["plots"]) == ["metrics.png", "tensor_errors.png"]
     for png in report["plots"]:
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "pass codebook" in proc.stderr and "tensors" in proc.stderr  # per-tensor progress
+    assert "quantizing tensor by tensor" in proc.stderr and " tensors (100%)" in proc.stderr  # progress
 
 
 def test_float_only_with_no_pipeline(checkpoint, tmp_path):

@@ -19,33 +19,56 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
     Order: import (lazy), the ``quant`` rules checked against the model (an override matching
     nothing fails here, before any work), evaluation data, the float baseline, calibration if
     the recipe needs it, the passes, tensor errors, the artifact, the quantized evaluation.
+    A data-free recipe (:func:`cqjax.stream.leafwise_steps`) instead streams: passes, tensor
+    errors and the artifact tensor by tensor (resumable with ``resume=true``), then the float
+    model (in the checkpoint's dtype) and both evaluations.
     """
     from cqjax import eval as ev
     from cqjax import pipeline as pl
-    from cqjax import quant_stats, recipes
+    from cqjax import quant_stats, recipes, stream
     from cqjax.api import load_tokenizer
     from cqjax.eval.scoring import from_nnx
     from cqjax.io import artifact, hf
 
     t = Timings()
     directory = model_dir(cfg.model)
+    streamed = recipe is not None and not recipe.needs and stream.leafwise_steps(recipe) is not None
     with t("import"):
         log(f"importing {directory}")
         ir = hf.import_checkpoint(directory)
         skipped = recipes.check_rules(cfg, ir) if recipe is not None else []
         if recipe is not None:
             recipes.check_budget(recipe, ir)
-            hf.check_finite(ir)
-        model = hf.to_model(ir)
+            if not streamed:  # a streamed conversion checks each tensor as it reads it
+                hf.check_finite(ir)
+        model = None if streamed else hf.to_model(ir)
         tokenizer = load_tokenizer(directory)
     for s in skipped:
         log(f"rule {s['rule']} -> {s['bits']} bits ({s['from']}) matches no tensor of this model: skipped")
+    if cfg.resume and recipe is not None and not streamed:
+        log(f"resume=true: pipeline {choice('pipeline') or 'custom'} needs calibration or the float model, so it "
+            "runs in memory and starts from the beginning (only data-free recipes resume)")
     with t("tokenize eval data"):
         data = ev.prepare(tokenizer, eval_config(cfg.eval))
+    qir, passes, quant, rows, calib = ir, [], None, [], None
+    extra = None if recipe is None else {"recipe": {
+        "method": choice("pipeline") or "custom", "model": cfg.model.name, "source": str(directory),
+        **OmegaConf.to_container(cfg.quant, resolve=True), "calibration": None}}
+    if streamed:
+        # Tensor by tensor from the memory-mapped checkpoint into the artifact: the float model is
+        # built only afterwards, in the checkpoint's dtype, as the evaluation's reference.
+        with t("quantize"):
+            log(f"quantizing tensor by tensor: {', '.join(name for name, _ in recipe.steps)}")
+            ctx = pl.Context(rng_seed=cfg.seed, log=log, progress=cfg.eval.progress)
+            passes, rows = stream.convert(recipe, ir, out_dir / "artifact", ctx=ctx, extra=extra,
+                                          tokenizer_from=directory, resume=cfg.resume,
+                                          key=fingerprint(directory), progress=cfg.eval.progress)
+            qir = artifact.load(out_dir / "artifact", verify=False)
+            log(f"saved {out_dir / 'artifact'}")
+        model = hf.to_model(ir, dtype=None)
     with t("eval float"):
         base = ev.evaluate_model(from_nnx(model), data, model_id=f"{cfg.model.name}@{fingerprint(directory)}")
-    qir, passes, quant, rows, calib = ir, [], None, [], None
-    if recipe is not None:
+    if recipe is not None and not streamed:
         if recipe.needs.calibration:
             with t("calibrate"):
                 calib = _calibrate(cfg, model, ir, tokenizer, recipe.needs)
@@ -57,12 +80,10 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
         with t("tensor errors"):
             rows = quant_stats.tensors(qir, ir, progress=cfg.eval.progress)
         with t("save artifact"):
-            extra = {"recipe": {"method": choice("pipeline") or "custom", "model": cfg.model.name,
-                                "source": str(directory), **OmegaConf.to_container(cfg.quant, resolve=True),
-                                "calibration": None if calib is None else calib.describe()},
-                     "passes": passes}
-            artifact.save(qir, out_dir / "artifact", tokenizer_from=directory, extra=extra)
+            extra["recipe"]["calibration"] = None if calib is None else calib.describe()
+            artifact.save(qir, out_dir / "artifact", tokenizer_from=directory, extra={**extra, "passes": passes})
             log(f"saved {out_dir / 'artifact'}")
+    if recipe is not None:
         with t("eval quantized"):
             quant = ev.evaluate_model(from_nnx(eval_model(qir, cfg.eval.packed)), data, reference=from_nnx(model))
     out = report(cfg, "convert", t, ir=qir, rows=rows, base=base, quant=quant, passes=passes,
