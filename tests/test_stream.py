@@ -174,3 +174,20 @@ def test_bf16_checkpoint_streams_and_keeps_float_tensors_bf16(tmp_path):
     run, ran = pipeline.run(recipes.recipe("cq", bits=3), ir, pipeline.Context(rng_seed=1), progress=False)
     artifact.save(run, tmp_path / "b", extra={**EXTRA, "passes": ran})
     assert files(tmp_path / "a") == files(tmp_path / "b")
+
+
+@pytest.mark.parametrize("path, rotated", [("layers/0/mlp/gate_proj/kernel", True),  # K = 160: no padding
+                                           ("layers/0/mlp/down_proj/kernel", False)])  # K = 200 -> 208
+def test_error_in_the_rotated_basis_is_the_error(ckpt, path, rotated):
+    from cqjax import quant_stats
+
+    ir = hf.import_checkpoint(ckpt)
+    steps = stream.leafwise_steps(recipes.recipe("cq", bits=3))
+    w = np.asarray(materialize(ir.params[path]), np.float32)
+    seen = []
+    q, *_ = stream._run_steps(steps, path, w, ir.meta[path], pipeline.Context(), ir.meta[path].shape, seen)
+    fast = stream._rotated_error_sums(np.ascontiguousarray(w.T), q, seen)
+    assert (fast is not None) == rotated
+    if rotated:
+        want = quant_stats.error_sums(w, quant_stats.dequantizer()(q))
+        np.testing.assert_allclose(fast, want, rtol=1e-5)
