@@ -22,8 +22,8 @@ key            group (``conf/<group>/``)            what
                                                     only by passes that need statistics)
 ``pipeline``   ``pipeline/`` (``cq`` | ``rtn``)     passes keyed by name (``Dict[str, Any]``),
                                                     each ``{_target_: <Pass class>, ...}``
-``eval``       ``eval/`` (``default`` | ``quick``)  :class:`EvalSettings` (perplexity text and
-                                                    windows, tasks, documents per task)
+``eval``       ``eval/`` (``default`` | ``quick``   :class:`EvalSettings` (perplexity text and
+               | ``none``: convert only)            windows, tasks, documents per task)
 ``report``     —                                    :class:`ReportConfig` (plots on/off)
 ``generate``   —                                    :class:`GenerateConfig` (``mode=generate``)
 ``runtime``    —                                    :class:`RuntimeConfig` (threads, kernel path, KV cache)

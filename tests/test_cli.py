@@ -88,6 +88,31 @@ def test_float_only_with_no_pipeline(checkpoint, tmp_path):
     assert not (tmp_path / "r" / "artifact").exists()
 
 
+def test_eval_none_converts_without_building_a_model(checkpoint, tmp_path):
+    path, _ = checkpoint
+    proc = cqjax(["+model=hf", f"model.path={path}", "pipeline=cq", "eval=none", f"hydra.run.dir={tmp_path / 'r'}"],
+                 tmp_path, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    check_schema(report)
+    assert report["evals"] == {} and "eval float" not in report["timings"]
+    assert report["bits_per_weight"]["quantized_tensors"] > 3 and (tmp_path / "r" / "artifact" / "manifest.json").is_file()
+
+
+def test_evaluation_that_cannot_fit_fails_before_any_work(monkeypatch):
+    from cqjax.cli import convert
+    from cqjax.errors import ConfigError
+    from cqjax.io import hf
+    from cqjax.ir import IR, TensorMeta
+
+    meta = {"w": TensorMeta(role="linear", tower="text", hf_name="w", shape=(1000, 1000), dtype="bfloat16")}
+    ir = IR(family="llama", config=None, params={"w": None}, meta=meta)
+    monkeypatch.setattr(convert, "_available_memory", lambda: 5_000_000)
+    convert.check_eval_memory(ir, float_dtype=None, quantized=False, packed=False)  # 2 MB fits
+    with pytest.raises(ConfigError, match=r"needs at least 0.0 GB .*eval=none"):
+        convert.check_eval_memory(ir, float_dtype=None, quantized=True, packed=False)  # 2 + 4 MB does not
+
+
 def converted_text(run_dir):
     return json.loads((run_dir / "report.json").read_text())["config"]["eval"]["perplexity"]["path"]
 

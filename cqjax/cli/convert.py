@@ -43,6 +43,10 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
                 hf.check_finite(ir)
         model = None if streamed else hf.to_model(ir)
         tokenizer = load_tokenizer(directory)
+    evaluate = bool(cfg.eval.perplexity.enabled or cfg.eval.tasks)
+    if evaluate:
+        check_eval_memory(ir, float_dtype=None if streamed else "float32", quantized=recipe is not None,
+                          packed=cfg.eval.packed)
     for s in skipped:
         log(f"rule {s['rule']} -> {s['bits']} bits ({s['from']}) matches no tensor of this model: skipped")
     if cfg.resume and recipe is not None and not streamed:
@@ -65,9 +69,11 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
                                           key=fingerprint(directory), progress=cfg.eval.progress)
             qir = artifact.load(out_dir / "artifact", verify=False)
             log(f"saved {out_dir / 'artifact'}")
-        model = hf.to_model(ir, dtype=None)
-    with t("eval float"):
-        base = ev.evaluate_model(from_nnx(model), data, model_id=f"{cfg.model.name}@{fingerprint(directory)}")
+        model = hf.to_model(ir, dtype=None) if evaluate else None
+    base = None
+    if evaluate:
+        with t("eval float"):
+            base = ev.evaluate_model(from_nnx(model), data, model_id=f"{cfg.model.name}@{fingerprint(directory)}")
     if recipe is not None and not streamed:
         if recipe.needs.calibration:
             with t("calibrate"):
@@ -83,7 +89,7 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
             extra["recipe"]["calibration"] = None if calib is None else calib.describe()
             artifact.save(qir, out_dir / "artifact", tokenizer_from=directory, extra={**extra, "passes": passes})
             log(f"saved {out_dir / 'artifact'}")
-    if recipe is not None:
+    if recipe is not None and evaluate:
         with t("eval quantized"):
             quant = ev.evaluate_model(from_nnx(eval_model(qir, cfg.eval.packed)), data, reference=from_nnx(model))
     out = report(cfg, "convert", t, ir=qir, rows=rows, base=base, quant=quant, passes=passes,
@@ -111,3 +117,41 @@ def _calibrate(cfg: DictConfig, model, ir, tokenizer, needs):
                       progress=cfg.eval.progress)
     log(f"calibration: {calib.describe()}")
     return calib
+
+
+def check_eval_memory(ir, *, float_dtype: str | None, quantized: bool, packed: bool) -> None:
+    """Fails before any work when evaluating cannot fit in this machine's available memory.
+
+    Evaluation holds the float model (``float_dtype``; None: each tensor's own dtype) and, for a
+    quantized model, its dequantized float32 copy (``packed``: its stored codes, ~1 byte per
+    weight at most); activations come on top, so this is a lower bound.
+    """
+    import numpy as np
+
+    from cqjax.errors import ConfigError
+
+    params = ir.num_params()
+    float_bytes = sum(int(np.prod(m.shape)) * np.dtype(float_dtype or m.dtype).itemsize for m in ir.meta.values())
+    quant_bytes = 0 if not quantized else params * (1 if packed else 4)
+    available = _available_memory()
+    if available is not None and float_bytes + quant_bytes > available:
+        raise ConfigError(
+            f"evaluating this {params / 1e9:.2f}B-parameter model needs at least "
+            f"{(float_bytes + quant_bytes) / 1e9:.1f} GB (the float model {float_bytes / 1e9:.1f} GB"
+            + (f", the quantized one {'packed' if packed else 'dequantized to float32'} {quant_bytes / 1e9:.1f} GB"
+               if quantized else "")
+            + f"), and this machine has {available / 1e9:.1f} GB available: convert without evaluation "
+            "(eval=none; a data-free pipeline such as pipeline=cq streams tensor by tensor) and evaluate "
+            "the artifact where it fits (mode=eval artifact=DIR)")
+
+
+def _available_memory() -> int | None:
+    """``MemAvailable`` from /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
