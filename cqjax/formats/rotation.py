@@ -230,12 +230,14 @@ def single_thread_blas() -> Iterator[None]:
     """Run NumPy's BLAS calls on the calling thread only, and one such block at a time.
 
     The fast rotation is many small ``[rows, b] @ [b, b]`` products; OpenBLAS's worker threads
-    cost more to wake than they save there (10x slower on a busy 2-core machine). Results do
-    not change: OpenBLAS splits a product over rows/columns, never over the summed axis. The
+    cost more to wake than they save there (10x slower on a busy 2-core machine). It also fixes
+    the rounding: OpenBLAS 0.3.31 was measured to round such a product differently with one
+    thread than with two, so the stored bytes must not depend on the machine's core count. The
     setting is OpenBLAS's thread-local one (a no-op where NumPy's BLAS is not OpenBLAS 0.3.27+).
-    Blocks on different threads (:mod:`cqjax.stream`'s workers) take turns: OpenBLAS called
-    from two threads at once was measured to round a few rows differently about one run in
-    four, which would break byte-identical artifacts; the other work of a block still overlaps.
+    Blocks on different threads (:mod:`cqjax.stream`'s workers) take turns: with two threads
+    inside at once the thread-local setting did not hold (a few rows came out rounded as by
+    several threads, in about one run of four), which would break byte-identical artifacts; the
+    other work of a block still overlaps.
     """
     with _BLAS_LOCK:
         fn = _openblas_local_threads()
