@@ -8,8 +8,8 @@ the float tensor, hands the stored arrays to an
 :class:`~cqjax.io.artifact_writer.ArtifactWriter` and drops it before reading the next. A
 tensor larger than :data:`BLOCK_PARAMS` weights goes through in row blocks when its steps are
 row-separable, so the memory a conversion takes does not grow with the model. The artifact is
-byte-identical to ``artifact.save(pipeline.run(recipe, ir))`` for tensors converted whole (a
-row block's rotation may round an fp16 norm the other way, ~1 in 10^5), and a killed
+byte-identical to ``artifact.save(pipeline.run(recipe, ir))`` whatever the row blocks and
+threads (every step, the rotation included, computes each row on its own), and a killed
 conversion resumed with ``resume=True`` gives the same bytes as one never interrupted.
 
 >>> report = convert(recipe, lazy_ir, "out/artifact", resume=True)  # doctest: +SKIP

@@ -16,6 +16,7 @@ from cqjax.formats import block_offsets, block_plan
 from cqjax.formats.rotation import (
     make_rotation,
     rotate_jnp,
+    rotate_rows,
     rotate_rows_np,
     unrotate_jnp,
     unrotate_rows_np,
@@ -133,5 +134,25 @@ def test_errors():
         rotate_rows_np(np.zeros((2, 33)), rot)
     with pytest.raises(ValueError, match="rotate_jnp"):
         rotate_jnp(np.zeros((2, 33)), rot.arrays(), rot.blocks)
+    with pytest.raises(ValueError, match="rotate_rows"):
+        rotate_rows(np.zeros((2, 33), np.float32), rot)
     with pytest.raises(ValueError, match="unrotate_jnp"):
         unrotate_jnp(np.zeros((2, 16)), rot.arrays(), rot.blocks)
+
+
+@pytest.mark.parametrize("K", [5, 100, 384, 1000])
+def test_fast_rotation_rounds_each_row_on_its_own(K):
+    """The C++ rotation (weights) gives a row the same bits alone, in any batch, from float64
+    input, and on threads: stored bytes cannot depend on how rows are split or scheduled."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rot = make_rotation(K, block_plan(K, 128, 16), seed=K)
+    w = np.random.default_rng(K).standard_normal((37, K)).astype(np.float32)
+    whole = rotate_rows(w, rot)
+    assert whole.dtype == np.float32 and whole.shape == (37, rot.Kpad)
+    np.testing.assert_allclose(whole, rotate_rows_np(w, rot), rtol=0, atol=1e-6 * np.abs(whole).max())
+    alone = np.concatenate([rotate_rows(w[i : i + 1], rot) for i in range(37)])
+    with ThreadPoolExecutor(4) as pool:
+        threaded = np.concatenate(list(pool.map(lambda i: rotate_rows(w[i : i + 5], rot), range(0, 37, 5))))
+    assert whole.tobytes() == alone.tobytes() == threaded.tobytes() == rotate_rows(w.astype(np.float64), rot).tobytes()
+    assert rotate_rows(w[:, ::-1][:, ::-1], rot).tobytes() == whole.tobytes()  # strided input

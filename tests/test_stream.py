@@ -1,5 +1,5 @@
 """Streamed conversion (cqjax.stream): the same bytes as the in-memory pipeline and save, row
-blocks close to whole tensors, and a killed conversion resumed to the same bytes."""
+blocks the same bytes as whole tensors, and a killed conversion resumed to the same bytes."""
 
 from __future__ import annotations
 
@@ -54,21 +54,13 @@ def test_streamed_artifact_is_the_saved_pipeline_run(ckpt, tmp_path):
 
 
 def test_row_blocks_give_the_whole_tensor(ckpt, tmp_path):
+    """Every step is row by row (the C++ rotation too), so splitting a tensor changes no byte."""
     converted(ckpt, tmp_path / "whole")
     converted(ckpt, tmp_path / "blocks", max_params=3200, workers=3)  # every quantized tensor split
     converted(ckpt, tmp_path / "serial", max_params=3200, workers=1)
-    assert files(tmp_path / "blocks") == files(tmp_path / "serial")  # threads do not change a byte
-    whole, blocks = artifact.load(tmp_path / "whole"), artifact.load(tmp_path / "blocks")
-    split = 0
-    for path, leaf in whole.params.items():
-        if hasattr(leaf, "codes"):
-            split += 1
-            other = blocks.params[path]
-            assert np.mean(np.asarray(leaf.codes) == np.asarray(other.codes)) > 0.999, path
-            np.testing.assert_allclose(np.asarray(leaf.norms, np.float32), np.asarray(other.norms, np.float32),
-                                       rtol=1e-3)
-            np.testing.assert_array_equal(np.asarray(leaf.codebooks), np.asarray(other.codebooks))
-    assert split == 9
+    assert files(tmp_path / "blocks") == files(tmp_path / "serial") == files(tmp_path / "whole")
+    whole = artifact.load(tmp_path / "whole")
+    assert sum(hasattr(leaf, "codes") and np.prod(leaf.logical_shape) > 3200 for leaf in whole.params.values()) == 9
 
 
 def test_row_blocks_read_only_their_rows(ckpt):

@@ -22,24 +22,22 @@ should store the arrays themselves, not only the seed (NumPy may change its stre
 Applying ``R`` to ``v``: gather by ``perm``, multiply by ``s2``, Hadamard per block, scale by
 ``1/sqrt(b)``, multiply by ``s1``. ``R^T`` runs the same steps in reverse with the inverse
 permutation. NumPy versions (:func:`rotate_rows_np`) use explicit Hadamard matrices in
-float64 as the reference; the JAX versions (:func:`rotate_jnp`) use a fast Walsh–Hadamard
-transform (``log2(b)`` butterfly stages) and are jittable. :func:`block_matrices` gives each
-block's ``R_b`` as an explicit matrix (for the fast float32 :func:`rotate_rows` and for error
+float64 as the reference; the fast float32 :func:`rotate_rows` (C++) and the JAX versions
+(:func:`rotate_jnp`, jittable) use a fast Walsh–Hadamard transform (``log2(b)`` butterfly
+stages). :func:`block_matrices` gives each block's ``R_b`` as an explicit matrix (for error
 feedback in the rotated basis).
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
 import functools
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
+from cqjax import _xla_ext
 from cqjax.formats.cq import block_offsets
 
 
@@ -185,70 +183,17 @@ def rotated_diagonal(H: np.ndarray, rot: Rotation) -> np.ndarray:
 
 
 def rotate_rows(rows: np.ndarray, rot: Rotation) -> np.ndarray:
-    """:func:`rotate_rows_np` in float32 with the signs and permutation folded into one
-    ``[b, b]`` matrix per block (one single-threaded BLAS matmul per block written straight
-    into the output, no gather); equal to the float64 reference within float32 rounding
-    (~1e-6 relative). ``rows [n, K]`` float32 → ``[n, Kpad]``."""
-    K = rows.shape[1]
-    out = np.empty((rows.shape[0], rot.Kpad), np.float32)
-    offs = block_offsets(rot.blocks)
-    with single_thread_blas():
-        for lo, hi, m in zip(offs[:-1], offs[1:], block_matrices(rot, np.float32)):
-            if lo >= K:
-                out[:, lo:hi] = 0.0
-            elif hi <= K:
-                np.matmul(rows[:, lo:hi], m, out=out[:, lo:hi])
-            else:
-                out[:, lo:hi] = rows[:, lo:K] @ m[: K - lo]
-    return out
-
-
-_BLAS_LOCK = threading.Lock()
-
-
-@functools.lru_cache(maxsize=1)
-def _openblas_local_threads():
-    """NumPy's OpenBLAS ``openblas_set_num_threads_local`` (per calling thread, returns the
-    previous value), found among the loaded libraries; None where unavailable."""
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1]})
-    except OSError:
-        return None
-    for path in paths:
-        try:
-            fn = ctypes.CDLL(path).openblas_set_num_threads_local
-        except (OSError, AttributeError):
-            continue
-        fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_int]
-        return fn
-    return None
-
-
-@contextlib.contextmanager
-def single_thread_blas() -> Iterator[None]:
-    """Run NumPy's BLAS calls on the calling thread only, and one such block at a time.
-
-    The fast rotation is many small ``[rows, b] @ [b, b]`` products; OpenBLAS's worker threads
-    cost more to wake than they save there (10x slower on a busy 2-core machine). It also fixes
-    the rounding: OpenBLAS 0.3.31 was measured to round such a product differently with one
-    thread than with two, so the stored bytes must not depend on the machine's core count. The
-    setting is OpenBLAS's thread-local one (a no-op where NumPy's BLAS is not OpenBLAS 0.3.27+).
-    Blocks on different threads (:mod:`cqjax.stream`'s workers) take turns: with two threads
-    inside at once the thread-local setting did not hold (a few rows came out rounded as by
-    several threads, in about one run of four), which would break byte-identical artifacts; the
-    other work of a block still overlaps.
-    """
-    with _BLAS_LOCK:
-        fn = _openblas_local_threads()
-        if fn is None:
-            yield
-            return
-        prev = fn(1)
-        try:
-            yield
-        finally:
-            fn(prev)
+    """:func:`rotate_rows_np` in float32 through the C++ fast Walsh–Hadamard transform the CQ
+    kernels rotate activations with (``xla_ext/include/cqjax/rotate.h``): ``log2(b)`` butterfly
+    stages per block instead of a ``[b, b]`` product, the GIL released, and one fixed rounding
+    whatever the thread count or machine, row by row (so a row's result does not depend on the
+    rows beside it). Equal to the float64 reference within float32 rounding (~1e-6 relative).
+    ``rows [n, K]`` float32 → ``[n, Kpad]``."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if rows.ndim != 2 or rows.shape[1] > rot.Kpad:
+        raise ValueError(f"rotate_rows: rows must be [n, K<={rot.Kpad}], got shape {rows.shape}")
+    s1, s2 = (np.ascontiguousarray(s, dtype=np.int8) for s in (rot.s1, rot.s2))
+    return _xla_ext.rotate_rows(rows, s1, s2, np.ascontiguousarray(rot.perm, dtype=np.int32), list(rot.blocks))
 
 
 # ----------------------------------------------------------------------------- JAX

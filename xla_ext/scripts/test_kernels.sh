@@ -12,7 +12,7 @@ ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 OUT="${CQJAX_KERNEL_TEST_DIR:-${TMPDIR:-/tmp}/cqjax_kernel_tests}"
 mkdir -p "$OUT"
 SRC=(xla_ext/src/cpu_features.cc xla_ext/src/cq_common.cc xla_ext/src/cq_x86.cc
-     xla_ext/src/cq_neon.cc xla_ext/tests/cq_kernel_test.cc)
+     xla_ext/src/cq_neon.cc xla_ext/src/rotate.cc xla_ext/tests/cq_kernel_test.cc)
 GOLDEN="$ROOT/tests/golden/cq_kernel_v1.txt"
 cd "$ROOT"
 

@@ -11,6 +11,7 @@
 #include "cqjax/cpu_features.h"
 #include "cqjax/cq_kernel.h"
 #include "cqjax/formats.h"
+#include "cqjax/rotate.h"
 
 namespace cqjax {
 namespace cq {
@@ -30,18 +31,6 @@ int EnvPath() {
 }
 
 int LaneBits(int bits) { return bits == 3 ? 2 : bits; }
-
-void Fwht(float* v, int b) {
-  for (int h = 1; h < b; h *= 2) {
-    for (int i = 0; i < b; i += 2 * h) {
-      for (int j = i; j < i + h; ++j) {
-        const float a = v[j], c = v[j + h];
-        v[j] = a + c;
-        v[j + h] = a - c;
-      }
-    }
-  }
-}
 
 }  // namespace
 
@@ -268,13 +257,7 @@ void PrepareRows(const Plan& plan, const float* x, int xk, const int8_t* s1, con
   for (int m = m0; m < m1; ++m) {
     const float* xm = x + static_cast<size_t>(m) * xk;
     if (s1) {
-      for (int k = 0; k < Kpad; ++k) v[k] = perm[k] < xk ? xm[perm[k]] * s2[k] : 0.0f;
-      for (int j = 0; j < nb; ++j) {
-        const int o = plan.offs[j], b = plan.blocks[j];
-        Fwht(v.data() + o, b);
-        const float scale = 1.0f / std::sqrt(static_cast<float>(b));
-        for (int k = o; k < o + b; ++k) v[k] *= scale * s1[k];
-      }
+      RotateRow(xm, xk, s1, s2, perm, plan.blocks.data(), nb, Kpad, v.data());
     } else {
       for (int k = 0; k < Kpad; ++k) v[k] = k < xk ? xm[k] : 0.0f;
     }

@@ -1,12 +1,15 @@
 // pybind11 module cqjax._xla_ext: FFI handler capsules and CPU features.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <string>
+#include <vector>
 
 #include "cqjax/cpu_features.h"
 #include "cqjax/cq_kernel.h"
 #include "cqjax/formats.h"
+#include "cqjax/rotate.h"
 #include "cqjax/stream_read.h"
 #include "cqjax/ffi_handlers.h"
 
@@ -139,6 +142,40 @@ PYBIND11_MODULE(_xla_ext, m) {
       py::arg("bytes"), py::arg("threads") = 1, py::arg("reps") = 5,
       "Best streaming-read bandwidth (GB/s) of a C++ loop over a fresh buffer.");
   m.def("formats_half_to_float", &cqjax::formats::HalfToFloat, py::arg("bits"));
+
+  m.def(
+      "rotate_rows",
+      [](py::array_t<float, py::array::c_style> rows, py::array_t<int8_t, py::array::c_style> s1,
+         py::array_t<int8_t, py::array::c_style> s2, py::array_t<int32_t, py::array::c_style> perm,
+         std::vector<int> blocks) {
+        if (rows.ndim() != 2) throw py::value_error("rotate_rows: rows must be 2-D [n, K]");
+        long kpad = 0;
+        for (int b : blocks) {
+          if (b <= 0 || (b & (b - 1))) throw py::value_error("rotate_rows: blocks must be powers of two");
+          kpad += b;
+        }
+        const long n = rows.shape(0), k = rows.shape(1);
+        if (s1.size() != kpad || s2.size() != kpad || perm.size() != kpad || k > kpad) {
+          throw py::value_error("rotate_rows: s1, s2, perm must have sum(blocks) entries and K <= sum(blocks)");
+        }
+        const int32_t* pp = perm.data();
+        for (long i = 0; i < kpad; ++i) {
+          if (pp[i] < 0 || pp[i] >= kpad) throw py::value_error("rotate_rows: perm index out of range");
+        }
+        py::array_t<float> out({n, kpad});
+        const float* x = rows.data();
+        float* o = out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          for (long r = 0; r < n; ++r) {
+            cqjax::RotateRow(x + r * k, static_cast<int>(k), s1.data(), s2.data(), pp, blocks.data(),
+                             static_cast<int>(blocks.size()), static_cast<int>(kpad), o + r * kpad);
+          }
+        }
+        return out;
+      },
+      py::arg("rows"), py::arg("s1"), py::arg("s2"), py::arg("perm"), py::arg("blocks"),
+      "R rows for float32 rows [n, K] -> [n, sum(blocks)] (cqjax/rotate.h); releases the GIL.");
 
 #ifdef CQJAX_VERSION
   m.attr("__version__") = CQJAX_VERSION;
