@@ -278,3 +278,47 @@ def test_quantize_rows_bit_identical_to_per_block_oracle(gain, chunk, monkeypatc
         want = _quantize_rows_oracle(w, blocks, books, gain)
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1].view(np.uint16), want[1].view(np.uint16))  # bits, incl. -0
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_cpp_quantizer_equals_the_numpy_reference(bits):
+    """The C++ loops behind quantize_rows (float32, no gain) give the reference's codes and its
+    float64 norms bit for bit, for block sizes up to 512 (NumPy's pairwise sum splits there)."""
+    import cqjax.passes.codebook_core as core
+    from cqjax import _xla_ext
+
+    rng = np.random.default_rng(bits)
+    for blocks in [(128, 128, 64, 16), (256,), (512, 32), (8, 16)]:
+        w = (rng.standard_normal((129, sum(blocks))) * rng.uniform(1e-3, 1e3, (129, 1))).astype(np.float32)
+        w[4] = 0
+        w[7, : blocks[0]] = 0
+        cbs = [np.asarray(analytic_codebook(b, bits), np.float16).astype(np.float32) for b in blocks]
+        mids = np.stack([0.5 * (c[:-1] + c[1:]) for c in cbs])
+        codes, norms, finite = _xla_ext.quantize_rows(w, list(blocks), mids)
+        want_codes, want_norms = core._quantize_reference(w, blocks, cbs, "none", True)
+        assert finite
+        np.testing.assert_array_equal(codes, want_codes)
+        assert norms.tobytes() == want_norms.tobytes()
+        w[9, 3] = np.nan
+        assert not _xla_ext.quantize_rows(w, list(blocks), mids)[2]
+    with pytest.raises(ValueError, match="quantize_rows"):
+        _xla_ext.quantize_rows(np.zeros((2, 20), np.float32), [16], np.zeros((1, 1), np.float32))
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4])
+def test_cpp_rotated_error_sums_equal_float64_sums(bits):
+    from cqjax import _xla_ext
+
+    rng = np.random.default_rng(bits)
+    blocks = (128, 64, 16)
+    w = rng.standard_normal((61, sum(blocks))).astype(np.float32)
+    books = {b: np.asarray(analytic_codebook(b, bits), np.float16).astype(np.float32) for b in set(blocks)}
+    codes, norms = quantize_rows(w, blocks, books)
+    deq = dequantize_rows(codes, norms, blocks, books).astype(np.float64)
+    err, ref = _xla_ext.rotated_error_sums(w, pack_codes(codes, bits), bits, norms.view(np.uint16), list(blocks),
+                                           np.stack([books[b] for b in blocks]))
+    want_err, want_ref = np.sum((w - deq) ** 2), np.sum(w.astype(np.float64) ** 2)
+    assert err == pytest.approx(want_err, rel=1e-12) and ref == pytest.approx(want_ref, rel=1e-12)
+    with pytest.raises(ValueError, match="rotated_error_sums"):
+        _xla_ext.rotated_error_sums(w, pack_codes(codes, bits), bits, norms.view(np.uint16), [128, 64],
+                                    np.stack([books[b] for b in blocks]))

@@ -28,6 +28,7 @@ from cqjax.formats import (
     unpack_codes,
     unpack_codes_jnp,
 )
+from cqjax.formats.cq import pack_codes_reference
 from cqjax.passes.codebook_core import analytic_codebook
 from cqjax.formats.rotation import make_rotation, rotate_rows_np
 
@@ -91,6 +92,9 @@ def test_unpack_pack_roundtrip_is_bit_exact(cb):
     assert packed.dtype == np.uint8
     assert packed.shape == (codes.shape[0], row_bytes(codes.shape[1], bits))
     np.testing.assert_array_equal(unpack_codes(packed, bits, codes.shape[1]), codes)
+    # uint8 codes go through the C++ packer: the NumPy reference's bytes, also for other dtypes
+    assert packed.tobytes() == pack_codes_reference(codes, bits).tobytes()
+    assert pack_codes(codes.astype(np.int64), bits).tobytes() == packed.tobytes()
 
 
 _unpack_jit = jax.jit(unpack_codes_jnp, static_argnums=(1, 2))

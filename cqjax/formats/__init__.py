@@ -1,6 +1,7 @@
 """Stored formats: the single Python source of truth for layouts, encodings and byte counts.
 
-Passes, kernels and io read these modules; nothing here imports the rest of cqjax.
+Passes, kernels and io read these modules; nothing here imports the rest of cqjax (only its
+compiled extension, the fast rotation and packing).
 
 =====================  ========================================================================
 module                 what

@@ -52,6 +52,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cqjax import _xla_ext
+
 LAYOUT_VERSION = 1
 #: Bit widths the packed layouts (CQ and RTN) store; the C++ header mirrors it (``kSupportedBits``).
 SUPPORTED_BITS: tuple[int, ...] = (1, 2, 3, 4, 8)
@@ -186,7 +188,13 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
             f"pack_codes: codes must lie in [0, {1 << bits}) for bits={bits}, "
             f"got range [{codes.min()}, {codes.max()}]"
         )
-    codes = codes.astype(np.uint8)
+    if codes.dtype == np.uint8:  # the C++ loop (xla_ext/include/cqjax/quantize.h)
+        return _xla_ext.pack_codes(np.ascontiguousarray(codes), bits)
+    return pack_codes_reference(codes.astype(np.uint8), bits)
+
+
+def pack_codes_reference(codes: np.ndarray, bits: int) -> np.ndarray:
+    """NumPy :func:`pack_codes` of valid uint8 codes (the reference of the C++ packer)."""
     if bits == 8:
         return codes.copy()
     if bits == 3:

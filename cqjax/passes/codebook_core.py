@@ -30,6 +30,8 @@ from typing import Literal
 
 import numpy as np
 
+from cqjax import _xla_ext
+
 from cqjax.formats.cq import block_offsets
 
 Gain = Literal["none", "ls", "norm"]
@@ -230,9 +232,12 @@ def quantize_rows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Quantize each (row, block) as a float16 norm times codebook levels (module table).
 
-    Works on chunks of rows (sized to stay in cache) and, within a chunk, on each run of
-    consecutive blocks that share a size and codebook at once; a code is the number of level
-    midpoints strictly below the unit value (so a tie goes to the lower level).
+    A code is the number of level midpoints strictly below the unit value (so a tie goes to
+    the lower level). float32 rows with ``gain="none"`` and equal-length codebooks (every
+    weight quantizer's case) go through C++ loops (``xla_ext/include/cqjax/quantize.h``, the GIL
+    released); the rest through the NumPy reference, which works on chunks of rows (sized to
+    stay in cache) and, within a chunk, on each run of consecutive blocks sharing a size and
+    codebook. Both give the same bits (tests/test_codebook_core.py).
 
     Args:
       w_rot: float ``[rows, Kpad]`` (rotated and zero-padded), ``Kpad = sum(blocks)``.
@@ -261,6 +266,22 @@ def quantize_rows(
         if fold_check and not np.all(np.isfinite(w_rot)):
             raise ValueError("quantize_rows: w_rot has non-finite values") from None
         raise
+    if gain == "none" and fold_check and len({cb.size for cb in cbs}) == 1:
+        # The C++ loops (xla_ext/include/cqjax/quantize.h): the same arithmetic, bit for bit.
+        mids = np.stack([0.5 * (cb[:-1] + cb[1:]) for cb in cbs])
+        codes, norms, finite = _xla_ext.quantize_rows(np.ascontiguousarray(w_rot), list(blocks), mids)
+        if not finite:
+            raise ValueError("quantize_rows: w_rot has non-finite values")
+    else:
+        codes, norms = _quantize_reference(w_rot, blocks, cbs, gain, fold_check)
+    big = np.abs(norms).max(initial=0.0)
+    if big > _F16_MAX:
+        raise ValueError(f"quantize_rows: a block norm {big:.4g} overflows float16 (max {_F16_MAX})")
+    return codes, norms.astype(np.float16)
+
+
+def _quantize_reference(w_rot, blocks, cbs, gain, fold_check) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy :func:`quantize_rows`: codes and float64 norms (every gain)."""
     rows, Kpad = w_rot.shape
     codes = np.empty((rows, Kpad), dtype=np.uint8)
     norms = np.empty((rows, len(blocks)), dtype=np.float64)
@@ -273,10 +294,7 @@ def quantize_rows(
                                  codes[r0:r1, lo : lo + cnt * b], norms[r0:r1, j : j + cnt])
             if fold_check and not ok:
                 raise ValueError("quantize_rows: w_rot has non-finite values")
-    big = np.abs(norms).max(initial=0.0)
-    if big > _F16_MAX:
-        raise ValueError(f"quantize_rows: a block norm {big:.4g} overflows float16 (max {_F16_MAX})")
-    return codes, norms.astype(np.float16)
+    return codes, norms
 
 
 _CHUNK_ELEMS = 1 << 18  # weights per row chunk (fastest measured: temporaries stay in cache)

@@ -9,6 +9,7 @@
 #include "cqjax/cpu_features.h"
 #include "cqjax/cq_kernel.h"
 #include "cqjax/formats.h"
+#include "cqjax/quantize.h"
 #include "cqjax/rotate.h"
 #include "cqjax/stream_read.h"
 #include "cqjax/ffi_handlers.h"
@@ -20,6 +21,15 @@ namespace {
 template <typename Fn>
 py::capsule EncapsulateHandler(Fn* fn) {
   return py::capsule(reinterpret_cast<void*>(fn));
+}
+
+long BlocksSum(const std::vector<int>& blocks) {
+  long kpad = 0;
+  for (int b : blocks) {
+    if (b <= 0 || (b & (b - 1))) throw py::value_error("blocks must be powers of two");
+    kpad += b;
+  }
+  return kpad;
 }
 
 }  // namespace
@@ -149,11 +159,7 @@ PYBIND11_MODULE(_xla_ext, m) {
          py::array_t<int8_t, py::array::c_style> s2, py::array_t<int32_t, py::array::c_style> perm,
          std::vector<int> blocks) {
         if (rows.ndim() != 2) throw py::value_error("rotate_rows: rows must be 2-D [n, K]");
-        long kpad = 0;
-        for (int b : blocks) {
-          if (b <= 0 || (b & (b - 1))) throw py::value_error("rotate_rows: blocks must be powers of two");
-          kpad += b;
-        }
+        const long kpad = BlocksSum(blocks);
         const long n = rows.shape(0), k = rows.shape(1);
         if (s1.size() != kpad || s2.size() != kpad || perm.size() != kpad || k > kpad) {
           throw py::value_error("rotate_rows: s1, s2, perm must have sum(blocks) entries and K <= sum(blocks)");
@@ -176,6 +182,75 @@ PYBIND11_MODULE(_xla_ext, m) {
       },
       py::arg("rows"), py::arg("s1"), py::arg("s2"), py::arg("perm"), py::arg("blocks"),
       "R rows for float32 rows [n, K] -> [n, sum(blocks)] (cqjax/rotate.h); releases the GIL.");
+
+  // The weight quantizer's fast paths (cqjax/quantize.h); callers validate, these check sizes.
+  m.def(
+      "quantize_rows",
+      [](py::array_t<float, py::array::c_style> x, std::vector<int> blocks,
+         py::array_t<float, py::array::c_style> mids) {
+        const long kpad = BlocksSum(blocks);
+        if (x.ndim() != 2 || x.shape(1) != kpad || mids.ndim() != 2 ||
+            mids.shape(0) != static_cast<long>(blocks.size())) {
+          throw py::value_error("quantize_rows: x must be [rows, sum(blocks)], mids [nblocks, levels - 1]");
+        }
+        const long rows = x.shape(0);
+        py::array_t<uint8_t> codes({rows, kpad});
+        py::array_t<double> norms({rows, static_cast<long>(blocks.size())});
+        bool finite;
+        {
+          py::gil_scoped_release release;
+          finite = cqjax::QuantizeRows(x.data(), 0, rows, static_cast<int>(kpad), blocks.data(),
+                                       static_cast<int>(blocks.size()), mids.data(),
+                                       static_cast<int>(mids.shape(1)), codes.mutable_data(),
+                                       norms.mutable_data());
+        }
+        return py::make_tuple(codes, norms, finite);
+      },
+      py::arg("x"), py::arg("blocks"), py::arg("mids"),
+      "(codes u8 [rows, Kpad], norms f64 [rows, nblocks], all norms finite) of rotated rows.");
+  m.def(
+      "rotated_error_sums",
+      [](py::array_t<float, py::array::c_style> x, py::array_t<uint8_t, py::array::c_style> packed,
+         int bits, py::array_t<uint16_t, py::array::c_style> norms, std::vector<int> blocks,
+         py::array_t<float, py::array::c_style> levels) {
+        const long kpad = BlocksSum(blocks), nb = static_cast<long>(blocks.size());
+        if (!cqjax::formats::BitsSupported(bits) || kpad % 8 || x.ndim() != 2 || x.shape(1) != kpad ||
+            packed.ndim() != 2 || packed.shape(0) != x.shape(0) ||
+            packed.shape(1) != cqjax::formats::RowBytes(static_cast<int>(kpad), bits) || norms.ndim() != 2 ||
+            norms.shape(0) != x.shape(0) || norms.shape(1) != nb || levels.ndim() != 2 ||
+            levels.shape(0) != nb || levels.shape(1) != (1L << bits)) {
+          throw py::value_error("rotated_error_sums: x [rows, Kpad], packed codes [rows, Kpad*bits/8], "
+                                "norms [rows, nblocks], levels [nblocks, 2**bits] must agree");
+        }
+        double err = 0.0, ref = 0.0;
+        {
+          py::gil_scoped_release release;
+          cqjax::RotatedErrorSums(x.data(), packed.data(), bits, norms.data(), 0, x.shape(0),
+                                  static_cast<int>(kpad), blocks.data(), static_cast<int>(nb),
+                                  levels.data(), &err, &ref);
+        }
+        return py::make_tuple(err, ref);
+      },
+      py::arg("x"), py::arg("packed"), py::arg("bits"), py::arg("norms"), py::arg("blocks"),
+      py::arg("levels"),
+      "(sum of squared error, sum of squares) of decoded rows against rotated rows x (float64).");
+  m.def(
+      "pack_codes",
+      [](py::array_t<uint8_t, py::array::c_style> codes, int bits) {
+        if (codes.ndim() != 2 || !cqjax::formats::BitsSupported(bits) || codes.shape(1) % 8) {
+          throw py::value_error("pack_codes: codes must be [rows, Kpad % 8 == 0], bits in 1, 2, 3, 4, 8");
+        }
+        const long rows = codes.shape(0), kpad = codes.shape(1);
+        py::array_t<uint8_t> out({rows, static_cast<long>(cqjax::formats::RowBytes(static_cast<int>(kpad), bits))});
+        bool ok;
+        {
+          py::gil_scoped_release release;
+          ok = cqjax::PackRows(codes.data(), 0, rows, static_cast<int>(kpad), bits, out.mutable_data());
+        }
+        if (!ok) throw py::value_error("pack_codes: a code is >= 2**bits");
+        return out;
+      },
+      py::arg("codes"), py::arg("bits"), "Packed codes [rows, Kpad * bits / 8] (layout v1).");
 
 #ifdef CQJAX_VERSION
   m.attr("__version__") = CQJAX_VERSION;

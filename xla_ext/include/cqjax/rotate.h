@@ -16,7 +16,7 @@
 namespace cqjax {
 
 // In-place unnormalized Walsh-Hadamard transform of v[0..b), natural
-// (Sylvester) order; b a power of two.
+// (Sylvester) order; b a power of two. AVX2 where the CPU has it (same bits).
 void Fwht(float* v, int b);
 
 // out[0..kpad) = R x for one row x[0..k) (k <= kpad): gather by perm (indices
