@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 
 from cqjax import pipeline as pipeline_lib
-from cqjax import quant_stats, recipes, runtime
+from cqjax import quant_stats, recipes, runtime, sharding
 from cqjax.io import artifact, hf
 from cqjax.ir import IR
 
@@ -103,7 +103,7 @@ def _source(model_or_path: Any) -> tuple[IR, Path | None]:
 
 def quantize(model_or_path: Any, *, bits: int = 3, embed_bits: int | None = 4, method: str = "cq",
              pipeline: Any = None, steps: dict | None = None, calib: dict | None = None, progress: bool = True,
-             dtype=jnp.float32, **quant: Any) -> Quantized:
+             dtype=jnp.float32, mesh: Any = None, **quant: Any) -> Quantized:
     """Quantizes a model with a recipe of ``conf/pipeline/`` (the CLI's) or any pipeline.
 
     Args:
@@ -118,6 +118,10 @@ def quantize(model_or_path: Any, *, bits: int = 3, embed_bits: int | None = 4, m
         (``source``, ``rows``, ``length``, ``seed``); it needs a checkpoint with a tokenizer.
       progress: print one line per pass.
       dtype: float dtype of the model's remaining float parameters.
+      mesh: a :class:`jax.sharding.Mesh` (:func:`cqjax.sharding.make_mesh`): calibration runs the
+        float model with its weights split along ``model`` and its rows along ``data``, and the
+        quantized model comes back split the same way (:mod:`cqjax.sharding`); the stored bytes
+        are those of a single-device run.
       **quant: more :class:`cqjax.config.QuantConfig` values: ``block``, ``seed``, ``codebook``,
         ``overrides``, ``roles``, ``bpw``, ``choices``, ``proxy``.
 
@@ -140,10 +144,13 @@ def quantize(model_or_path: Any, *, bits: int = 3, embed_bits: int | None = 4, m
     ctx = pipeline_lib.Context(progress=progress)
     needs = pipeline_lib.to_pass(pipeline).needs
     if needs.calibration:
-        stats = _calibration(ir, source, needs, calib or {}, progress)
+        with sharding.use_mesh(mesh):
+            stats = _calibration(ir, source, needs, calib or {}, progress, mesh)
         ctx = ctx.replace(calibration=stats, rows=stats.rows)
         recipe["calibration"] = stats.describe()
     qir, report = pipeline_lib.run(pipeline, ir, ctx, progress=progress)
+    if mesh is not None:
+        qir = sharding.shard_ir(qir, mesh)
     tok = source if source is not None and _has_tokenizer(source) else None
     if source is not None:
         recipe["source"] = str(source)
@@ -151,7 +158,7 @@ def quantize(model_or_path: Any, *, bits: int = 3, embed_bits: int | None = 4, m
                      tokenizer_path=tok, recipe=recipe)
 
 
-def _calibration(ir: IR, source: Path | None, needs, calib: dict, progress: bool):
+def _calibration(ir: IR, source: Path | None, needs, calib: dict, progress: bool, mesh: Any = None):
     """The :class:`cqjax.calib.Calibration` (statistics and rows) from the float model of ``ir``."""
     from omegaconf import OmegaConf
 
@@ -162,7 +169,8 @@ def _calibration(ir: IR, source: Path | None, needs, calib: dict, progress: bool
         raise ValueError("quantize: this recipe needs calibration, which needs the checkpoint directory with its "
                          "tokenizer (pass the path, not an IR), or run it with pipeline=... and your own Context")
     c = OmegaConf.merge(OmegaConf.structured(CalibConfig), calib)
-    return calibrate(hf.to_model(ir), ir, load_tokenizer(source), needs.statistics, source=c.source,
+    model = hf.to_model(ir if mesh is None else sharding.shard_ir(ir, mesh))
+    return calibrate(model, ir, load_tokenizer(source), needs.statistics, source=c.source,
                      rows=max(c.rows, needs.rows), length=c.length, seed=c.seed, progress=progress)
 
 
@@ -172,11 +180,14 @@ def save(q: Quantized, directory: str | os.PathLike) -> Path:
     return artifact.save(q.ir, directory, tokenizer_from=q.tokenizer_path, extra=extra)
 
 
-def load(directory: str | os.PathLike, dtype=jnp.float32, *, verify: bool = True) -> Quantized:
+def load(directory: str | os.PathLike, dtype=jnp.float32, *, verify: bool = True, mesh: Any = None) -> Quantized:
     """Reads an artifact directory written by :func:`save`, validated against the format and (with
-    ``verify``) every stored array's sha256 (:func:`cqjax.io.artifact.load`)."""
+    ``verify``) every stored array's sha256 (:func:`cqjax.io.artifact.load`); with ``mesh``, its
+    weights split over it (:func:`cqjax.sharding.shard_ir`)."""
     manifest = artifact.read_manifest(directory)
     ir = artifact.load(directory, verify=verify)
+    if mesh is not None:
+        ir = sharding.shard_ir(ir, mesh)
     extra = artifact.from_json(manifest.get("extra", {}))
     return Quantized(model=hf.to_model(ir, dtype), ir=ir, report=list(extra.get("passes", [])),
                      storage=quant_stats.storage(ir), tokenizer_path=artifact.tokenizer_dir(directory),

@@ -27,6 +27,8 @@ key            group (``conf/<group>/``)            what
 ``report``     —                                    :class:`ReportConfig` (plots on/off)
 ``generate``   —                                    :class:`GenerateConfig` (``mode=generate``)
 ``runtime``    —                                    :class:`RuntimeConfig` (threads, kernel path, KV cache)
+``mesh``       —                                    :class:`MeshConfig`: devices to split weights
+                                                    (``model``) and token rows (``data``) over
 ``resume``     —                                    continue a killed data-free conversion in
                                                     the same run directory (``hydra.run.dir``)
 —              ``experiment/``                      ``# @package _global_`` presets
@@ -243,6 +245,20 @@ class RuntimeConfig:
 
 
 @dataclasses.dataclass
+class MeshConfig:
+    """Devices to split the model over (:mod:`cqjax.sharding`).
+
+    Attributes:
+      shape: devices per axis, e.g. ``[2, 4]``; null: one device, nothing split.
+      axes: the axis names, one per entry of ``shape``: weights split along ``model`` (their
+        output dimension), token rows along ``data``.
+    """
+
+    shape: Optional[List[int]] = None
+    axes: List[str] = dataclasses.field(default_factory=lambda: ["data", "model"])
+
+
+@dataclasses.dataclass
 class ReportConfig:
     """What goes into the run directory besides report.json and report.md.
 
@@ -270,6 +286,7 @@ class Config:
     prompt: Optional[str] = None
     generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     seed: int = 0
 
 
@@ -330,6 +347,16 @@ def _check_runtime(r: DictConfig) -> None:
         raise ConfigError(f"runtime.threads={r.threads}: this process may use {len(os.sched_getaffinity(0))} cores")
 
 
+def _check_mesh(m: DictConfig) -> None:
+    if m.shape is None:
+        return
+    if len(m.shape) != len(m.axes) or len(set(m.axes)) != len(m.axes):
+        raise ConfigError(f"mesh.shape={list(m.shape)} and mesh.axes={list(m.axes)} must have the same length and "
+                          "distinct axis names")
+    for i, n in enumerate(m.shape):
+        _positive(f"mesh.shape[{i}]", n)
+
+
 def _check_calib(c: DictConfig) -> None:
     from cqjax.calib import SOURCES
 
@@ -377,6 +404,7 @@ def validate(cfg: DictConfig) -> None:
     _check_calib(cfg.calib)
     _check_eval(cfg.eval)
     _check_runtime(cfg.runtime)
+    _check_mesh(cfg.mesh)
     for name, p in (cfg.pipeline or {}).items():
         if p is not None and (not isinstance(p, DictConfig) or "_target_" not in p):
             raise ConfigError(f"pipeline.{name}: expected a pass config with a _target_ (a Pass class), "

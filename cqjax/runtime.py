@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx, struct
 
 from cqjax.eval.scoring import from_nnx
+from cqjax.sharding import place_batch
 
 
 def set_threads(n: int | None) -> None:
@@ -74,10 +75,12 @@ def prepare(model: nnx.Module) -> nnx.Module:
 
 def forward_fn(model: nnx.Module) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """A jitted ``forward(tokens int32[B, T], mask bool[B, T]) -> float32 logits[B, T, V]``
-    (quantized leaves in the layout their kernel mode runs fastest, :func:`prepare`)."""
+    (quantized leaves in the layout their kernel mode runs fastest, :func:`prepare`; token rows
+    split over the data axis of the active mesh, :func:`cqjax.sharding.use_mesh`)."""
     bound = from_nnx(prepare(model))
     run = jax.jit(bound.fn)
-    return lambda tokens, mask: run(bound.params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool))
+    return lambda tokens, mask: run(bound.params, place_batch(jnp.asarray(tokens, jnp.int32)),
+                                    place_batch(jnp.asarray(mask, bool)))
 
 
 def dequantized_model(qir) -> nnx.Module:

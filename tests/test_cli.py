@@ -29,8 +29,8 @@ def checkpoint(tmp_path_factory):
     return path, text
 
 
-def cqjax(args, cwd, env_cache, timeout=600):
-    env = {**os.environ, "CQJAX_CACHE": str(env_cache), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+def cqjax(args, cwd, env_cache, timeout=600, env=None):
+    env = {**os.environ, "CQJAX_CACHE": str(env_cache), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "cqjax", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

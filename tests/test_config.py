@@ -179,6 +179,8 @@ def test_perplexity_path_maps_onto_eval_config(tmp_path):
     (["calib.source=/no/such/text.txt"], ["calib.source", "self, squad", "text file"]),
     (["calib.rows=0"], ["calib.rows=0", ">= 1"]),
     (["runtime.kv_bits=3"], ["runtime.kv_bits=3", "4, 8"]),
+    (["mesh.shape=[2,4]", "mesh.axes=[model]"], ["mesh.shape=[2, 4]", "mesh.axes=['model']", "same length"]),
+    (["mesh.shape=[0,2]"], ["mesh.shape[0]=0", ">= 1"]),
 ])
 def test_bad_values_name_key_and_allowed_values(overrides, needles):
     with pytest.raises(ConfigError) as e:

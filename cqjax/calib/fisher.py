@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from cqjax.progress import Progress
+from cqjax.sharding import place_batch
 
 
 def fisher_diag(model: nnx.Module, tokens: np.ndarray, paths: Sequence[str], *,
@@ -49,7 +50,7 @@ def fisher_diag(model: nnx.Module, tokens: np.ndarray, paths: Sequence[str], *,
     tokens = np.asarray(tokens, np.int32)
     bar = Progress("fisher", total=len(tokens), unit="rows", enabled=progress, tag="cqjax.calib")
     for i in range(len(tokens)):
-        acc = jstep(params, acc, jnp.asarray(tokens[i:i + 1]))
+        acc = jstep(params, acc, place_batch(jnp.asarray(tokens[i:i + 1])))
         if progress:  # count a row when it is computed, not when it is dispatched
             jax.block_until_ready(acc)
         bar.update(1)

@@ -32,6 +32,7 @@ from flax import nnx, struct
 
 from cqjax.ir import IR, KERNEL_ROLES
 from cqjax.progress import Progress
+from cqjax.sharding import place_batch
 
 TABLE_ROLES = ("embedding", "per_layer_embedding")
 
@@ -166,7 +167,7 @@ def collect(model: nnx.Module, ir: IR, tokens: np.ndarray, *, mask: np.ndarray |
         counted = np.concatenate([counted, np.zeros((pad, tok.shape[1]), bool)])
         m = counted.copy()
         m[len(m) - pad:, 0] = True  # padding rows: one visible token (no all-masked attention)
-        out = jstep(state, jnp.asarray(tok), jnp.asarray(m), jnp.asarray(counted))
+        out = jstep(state, *(place_batch(jnp.asarray(a)) for a in (tok, m, counted)))
         batch = [np.asarray(h, np.float64) for h in out]
         sums = batch if sums is None else [s + b for s, b in zip(sums, batch)]
         bar.update(len(tok) - pad)

@@ -41,7 +41,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Validates ``cfg``, then runs ``cfg.mode`` into Hydra's run directory (or the current one)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from cqjax import recipes
+    from cqjax import recipes, sharding
     from cqjax.cli import convert, evaluate, generate
 
     validate(cfg)
@@ -50,9 +50,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     validate_inputs(cfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(os.getcwd())
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.mode == Mode.convert:
-        return convert.run(cfg, out_dir, recipe)
-    return {Mode.eval: evaluate.run, Mode.generate: generate.run}[cfg.mode](cfg, out_dir)
+    # With mesh.shape, every model built is split over the devices and batches go along `data`.
+    mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes) if cfg.mesh.shape is not None else None
+    if mesh is not None:
+        from cqjax.cli.common import log
+
+        log(f"mesh: {mesh.size} devices ({' x '.join(f'{a} {n}' for a, n in mesh.shape.items())})")
+    with sharding.use_mesh(mesh):
+        if cfg.mode == Mode.convert:
+            return convert.run(cfg, out_dir, recipe)
+        return {Mode.eval: evaluate.run, Mode.generate: generate.run}[cfg.mode](cfg, out_dir)
 
 
 def _apply_runtime(r: DictConfig) -> None:

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cqjax.sharding import place_batch
+
 Forward = Callable[[jax.Array, jax.Array], jax.Array]
 
 
@@ -103,6 +105,11 @@ def _jit_once(key: tuple, make: Callable[[], Callable]) -> Callable:
 
 
 _UNBOUND = object()
+
+
+def _batch(*arrays: jax.Array) -> tuple:
+    """Batch operands split over the data axis of the active mesh (:mod:`cqjax.sharding`)."""
+    return tuple(place_batch(a) for a in arrays)
 
 
 def _key(forward) -> tuple:
@@ -191,8 +198,8 @@ class LogLikelihoodScorer:
 
     def __call__(self, tokens: np.ndarray, mask: np.ndarray, score: np.ndarray) -> np.ndarray:
         """Returns float64[B]: the sum of log P over the scored tokens of each row."""
-        out = self._step(self._params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool),
-                         jnp.asarray(score, bool))
+        out = self._step(self._params, *_batch(jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool),
+                                               jnp.asarray(score, bool)))
         return np.asarray(out, np.float64)
 
     def score_at(self, tokens: np.ndarray, mask: np.ndarray, positions: np.ndarray,
@@ -212,9 +219,9 @@ class LogLikelihoodScorer:
         Returns:
           float64[B].
         """
-        out = self._step_at(self._params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool),
-                            jnp.asarray(positions, jnp.int32), jnp.asarray(targets, jnp.int32),
-                            jnp.asarray(valid, bool))
+        out = self._step_at(self._params, *_batch(jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool),
+                                                  jnp.asarray(positions, jnp.int32), jnp.asarray(targets, jnp.int32),
+                                                  jnp.asarray(valid, bool)))
         return np.asarray(out, np.float64)
 
 
@@ -263,6 +270,6 @@ class SimilarityScorer:
 
     def __call__(self, tokens: np.ndarray, mask: np.ndarray, score: np.ndarray) -> dict[str, np.ndarray]:
         """Returns ``{field: float64[B]}`` for the fields in :data:`SIMILARITY_FIELDS`."""
-        out = np.asarray(self._step(self._params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool),
-                                    jnp.asarray(score, bool)), np.float64)
+        out = np.asarray(self._step(self._params, *_batch(jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool),
+                                                          jnp.asarray(score, bool))), np.float64)
         return dict(zip(SIMILARITY_FIELDS, out))

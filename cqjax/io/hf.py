@@ -198,7 +198,11 @@ def import_checkpoint(path_or_id: str | Path) -> IR:
 def to_model(ir: IR, dtype=jnp.float32) -> nnx.Module:
     """Builds the Flax model of an IR, loading lazy leaves (float leaves cast to ``dtype``;
     ``None`` keeps each leaf's stored dtype: a bf16 checkpoint then takes half the memory and
-    computes the same float32 logits, since every layer upcasts its weights exactly)."""
+    computes the same float32 logits, since every layer upcasts its weights exactly). Inside
+    :func:`cqjax.sharding.use_mesh`, each leaf is placed on the mesh as it is loaded."""
+    from cqjax import sharding
+
+    mesh = sharding.active_mesh()
     family = registry.FAMILIES[ir.family]
     graphdef, state = nnx.split(abstract_model(family, ir.config))
     for key, var in nnx.to_flat_state(state):
@@ -208,6 +212,8 @@ def to_model(ir: IR, dtype=jnp.float32) -> nnx.Module:
         leaf = materialize(ir.params[path])
         if isinstance(leaf, (np.ndarray, jax.Array)) and jnp.issubdtype(leaf.dtype, jnp.floating):
             leaf = jnp.asarray(leaf, dtype or leaf.dtype)
+        if mesh is not None:
+            leaf = sharding.shard_leaf(leaf, ir.meta.get(path), mesh)
         var.set_value(leaf)
     return nnx.merge(graphdef, state)
 
