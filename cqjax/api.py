@@ -42,6 +42,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -175,8 +176,14 @@ def _calibration(ir: IR, source: Path | None, needs, calib: dict, progress: bool
 
 
 def save(q: Quantized, directory: str | os.PathLike) -> Path:
-    """Writes ``q`` as an artifact directory (atomically), with its tokenizer files."""
+    """Writes ``q`` as an artifact directory (atomically), with its tokenizer files. With several
+    JAX processes (``jax.distributed``) every one must call it; process 0 writes."""
     extra = {"recipe": q.recipe, "passes": q.report, "storage": q.storage}
+    if jax.process_count() > 1:  # a mesh across processes: all gather the shards, the first writes
+        ir = sharding.gather_ir(q.ir)
+        if jax.process_index() != 0:
+            return Path(directory)
+        return artifact.save(ir, directory, tokenizer_from=q.tokenizer_path, extra=extra)
     return artifact.save(q.ir, directory, tokenizer_from=q.tokenizer_path, extra=extra)
 
 

@@ -107,7 +107,16 @@ def shard_leaf(leaf: Any, meta: TensorMeta | None, mesh: Mesh, axis: str = "mode
     """``leaf`` (loaded if lazy) placed on ``mesh`` by :func:`leaf_spec`."""
     leaf = materialize(leaf)
     spec = leaf_spec(leaf, meta, mesh.shape.get(axis, 1), axis)
-    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), leaf, spec)
+    return jax.tree.map(lambda x, s: _place(x, NamedSharding(mesh, s)), leaf, spec)
+
+
+def _place(x: Any, sharding: NamedSharding) -> jax.Array:
+    """``x`` with ``sharding``; on a mesh across processes each process puts its own shards from
+    its copy of ``x`` (every process must hold the same value)."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    host = to_host(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def shard_ir(ir: IR, mesh: Mesh, axis: str = "model") -> IR:
@@ -130,9 +139,8 @@ def placement(ir: IR) -> dict[str, str]:
 
 def shard_batch(x: Any, mesh: Mesh, axis: str = "data") -> jax.Array:
     """Token rows ``[B, ...]`` split along ``axis`` (replicated when ``B`` is not a multiple)."""
-    x = np.asarray(x) if not isinstance(x, jax.Array) else x
     spec = PartitionSpec(axis) if _split(x.shape[0], mesh.shape[axis]) else PartitionSpec()
-    return jax.device_put(x, NamedSharding(mesh, spec))
+    return _place(x, NamedSharding(mesh, spec))
 
 
 _ACTIVE: list[Mesh] = []
@@ -158,3 +166,19 @@ def place_batch(x: Any, axis: str = "data") -> Any:
     there is none."""
     mesh = active_mesh()
     return x if mesh is None or axis not in mesh.shape else shard_batch(x, mesh, axis)
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A (possibly sharded) array as one NumPy array on this host; on a mesh across processes
+    (:func:`jax.distributed.initialize`) every process must call it (it gathers the shards)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def gather_ir(ir: IR) -> IR:
+    """``ir`` with every leaf on this host (:func:`to_host`), e.g. to save it."""
+    return IR(family=ir.family, config=ir.config, meta=ir.meta,
+              params={p: jax.tree.map(to_host, materialize(leaf)) for p, leaf in ir.params.items()})

@@ -191,6 +191,22 @@ def test_multirun_sweep_writes_summary_and_pareto(checkpoint, tmp_path):
         assert {t["bits"] for t in r["tensors"] if t["role"] == "linear"} == {bits}
 
 
+def test_sweep_runs_jobs_in_parallel_processes_with_the_joblib_launcher(checkpoint, tmp_path):
+    """``hydra/launcher=joblib``: each job in a worker process of its own (each holds its own
+    models: the memory of n_jobs runs at once), the same reports and summary as in sequence."""
+    path, text = checkpoint
+    sweep = tmp_path / "sweep"
+    proc = cqjax(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "+model=hf", f"model.path={path}",
+                  "quant.bits=2,4", "pipeline=cq", f"eval.perplexity.path={text}", "eval.perplexity.max_tokens=63",
+                  "eval.perplexity.context=64", "eval.tasks=[]", "report.plots=false", f"hydra.sweep.dir={sweep}"],
+                 tmp_path, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
+    reports = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/report.json"))]
+    assert sorted(r["config"]["quant"]["bits"] for r in reports) == [2, 4]
+    assert (sweep / "summary.md").is_file()
+
+
 def test_tuned_recipe_end_to_end(checkpoint, tmp_path):
     """pipeline=cq-tune: calibration draws pipeline.tune.rows rows, the tune step shows its
     progress, and the tuned artifact evaluates like the in-run model."""

@@ -64,6 +64,33 @@ def test_cli_on_a_mesh_gives_the_single_device_artifact_and_metrics(checkpoint, 
     assert mesh["kl"] == pytest.approx(one["kl"], rel=1e-2, abs=1e-6) and mesh["top1"] == one["top1"]
 
 
+def test_two_processes_through_jax_distributed_equal_one_device(tmp_path):
+    """Two processes with 4 simulated devices each form one 8-device mesh
+    (``jax.distributed.initialize``): the conversion saved from it and its logits equal the
+    single-device ones."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    _checkpoint(tmp_path)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, __file__, "distributed", str(tmp_path), str(i), str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    got = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert [g["process"] for g in got] == [0, 1] and all(g["global_devices"] == 8 for g in got)
+    assert all(g["local_devices"] == 4 for g in got)
+    assert got[0]["placement"] and got[0]["placement"] == got[1]["placement"]
+    one = child("one_device", tmp_path, devices=1)
+    for g in got:
+        diff = max(abs(a - b) for a, b in zip(g["logits"], one["logits"]))
+        assert diff <= 1e-4 * max(map(abs, one["logits"])), diff
+    assert _files(tmp_path / "distributed") == _files(tmp_path / "one")
+
+
 def test_mesh_errors_name_the_config_keys(tmp_path):
     got = child("errors", tmp_path, devices=2)
     assert "mesh.shape=[4]" in got["too_many"] and "needs 4 devices" in got["too_many"]
@@ -132,6 +159,45 @@ def convert_and_infer(tmp: Path) -> dict:
     return out
 
 
+def _quantized_logits(q, tokens):
+    import numpy as np
+
+    from cqjax import sharding
+
+    logits = _logits(q.ir, tokens)
+    return np.asarray(sharding.to_host(logits)).ravel()[::7].tolist()  # a sample of every row
+
+
+def distributed(tmp: Path, process: str, port: str) -> dict:
+    import jax
+    import numpy as np
+
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=int(process))
+    import cqjax
+    from cqjax import sharding
+
+    ckpt = tmp / "ckpt"  # written by the test before it starts the processes
+    mesh = sharding.make_mesh((2, 4))
+    q = cqjax.quantize(ckpt, method="cq", bits=3, progress=False, mesh=mesh)
+    cqjax.save(q, tmp / "distributed")
+    tokens = np.random.default_rng(0).integers(0, 37, (4, 16)).astype(np.int32)
+    with sharding.use_mesh(mesh):
+        logits = _quantized_logits(q, tokens)
+    return {"process": jax.process_index(), "global_devices": len(jax.devices()),
+            "local_devices": len(jax.local_devices()), "placement": sharding.placement(q.ir), "logits": logits}
+
+
+def one_device(tmp: Path) -> dict:
+    import numpy as np
+
+    import cqjax
+
+    q = cqjax.quantize(tmp / "ckpt", method="cq", bits=3, progress=False)
+    cqjax.save(q, tmp / "one")
+    tokens = np.random.default_rng(0).integers(0, 37, (4, 16)).astype(np.int32)
+    return {"logits": _quantized_logits(q, tokens)}
+
+
 def errors(tmp: Path) -> dict:
     from cqjax import sharding
     from cqjax.errors import ConfigError
@@ -146,5 +212,5 @@ def errors(tmp: Path) -> dict:
 
 
 if __name__ == "__main__":
-    check, directory = sys.argv[1], Path(sys.argv[2])
-    print(json.dumps(globals()[check](directory)))
+    check, directory, *args = sys.argv[1:]
+    print(json.dumps(globals()[check](Path(directory), *args)))
