@@ -207,6 +207,37 @@ def test_sweep_runs_jobs_in_parallel_processes_with_the_joblib_launcher(checkpoi
     assert (sweep / "summary.md").is_file()
 
 
+def test_sweep_on_a_local_ray_cluster(checkpoint, tmp_path):
+    """``hydra/launcher=ray`` against a Ray cluster this test starts (``ray start --head``): the
+    jobs run as Ray tasks and leave the same reports and summary (extra ``cqjax[ray]``)."""
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="needs the extra cqjax[ray]")
+    import shutil
+    import socket
+
+    ray = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    start = subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                            "--disable-usage-stats"], capture_output=True, text=True, timeout=300)
+    assert start.returncode == 0, start.stderr[-3000:]
+    try:
+        path, text = checkpoint
+        sweep = tmp_path / "sweep"
+        proc = cqjax(["-m", "hydra/launcher=ray", f"hydra.launcher.ray.init.address=127.0.0.1:{port}",
+                      "+hydra.launcher.ray.init.object_store_memory=null",  # set by the cluster, not the client
+                      "+model=hf", f"model.path={path}", "quant.bits=2,4", "pipeline=cq",
+                      f"eval.perplexity.path={text}", "eval.perplexity.max_tokens=63", "eval.perplexity.context=64",
+                      "eval.tasks=[]", "report.plots=false", f"hydra.sweep.dir={sweep}"], tmp_path, tmp_path / "cache")
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "_run_job pid=" in proc.stdout + proc.stderr  # the jobs ran as Ray tasks
+    reports = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/report.json"))]
+    assert sorted(r["config"]["quant"]["bits"] for r in reports) == [2, 4]
+    assert (sweep / "summary.md").is_file()
+
+
 def test_tuned_recipe_end_to_end(checkpoint, tmp_path):
     """pipeline=cq-tune: calibration draws pipeline.tune.rows rows, the tune step shows its
     progress, and the tuned artifact evaluates like the in-run model."""
