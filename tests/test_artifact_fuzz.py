@@ -151,6 +151,7 @@ def test_every_mutant_is_identical_or_named_long(base, tmp_path_factory, mutatio
     _fuzz(base, tmp_path_factory, mutations)
 
 
+@pytest.mark.slow
 def test_every_manifest_field_of_one_entry(base, tmp_path_factory):
     """Deterministic coverage: each key of a quantized entry set to each hostile value."""
     doc = json.loads((base / artifact.MANIFEST).read_text())

@@ -207,6 +207,7 @@ def test_sweep_runs_jobs_in_parallel_processes_with_the_joblib_launcher(checkpoi
     assert (sweep / "summary.md").is_file()
 
 
+@pytest.mark.slow
 def test_sweep_on_a_local_ray_cluster(checkpoint, tmp_path):
     """``hydra/launcher=ray`` against a Ray cluster this test starts (``ray start --head``): the
     jobs run as Ray tasks and leave the same reports and summary (extra ``cqjax[ray]``)."""
@@ -238,6 +239,7 @@ def test_sweep_on_a_local_ray_cluster(checkpoint, tmp_path):
     assert (sweep / "summary.md").is_file()
 
 
+@pytest.mark.slow
 def test_tuned_recipe_end_to_end(checkpoint, tmp_path):
     """pipeline=cq-tune: calibration draws pipeline.tune.rows rows, the tune step shows its
     progress, and the tuned artifact evaluates like the in-run model."""

@@ -298,6 +298,7 @@ def _boolq_passage() -> str:
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+@pytest.mark.slow
 def test_packaged_model_matches_transformers_gguf(name):
     """transformers on the GGUF vs transformers on our converted directory: same tokens and logits."""
     torch = pytest.importorskip("torch")

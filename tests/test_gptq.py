@@ -349,6 +349,7 @@ def cq_chain(bits, pack):
 
 
 @pytest.mark.parametrize("method", ["rotated", "unrotated", "gptq_rtn"])
+@pytest.mark.slow
 def test_pipeline_with_calibration_runs_the_quantized_model(ir, method, tmp_path):
     skip = "layers/0/mlp/up_proj/kernel"
     logs = []

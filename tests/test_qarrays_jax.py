@@ -75,6 +75,7 @@ def test_unpack_along_axis0_is_the_transposed_unpack():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.slow
 def test_column_tiles_match_the_row_layout(bits):
     from cqjax.kernels.columns import to_columns
 

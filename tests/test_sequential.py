@@ -61,6 +61,7 @@ def test_the_first_stage_sees_the_float_stream(setup):
         assert same > 0.98, (a, same)
 
 
+@pytest.mark.slow
 def test_it_beats_the_data_free_recipe_on_held_out_rows(setup):
     ir, seq, _, plain, rows, held_out = setup
     for a in (0.0, 1.0):

@@ -2,7 +2,7 @@
 
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` must be set before JAX starts, so each
 check runs this file as a child process (``python test_sharding.py CHECK DIR``) and reads back
-what it found. Marker ``sharding`` (``python -m pytest -m sharding tests``).
+what it found. Markers ``sharding`` and ``slow`` (``python -m pytest -m sharding tests``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 from test_cli import TINY_EVAL, checkpoint, cqjax  # noqa: F401  (checkpoint: a fixture)
 
-pytestmark = pytest.mark.sharding
+pytestmark = [pytest.mark.sharding, pytest.mark.slow]
 DEVICES = 8
 
 

@@ -52,6 +52,7 @@ def kl(ir, qir, rows) -> float:
     return float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), -1)))
 
 
+@pytest.mark.slow
 def test_tuning_lowers_the_error_on_calibration_and_held_out_rows(setup):
     ir, q, tuned, rows, held_out = setup
     assert kl(ir, tuned, rows) < 0.9 * kl(ir, q, rows)
