@@ -146,7 +146,7 @@ def quantize(model_or_path: Any, *, bits: int = 3, embed_bits: int | None = 4, m
     needs = pipeline_lib.to_pass(pipeline).needs
     if needs.calibration:
         with sharding.use_mesh(mesh):
-            stats = _calibration(ir, source, needs, calib or {}, progress, mesh)
+            stats = _calibration(ir, source, needs, calib or {}, progress)
         ctx = ctx.replace(calibration=stats, rows=stats.rows)
         recipe["calibration"] = stats.describe()
     qir, report = pipeline_lib.run(pipeline, ir, ctx, progress=progress)
@@ -159,8 +159,9 @@ def quantize(model_or_path: Any, *, bits: int = 3, embed_bits: int | None = 4, m
                      tokenizer_path=tok, recipe=recipe)
 
 
-def _calibration(ir: IR, source: Path | None, needs, calib: dict, progress: bool, mesh: Any = None):
-    """The :class:`cqjax.calib.Calibration` (statistics and rows) from the float model of ``ir``."""
+def _calibration(ir: IR, source: Path | None, needs, calib: dict, progress: bool):
+    """The :class:`cqjax.calib.Calibration` (statistics and rows) from the float model of ``ir``
+    (split over the mesh of :func:`cqjax.sharding.use_mesh`, if any)."""
     from omegaconf import OmegaConf
 
     from cqjax.calib import calibrate
@@ -170,8 +171,7 @@ def _calibration(ir: IR, source: Path | None, needs, calib: dict, progress: bool
         raise ValueError("quantize: this recipe needs calibration, which needs the checkpoint directory with its "
                          "tokenizer (pass the path, not an IR), or run it with pipeline=... and your own Context")
     c = OmegaConf.merge(OmegaConf.structured(CalibConfig), calib)
-    model = hf.to_model(ir if mesh is None else sharding.shard_ir(ir, mesh))
-    return calibrate(model, ir, load_tokenizer(source), needs.statistics, source=c.source,
+    return calibrate(hf.to_model(ir), ir, load_tokenizer(source), needs.statistics, source=c.source,
                      rows=max(c.rows, needs.rows), length=c.length, seed=c.seed, progress=progress)
 
 
@@ -179,12 +179,12 @@ def save(q: Quantized, directory: str | os.PathLike) -> Path:
     """Writes ``q`` as an artifact directory (atomically), with its tokenizer files. With several
     JAX processes (``jax.distributed``) every one must call it; process 0 writes."""
     extra = {"recipe": q.recipe, "passes": q.report, "storage": q.storage}
+    ir = q.ir
     if jax.process_count() > 1:  # a mesh across processes: all gather the shards, the first writes
-        ir = sharding.gather_ir(q.ir)
+        ir = sharding.gather_ir(ir)
         if jax.process_index() != 0:
             return Path(directory)
-        return artifact.save(ir, directory, tokenizer_from=q.tokenizer_path, extra=extra)
-    return artifact.save(q.ir, directory, tokenizer_from=q.tokenizer_path, extra=extra)
+    return artifact.save(ir, directory, tokenizer_from=q.tokenizer_path, extra=extra)
 
 
 def load(directory: str | os.PathLike, dtype=jnp.float32, *, verify: bool = True, mesh: Any = None) -> Quantized:
