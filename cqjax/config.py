@@ -201,6 +201,9 @@ class EvalSettings:
       packed: evaluate the quantized model through its packed runtime (decodes every weight on
         every forward call: slow on CPU); false (default): with its weights dequantized once to
         float32, which computes the same function up to float rounding.
+      streamed: evaluate block by block (:class:`cqjax.eval.streamed.StreamedLM`: one block's
+        weights loaded at a time, the same scores up to float rounding of sums); false: each
+        model whole in memory.
     """
 
     perplexity: PerplexityConfig = dataclasses.field(default_factory=PerplexityConfig)
@@ -209,6 +212,7 @@ class EvalSettings:
     tokens_per_batch: int = 2048
     progress: bool = True
     packed: bool = False
+    streamed: bool = True
 
 
 @dataclasses.dataclass

@@ -57,20 +57,29 @@ def prepare(model: nnx.Module) -> nnx.Module:
     (:func:`cqjax.kernels.backend.runs_in_jax`) in the column-tiled runtime layout
     (:mod:`cqjax.kernels.columns`); other leaves, and ``model`` itself, are left as they are."""
     from cqjax.kernels import backend
-    from cqjax.kernels.columns import to_columns
     from cqjax.kernels.qarrays import CQArray
 
     graphdef, state = nnx.split(model)
-    found = []
+    leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, CQArray))
+    if not any(isinstance(leaf, CQArray) and backend.runs_in_jax(leaf) for leaf in leaves):
+        return model
+    state = jax.tree.map(lambda leaf: evaluation_leaf(leaf, packed=True), state,
+                         is_leaf=lambda x: isinstance(x, CQArray))
+    return nnx.merge(graphdef, state)
 
-    def convert(leaf):
-        if isinstance(leaf, CQArray) and backend.runs_in_jax(leaf):
-            found.append(leaf)
-            return to_columns(leaf)
-        return leaf
 
-    state = jax.tree.map(convert, state, is_leaf=lambda x: isinstance(x, CQArray))
-    return nnx.merge(graphdef, state) if found else model
+def evaluation_leaf(leaf, *, packed: bool):
+    """How a model leaf is evaluated: a CQ leaf in its fastest runtime layout (``packed``, see
+    :func:`prepare`) or decoded once to float32 (see :func:`dequantized_model`); other leaves as
+    they are."""
+    from cqjax.kernels import backend
+    from cqjax.kernels.columns import to_columns
+    from cqjax.kernels.qarrays import CQArray, is_quantized
+    from cqjax.quant_stats import dequantizer
+
+    if packed:
+        return to_columns(leaf) if isinstance(leaf, CQArray) and backend.runs_in_jax(leaf) else leaf
+    return jnp.asarray(dequantizer()(leaf), jnp.float32) if is_quantized(leaf) else leaf
 
 
 def forward_fn(model: nnx.Module) -> Callable[[jax.Array, jax.Array], jax.Array]:
@@ -92,10 +101,8 @@ def dequantized_model(qir) -> nnx.Module:
     """
     from cqjax.io import hf
     from cqjax.kernels.qarrays import is_quantized
-    from cqjax.quant_stats import dequantizer
 
-    dequantize = dequantizer()
-    params = {p: np.asarray(dequantize(leaf), np.float32) for p, leaf in qir.params.items() if is_quantized(leaf)}
+    params = {p: evaluation_leaf(leaf, packed=False) for p, leaf in qir.params.items() if is_quantized(leaf)}
     return hf.to_model(qir.replace(params=params))
 
 

@@ -111,6 +111,13 @@ def test_evaluation_that_cannot_fit_fails_before_any_work(monkeypatch):
     convert.check_eval_memory(ir, float_dtype=None, quantized=False, packed=False)  # 2 MB fits
     with pytest.raises(ConfigError, match=r"needs at least 0.0 GB .*eval=none"):
         convert.check_eval_memory(ir, float_dtype=None, quantized=True, packed=False)  # 2 + 4 MB does not
+    # Streamed, only what is outside the blocks and the largest block is held at once.
+    blocks = {f"layers/{i}/w": TensorMeta(role="linear", tower="text", hf_name=f"w{i}", shape=(1000, 1000),
+                                          dtype="bfloat16") for i in range(4)}
+    ir = IR(family="llama", config=None, params=dict.fromkeys(blocks), meta=blocks)
+    convert.check_eval_memory(ir, float_dtype=None, quantized=False, packed=False, streamed=True)  # 2 of 8 MB
+    with pytest.raises(ConfigError, match="outside the blocks and the largest block"):
+        convert.check_eval_memory(ir, float_dtype=None, quantized=True, packed=False, streamed=True)  # 2 + 4 MB
 
 
 def converted_text(run_dir):

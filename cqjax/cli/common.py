@@ -82,13 +82,31 @@ def choice(group: str) -> str | None:
     return HydraConfig.get().runtime.choices.get(group)
 
 
-def eval_model(qir, packed: bool):
-    """The model to evaluate: the packed runtime, or (default) :func:`cqjax.runtime.dequantized_model`
-    (the same function up to float rounding, several times faster on CPU)."""
-    from cqjax import runtime
+def float_forward(ir, model, streamed: bool):
+    """The float model to evaluate: block by block from ``ir`` (lazy leaves, each in its stored
+    dtype; :class:`cqjax.eval.streamed.StreamedLM`), or ``model`` whole (built from ``ir`` in its
+    stored dtype when None)."""
+    from cqjax.eval.scoring import from_nnx
+    from cqjax.eval.streamed import StreamedLM
     from cqjax.io import hf
 
-    return runtime.prepare(hf.to_model(qir)) if packed else runtime.dequantized_model(qir)
+    if streamed:
+        return StreamedLM(ir, dtype=None, name="float")
+    return from_nnx(model if model is not None else hf.to_model(ir, dtype=None))
+
+
+def quantized_forward(qir, *, packed: bool, streamed: bool):
+    """The quantized model to evaluate: its packed runtime (``packed``), or (default) its weights
+    decoded to float32 (:func:`cqjax.runtime.evaluation_leaf`: the same function up to float
+    rounding, several times faster on CPU); block by block when ``streamed``."""
+    from cqjax import runtime
+    from cqjax.eval.scoring import from_nnx
+    from cqjax.eval.streamed import StreamedLM
+    from cqjax.io import hf
+
+    if streamed:
+        return StreamedLM(qir, packed=packed, name="quantized")
+    return from_nnx(runtime.prepare(hf.to_model(qir)) if packed else runtime.dequantized_model(qir))
 
 
 def tensor_rows(rows: list[dict], ir=None) -> list[dict]:

@@ -8,7 +8,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cqjax.cli.common import Timings, choice, eval_model, finish, fingerprint, log, model_dir, report
+from cqjax.cli.common import (Timings, choice, finish, fingerprint, float_forward, log, model_dir,
+                              quantized_forward, report)
 from cqjax.config import eval_config
 
 
@@ -20,15 +21,16 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
     nothing fails here, before any work), evaluation data, the float baseline, calibration if
     the recipe needs it, the passes, tensor errors, the artifact, the quantized evaluation.
     A data-free recipe (:func:`cqjax.stream.leafwise_steps`) instead streams: passes, tensor
-    errors and the artifact tensor by tensor (resumable with ``resume=true``), then the float
-    model (in the checkpoint's dtype) and both evaluations.
+    errors and the artifact tensor by tensor (resumable with ``resume=true``), then both
+    evaluations. With ``eval.streamed`` (default) both models are evaluated block by block
+    (:class:`cqjax.eval.streamed.StreamedLM`), reading the float weights from the checkpoint.
     """
     from cqjax import eval as ev
     from cqjax import pipeline as pl
     from cqjax import quant_stats, recipes, stream
     from cqjax.api import load_tokenizer
-    from cqjax.eval.scoring import from_nnx
     from cqjax.io import artifact, hf
+    from cqjax.memory import trim_heap
 
     t = Timings()
     directory = model_dir(cfg.model)
@@ -46,7 +48,7 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
     evaluate = bool(cfg.eval.perplexity.enabled or cfg.eval.tasks)
     if evaluate:
         check_eval_memory(ir, float_dtype=None if streamed else "float32", quantized=recipe is not None,
-                          packed=cfg.eval.packed)
+                          packed=cfg.eval.packed, streamed=cfg.eval.streamed)
     for s in skipped:
         log(f"rule {s['rule']} -> {s['bits']} bits ({s['from']}) matches no tensor of this model: skipped")
     if cfg.resume and recipe is not None and not streamed:
@@ -54,6 +56,7 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
             "runs in memory and starts from the beginning (only data-free recipes resume)")
     with t("tokenize eval data"):
         data = ev.prepare(tokenizer, eval_config(cfg.eval))
+    trim_heap()
     qir, passes, quant, rows, calib = ir, [], None, [], None
     extra = None if recipe is None else {"recipe": {
         "method": choice("pipeline") or "custom", "model": cfg.model.name, "source": str(directory),
@@ -69,11 +72,12 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
                                           key=fingerprint(directory), progress=cfg.eval.progress)
             qir = artifact.load(out_dir / "artifact", verify=False)
             log(f"saved {out_dir / 'artifact'}")
-        model = hf.to_model(ir, dtype=None) if evaluate else None
-    base = None
+        trim_heap()
+    base = reference = None
     if evaluate:
+        reference = float_forward(ir, model, cfg.eval.streamed)
         with t("eval float"):
-            base = ev.evaluate_model(from_nnx(model), data, model_id=f"{cfg.model.name}@{fingerprint(directory)}")
+            base = ev.evaluate_model(reference, data, model_id=f"{cfg.model.name}@{fingerprint(directory)}")
     if recipe is not None and not streamed:
         if recipe.needs.calibration:
             with t("calibrate"):
@@ -89,9 +93,12 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
             extra["recipe"]["calibration"] = None if calib is None else calib.describe()
             artifact.save(qir, out_dir / "artifact", tokenizer_from=directory, extra={**extra, "passes": passes})
             log(f"saved {out_dir / 'artifact'}")
+        if cfg.eval.streamed:
+            model = None  # the streamed evaluation reads the float weights block by block
     if recipe is not None and evaluate:
         with t("eval quantized"):
-            quant = ev.evaluate_model(from_nnx(eval_model(qir, cfg.eval.packed)), data, reference=from_nnx(model))
+            quant = ev.evaluate_model(quantized_forward(qir, packed=cfg.eval.packed, streamed=cfg.eval.streamed),
+                                      data, reference=reference)
     out = report(cfg, "convert", t, ir=qir, rows=rows, base=base, quant=quant, passes=passes,
                  model=cfg.model.name, checkpoint=str(directory),
                  artifact=str(out_dir / "artifact") if recipe is not None else None,
@@ -119,25 +126,40 @@ def _calibrate(cfg: DictConfig, model, ir, tokenizer, needs):
     return calib
 
 
-def check_eval_memory(ir, *, float_dtype: str | None, quantized: bool, packed: bool) -> None:
+def check_eval_memory(ir, *, float_dtype: str | None, quantized: bool, packed: bool, streamed: bool = False) -> None:
     """Fails before any work when evaluating cannot fit in this machine's available memory.
 
     Evaluation holds the float model (``float_dtype``; None: each tensor's own dtype) and, for a
     quantized model, its dequantized float32 copy (``packed``: its stored codes, ~1 byte per
-    weight at most); activations come on top, so this is a lower bound.
+    weight at most); ``streamed``, only what is outside the blocks and the largest block of each.
+    Activations come on top, so this is a lower bound.
     """
     import numpy as np
 
     from cqjax.errors import ConfigError
 
+    def held(paths):
+        size = lambda p: int(np.prod(ir.meta[p].shape))  # noqa: E731
+        return (sum(size(p) * np.dtype(float_dtype or ir.meta[p].dtype).itemsize for p in paths),
+                0 if not quantized else sum(size(p) for p in paths) * (1 if packed else 4))
+
     params = ir.num_params()
-    float_bytes = sum(int(np.prod(m.shape)) * np.dtype(float_dtype or m.dtype).itemsize for m in ir.meta.values())
-    quant_bytes = 0 if not quantized else params * (1 if packed else 4)
+    if streamed:
+        blocks: dict[str, list[str]] = {}
+        for p in ir.meta:
+            parts = p.split("/")
+            blocks.setdefault("/".join(parts[:2]) if parts[0] == "layers" else "", []).append(p)
+        rest = held(blocks.pop("", []))
+        largest = max((held(paths) for paths in blocks.values()), key=sum, default=(0, 0))
+        float_bytes, quant_bytes = rest[0] + largest[0], rest[1] + largest[1]
+    else:
+        float_bytes, quant_bytes = held(list(ir.meta))
     available = _available_memory()
     if available is not None and float_bytes + quant_bytes > available:
+        what = "outside the blocks and the largest block of " if streamed else ""
         raise ConfigError(
             f"evaluating this {params / 1e9:.2f}B-parameter model needs at least "
-            f"{(float_bytes + quant_bytes) / 1e9:.1f} GB (the float model {float_bytes / 1e9:.1f} GB"
+            f"{(float_bytes + quant_bytes) / 1e9:.1f} GB ({what}the float model {float_bytes / 1e9:.1f} GB"
             + (f", the quantized one {'packed' if packed else 'dequantized to float32'} {quant_bytes / 1e9:.1f} GB"
                if quantized else "")
             + f"), and this machine has {available / 1e9:.1f} GB available: convert without evaluation "

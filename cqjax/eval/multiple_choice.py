@@ -197,6 +197,7 @@ def score_packed(scorer: LogLikelihoodScorer, packed: PackedRequests, *,
         raise ValueError(f"a request of {lengths.max()} tokens exceeds the largest bucket {buckets[-1]}")
     which = np.searchsorted(np.asarray(buckets), lengths, side="left")
     out = np.zeros(len(packed.rows), np.float64)
+    batches, chunks = [], []
     for b_idx, T in enumerate(buckets):
         idx = np.nonzero(which == b_idx)[0]
         if not len(idx):
@@ -218,9 +219,12 @@ def score_packed(scorer: LogLikelihoodScorer, packed: PackedRequests, *,
                 pos[j, :n] = np.arange(L - n - 1, L - 1)
                 target[j, :n] = packed.rows[r][L - n:]
                 valid[j, :n] = True
-            out[chunk] = scorer.score_at(tok, mask, pos, target, valid)[:len(chunk)]
-            if progress is not None:
-                progress.update(len(chunk))
+            batches.append((tok, mask, pos, target, valid))
+            chunks.append(chunk)
+    on_batch = None if progress is None else (lambda j: progress.update(len(chunks[j])))
+    sums = scorer.score_at_batches(batches, on_batch=on_batch, progress=progress is not None and progress.enabled)
+    for chunk, ll in zip(chunks, sums):
+        out[chunk] = ll[:len(chunk)]
     return out
 
 

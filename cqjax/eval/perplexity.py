@@ -61,12 +61,10 @@ def perplexity(forward: Forward | BoundForward | LogLikelihoodScorer, windows: W
     scorer = as_scorer(forward)
     n = windows.tokens.shape[0]
     prog = Progress("perplexity", windows.num_scored, unit="tok", enabled=progress)
-    total = 0.0
-    for start, stop in iter_batches(n, batch_size):
-        t, m, s = pad_batch(windows.tokens[start:stop], windows.mask[start:stop],
-                            windows.score[start:stop], batch_size)
-        total += float(scorer(t, m, s).sum())
-        prog.update(int(s.sum()))
+    batches = [pad_batch(windows.tokens[start:stop], windows.mask[start:stop], windows.score[start:stop], batch_size)
+               for start, stop in iter_batches(n, batch_size)]
+    sums = scorer.score_batches(batches, on_batch=lambda j: prog.update(int(batches[j][2].sum())), progress=progress)
+    total = sum(float(x.sum()) for x in sums)
     prog.close()
     count = windows.num_scored
     nll = -total / count

@@ -75,13 +75,12 @@ def similarity(forward: Forward | BoundForward | SimilarityScorer,
         scorer = SimilarityScorer(forward, ref_forward)
     sums = dict.fromkeys(SIMILARITY_FIELDS, 0.0)
     prog = Progress("similarity", windows.num_scored, unit="tok", enabled=progress)
-    for start, stop in iter_batches(windows.tokens.shape[0], batch_size):
-        t, m, s = pad_batch(windows.tokens[start:stop], windows.mask[start:stop],
-                            windows.score[start:stop], batch_size)
-        out = scorer(t, m, s)
+    batches = [pad_batch(windows.tokens[start:stop], windows.mask[start:stop], windows.score[start:stop], batch_size)
+               for start, stop in iter_batches(windows.tokens.shape[0], batch_size)]
+    for out in scorer.score_batches(batches, on_batch=lambda j: prog.update(int(batches[j][2].sum())),
+                                    progress=progress):
         for k in SIMILARITY_FIELDS:
             sums[k] += float(out[k].sum())
-        prog.update(int(s.sum()))
     prog.close()
     n = windows.num_scored
     nll, ref_nll = -sums["logp_model"] / n, -sums["logp_ref"] / n

@@ -207,15 +207,22 @@ def to_model(ir: IR, dtype=jnp.float32) -> nnx.Module:
     graphdef, state = nnx.split(abstract_model(family, ir.config))
     for key, var in nnx.to_flat_state(state):
         path = "/".join(map(str, key))
-        if path not in ir.params:
-            raise CheckpointError(f"IR has no leaf for model parameter {path}")
-        leaf = materialize(ir.params[path])
-        if isinstance(leaf, (np.ndarray, jax.Array)) and jnp.issubdtype(leaf.dtype, jnp.floating):
-            leaf = jnp.asarray(leaf, dtype or leaf.dtype)
+        leaf = load_leaf(ir, path, dtype)
         if mesh is not None:
             leaf = sharding.shard_leaf(leaf, ir.meta.get(path), mesh)
         var.set_value(leaf)
     return nnx.merge(graphdef, state)
+
+
+def load_leaf(ir: IR, path: str, dtype=jnp.float32) -> Any:
+    """The leaf at ``path`` loaded (float arrays cast to ``dtype`` on the device; None keeps their
+    stored dtype; quantized leaves as they are)."""
+    if path not in ir.params:
+        raise CheckpointError(f"IR has no leaf for model parameter {path}")
+    leaf = materialize(ir.params[path])
+    if isinstance(leaf, (np.ndarray, jax.Array)) and jnp.issubdtype(leaf.dtype, jnp.floating):
+        leaf = jnp.asarray(leaf, dtype or leaf.dtype)
+    return leaf
 
 
 def load(path_or_id: str | Path, dtype=jnp.float32) -> tuple[nnx.Module, IR]:
