@@ -38,10 +38,28 @@ TABLE_ROLES = ("embedding", "per_layer_embedding")
 
 
 class Tape:
-    """Inputs recorded while tracing one forward: ``(path, x)`` in call order."""
+    """Inputs recorded while tracing one forward: ``(path, x)`` in call order.
+
+    With ``reduce`` set, ``(path, reduce(x))`` instead, computed where ``x`` is made and once per
+    distinct ``x`` (layers that read one activation share the result): a jitted forward then
+    need not keep every layer's input alive until its end.
+    """
 
     def __init__(self):
         self.records: list[tuple[str, jax.Array]] = []
+        self.reduce: Any = None
+        self._reduced: dict[int, tuple[jax.Array, jax.Array]] = {}  # id(x) -> (x kept alive, reduce(x))
+
+    def record(self, path: str, x: jax.Array) -> None:
+        if self.reduce is not None:
+            if id(x) not in self._reduced:
+                self._reduced[id(x)] = (x, self.reduce(x))
+            x = self._reduced[id(x)][1]
+        self.records.append((path, x))
+
+    def clear(self) -> None:
+        self.records.clear()
+        self._reduced.clear()
 
 
 @struct.dataclass
@@ -51,7 +69,7 @@ class KernelProbe:
     tape: Tape = struct.field(pytree_node=False)
 
     def matmul(self, x):
-        self.tape.records.append((self.path, x))
+        self.tape.record(self.path, x)
         return jnp.matmul(x, self.w.astype(x.dtype))
 
 
@@ -69,7 +87,7 @@ class _TableProbe:
         return jnp.take(self.w, ids, axis=0)
 
     def attend(self, x):
-        self.tape.records.append((self.path, x))
+        self.tape.record(self.path, x)
         return jnp.einsum("...d,vd->...v", x, self.w.astype(x.dtype))
 
 
@@ -143,18 +161,24 @@ def collect(model: nnx.Module, ir: IR, tokens: np.ndarray, *, mask: np.ndarray |
     layout: dict[str, Any] = {}
 
     def step(state, tok, m, counted):
-        tape.records.clear()
+        keep = counted.reshape(-1)[:, None]
+
+        def hessian_sum(x):
+            f = jnp.where(keep, x.reshape(-1, x.shape[-1]).astype(jnp.float32), 0.0)
+            return f.T @ f
+
+        tape.clear()
+        tape.reduce = hessian_sum  # each layer's sum as its input is made
         nnx.merge(graphdef, state)(tok, m)
         uniq: dict[int, int] = {}
-        xs = []
-        for path, x in tape.records:
-            if id(x) not in uniq:
-                uniq[id(x)] = len(xs)
-                xs.append(x)
-            layout[path] = uniq[id(x)]
-        keep = counted.reshape(-1)[:, None]
-        flat = [jnp.where(keep, x.reshape(-1, x.shape[-1]).astype(jnp.float32), 0.0) for x in xs]
-        return [f.T @ f for f in flat]
+        sums = []
+        for path, h in tape.records:
+            if id(h) not in uniq:
+                uniq[id(h)] = len(sums)
+                sums.append(h)
+            layout[path] = uniq[id(h)]
+        tape.clear()
+        return sums
 
     jstep = jax.jit(step)
     sums: list[np.ndarray] | None = None
@@ -168,8 +192,12 @@ def collect(model: nnx.Module, ir: IR, tokens: np.ndarray, *, mask: np.ndarray |
         m = counted.copy()
         m[len(m) - pad:, 0] = True  # padding rows: one visible token (no all-masked attention)
         out = jstep(state, *(place_batch(jnp.asarray(a)) for a in (tok, m, counted)))
-        batch = [np.asarray(h, np.float64) for h in out]
-        sums = batch if sums is None else [s + b for s, b in zip(sums, batch)]
+        if sums is None:
+            sums = [np.asarray(h, np.float64) for h in out]
+        else:  # in place, one matrix at a time: no second float64 copy of every Hessian
+            for total, h in zip(sums, out):
+                np.add(total, np.asarray(h), out=total)
+        del out
         bar.update(len(tok) - pad)
     bar.close()
     n_tokens = int(mask.sum())

@@ -214,7 +214,7 @@ class _Capture:
 
         @functools.partial(jax.jit, static_argnums=(0, 1))
         def run(graphdef, key, state, x, side, i):
-            self.tape.records.clear()
+            self.tape.clear()
             y = model.block(i, x, side, layer=nnx.merge(graphdef, state))[0]
             uniq, xs, stage = {}, [], {}
             for path, inp in self.tape.records:
