@@ -98,7 +98,8 @@ def float_forward(ir, model, streamed: bool):
 def quantized_forward(qir, *, packed: bool, streamed: bool):
     """The quantized model to evaluate: its packed runtime (``packed``), or (default) its weights
     decoded to float32 (:func:`cqjax.runtime.evaluation_leaf`: the same function up to float
-    rounding, several times faster on CPU); block by block when ``streamed``."""
+    rounding, several times faster on CPU); block by block when ``streamed`` (its embedding
+    tables and head then stay packed, see :class:`cqjax.eval.streamed.StreamedLM`)."""
     from cqjax import runtime
     from cqjax.eval.scoring import from_nnx
     from cqjax.eval.streamed import StreamedLM

@@ -145,7 +145,7 @@ def _target_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 
 #: The most bytes of float32 logits one call of the output head makes: scorers with a forward
 #: split at the head (:class:`BoundForward`) run it over chunks of positions.
-HEAD_BYTES = 16 << 20
+HEAD_BYTES = 8 << 20
 
 
 def _over_positions(part: Callable, vocab: int, *arrays: jax.Array) -> jax.Array:

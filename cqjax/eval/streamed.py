@@ -11,7 +11,7 @@ same speed, in a fraction of the memory:
 resident at once           size
 =========================  =====================================================================
 the rest of the model      token embedding, final norm, output head (and Gemma's per-layer
-                           tables): everything outside ``layers/``
+                           tables): everything outside ``layers/`` (quantized tables packed)
 one block's weights        loaded from the memory-mapped checkpoint / quantized IR, then dropped
 a group's activations      ``x`` and the side inputs of the group's batches: groups are cut so
                            that they stay under ``activation_bytes`` (each group re-reads the
@@ -45,14 +45,17 @@ class StreamedLM:
       ir: a float IR (lazy leaves read as needed) or a quantized one.
       dtype: float leaves' dtype on the device; None keeps each one's stored dtype (the layers
         compute in float32 either way).
-      packed: quantized leaves run packed (the runtime's kernels); False decodes each block's
-        quantized leaves to float32 while that block is loaded.
+      packed: quantized leaves of the blocks run packed (the runtime's kernels); False decodes
+        each block's quantized leaves to float32 while that block is loaded. Quantized leaves
+        outside the blocks (embedding tables, an untied head) always stay packed, as deployed:
+        gathered rows are decoded as they are gathered and the head runs through the kernel
+        (a float32 copy of a large vocabulary's table would be the biggest thing in memory).
       activation_bytes: the most bytes of activations (a group of batches' ``x`` and side
         inputs) held at once.
       name: for progress lines.
     """
 
-    def __init__(self, ir, *, dtype=None, packed: bool = False, activation_bytes: int = 128 << 20,
+    def __init__(self, ir, *, dtype=None, packed: bool = False, activation_bytes: int = 32 << 20,
                  name: str = "model"):
         from cqjax.io import hf
         from cqjax.models import registry
@@ -64,7 +67,7 @@ class StreamedLM:
         graphdef, blocks, rest = nnx.split(self.shell, lambda path, _: len(path) > 0 and path[0] == "layers", ...)
         rest = _fresh(rest)
         for key, var in nnx.to_flat_state(rest):
-            var.set_value(self._leaf("/".join(map(str, key))))
+            var.set_value(self._leaf("/".join(map(str, key)), packed=True))
         #: The leaves outside ``layers/`` (embedding, final norm, head), loaded: the head's params.
         self.params = rest
         shell = self.shell
@@ -79,17 +82,17 @@ class StreamedLM:
         self.head_fn = lambda rest, h: whole(rest).logits(h)
         trim_heap()
 
-    def _leaf(self, path: str) -> Any:
+    def _leaf(self, path: str, packed: bool) -> Any:
         from cqjax.io import hf
         from cqjax.runtime import evaluation_leaf
 
-        return evaluation_leaf(hf.load_leaf(self.ir, path, self.dtype), packed=self.packed)
+        return evaluation_leaf(hf.load_leaf(self.ir, path, self.dtype), packed=packed)
 
     def _load_block(self, i: int) -> tuple[Any, Any]:
         graphdef, state = nnx.split(self.shell.layers[i])
         state = _fresh(state)
         for key, var in nnx.to_flat_state(state):
-            var.set_value(self._leaf("/".join(map(str, ("layers", i, *key)))))
+            var.set_value(self._leaf("/".join(map(str, ("layers", i, *key))), packed=self.packed))
         return graphdef, state
 
     def groups(self, shapes: Sequence[tuple[int, int]]) -> list[list[int]]:
