@@ -56,16 +56,19 @@ def prepare(model: nnx.Module) -> nnx.Module:
     """``model`` with every CQ leaf that runs in pure JAX under the current kernel mode
     (:func:`cqjax.kernels.backend.runs_in_jax`) in the column-tiled runtime layout
     (:mod:`cqjax.kernels.columns`); other leaves, and ``model`` itself, are left as they are."""
-    from cqjax.kernels import backend
     from cqjax.kernels.qarrays import CQArray
 
     graphdef, state = nnx.split(model)
-    leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, CQArray))
-    if not any(isinstance(leaf, CQArray) and backend.runs_in_jax(leaf) for leaf in leaves):
-        return model
-    state = jax.tree.map(lambda leaf: evaluation_leaf(leaf, packed=True), state,
-                         is_leaf=lambda x: isinstance(x, CQArray))
-    return nnx.merge(graphdef, state)
+    changed = []
+
+    def convert(leaf):
+        new = evaluation_leaf(leaf, packed=True)
+        if new is not leaf:
+            changed.append(new)
+        return new
+
+    state = jax.tree.map(convert, state, is_leaf=lambda x: isinstance(x, CQArray))
+    return nnx.merge(graphdef, state) if changed else model
 
 
 def evaluation_leaf(leaf, *, packed: bool):

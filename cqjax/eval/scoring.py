@@ -172,15 +172,21 @@ def _vocab(head_fn: Callable, params: Any, h: jax.Array) -> int:
     return jax.eval_shape(head_fn, params, h[:, :1]).shape[-1]
 
 
+def _sum_target_logprobs(logits: jax.Array, targets: jax.Array, valid: jax.Array) -> jax.Array:
+    """``float32[B]``: ``log softmax(logits)[targets]`` summed over positions where ``valid``
+    (``logits [B, C, V]``, ``targets`` and ``valid`` ``[B, C]``)."""
+    lg = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(lg, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, picked - jax.nn.logsumexp(lg, axis=-1), 0.0), axis=1)
+
+
 def _ll_from_hidden(head_fn: Callable) -> Callable:
     """``f(params, h [B, T, D], tokens, score) -> float32[B]``: summed ``log P(tokens[t])`` from the
     head at ``t - 1``, where ``score[t]``."""
 
     def f(params, h, tokens, score):
         def part(hc, tc, sc):
-            lg = head_fn(params, hc).astype(jnp.float32)
-            picked = jnp.take_along_axis(lg, tc[..., None].astype(jnp.int32), axis=-1)[..., 0]
-            return jnp.sum(jnp.where(sc, picked - jax.nn.logsumexp(lg, axis=-1), 0.0), axis=1)
+            return _sum_target_logprobs(head_fn(params, hc), tc, sc)
 
         return _over_positions(part, _vocab(head_fn, params, h), h[:, :-1], tokens[:, 1:], score[:, 1:])
 
@@ -192,9 +198,7 @@ def _ll_at_from_hidden(head_fn: Callable) -> Callable:
 
     def f(params, h, positions, targets, valid):
         def part(hc, tc, vc):
-            lg = head_fn(params, hc).astype(jnp.float32)
-            picked = jnp.take_along_axis(lg, tc[..., None], axis=-1)[..., 0]
-            return jnp.sum(jnp.where(vc, picked - jax.nn.logsumexp(lg, axis=-1), 0.0), axis=1)
+            return _sum_target_logprobs(head_fn(params, hc), tc, vc)
 
         return _over_positions(part, _vocab(head_fn, params, h), jnp.take_along_axis(h, positions[..., None], axis=1),
                                targets, valid)
@@ -286,9 +290,8 @@ class LogLikelihoodScorer:
                 return jnp.sum(jnp.where(score[:, 1:], lp, 0.0), axis=1)
 
             def step_at(params, tokens, mask, positions, targets, valid):
-                lg = jnp.take_along_axis(fn(params, tokens, mask), positions[..., None], axis=1).astype(jnp.float32)
-                picked = jnp.take_along_axis(lg, targets[..., None], axis=-1)[..., 0]
-                return jnp.sum(jnp.where(valid, picked - jax.nn.logsumexp(lg, axis=-1), 0.0), axis=1)
+                logits = jnp.take_along_axis(fn(params, tokens, mask), positions[..., None], axis=1)
+                return _sum_target_logprobs(logits, targets, valid)
 
         self._step = _jit_once(("ll",) + key, lambda: step)
         self._step_at = _jit_once(("ll_at",) + key, lambda: step_at)
