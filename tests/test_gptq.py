@@ -228,7 +228,7 @@ def test_error_feedback_lowers_output_error(variant, K, bits):
     assert type(ef) is type(plain)
     assert emeta.info["error_feedback"] == {"gptq_rtn": "gptq"}.get(variant, variant)
     assert 0 < emeta.info["ef_rel_error"] < 1
-    extra = ("error_feedback", "percdamp", "ef_rel_error")
+    extra = ("error_feedback", "percdamp", "ef_rel_error", "ef_base")
     assert {k: v for k, v in emeta.info.items() if k not in extra} == pmeta.info  # the plain keys, same values
 
 

@@ -22,7 +22,8 @@ GPTQRoundToNearest   drop-in for :class:`cqjax.passes.rtn.RoundToNearest`: GPTQ 
 
 ``meta.info`` gets what the plain pass records plus ``error_feedback`` (``"rotated"``,
 ``"unrotated"``, ``"gptq"``, or ``"none"`` for a fallback), ``percdamp`` and
-``ef_rel_error`` (the damped output error ``tr(ΔW H_d ΔWᵀ) / tr(W H_d Wᵀ)``).
+``ef_rel_error`` (the damped output error ``tr(ΔW H_d ΔWᵀ) / tr(W H_d Wᵀ)``; ErrorFeedbackPack
+also ``ef_base``, the denominator, so that row blocks of one tensor pool to its error).
 
 Hydra: swap one step of a pipeline config, e.g.
 ``pipeline.pack._target_=cqjax.passes.gptq.ErrorFeedbackPack`` (then
@@ -64,12 +65,22 @@ def _apply_blocks(rows: np.ndarray, mats: list[np.ndarray], transpose: bool) -> 
 
 
 def rotate_hessian(H: np.ndarray, mats: list[np.ndarray]) -> np.ndarray:
-    """``Mᵀ H_pad M``: the Hessian of the rotated coordinates (``H`` zero-padded to Kpad)."""
+    """``Mᵀ H_pad M``: the Hessian of the rotated coordinates (``H`` zero-padded to Kpad), one
+    new float64 ``[Kpad, Kpad]`` array rotated in place a block of columns, then of rows, at a time."""
     Kpad = sum(m.shape[0] for m in mats)
     Hp = np.zeros((Kpad, Kpad))
     Hp[: H.shape[0], : H.shape[1]] = H
-    Hp = _apply_blocks(Hp, mats, transpose=False)  # H_pad M
-    return _apply_blocks(np.ascontiguousarray(Hp.T), mats, transpose=False).T  # Mᵀ (H_pad M)
+    lo = 0
+    for m in mats:  # H_pad M
+        hi = lo + m.shape[0]
+        Hp[:, lo:hi] = Hp[:, lo:hi] @ m
+        lo = hi
+    lo = 0
+    for m in mats:  # Mᵀ (H_pad M)
+        hi = lo + m.shape[0]
+        Hp[lo:hi] = m.T @ Hp[lo:hi]
+        lo = hi
+    return Hp
 
 
 def _norms_f16(n: np.ndarray, path: str) -> np.ndarray:
@@ -116,7 +127,7 @@ def cq_rotated(r: Rotated, H: np.ndarray, percdamp: float = 0.01, path: str = "w
         return books[blocks[j]][q] * ns32, q
 
     res = gptq_core.error_feedback(rows, rotate_hessian(H, mats), blocks, quantize, begin=begin,
-                                   group=1, percdamp=percdamp)
+                                   group=1, percdamp=percdamp, overwrite_hessian=True)
     codes = np.stack(res.aux, axis=1)
     norms = np.stack([s[1] for s in res.states], axis=1)
     return codes, norms, res
@@ -193,6 +204,8 @@ def rtn_gptq(rows: np.ndarray, H: np.ndarray, bits: int, block: int = 128, percd
 class _FallbackLog:
     """Mixin: one ``ctx.log`` line per run for the paths that got the plain recipe."""
 
+    leafwise = True  # __call__ only adds that line: the pass still rewrites leaf by leaf
+
     def __call__(self, ir, ctx: Context | None = None):
         ctx = Context() if ctx is None else ctx
         out = Pass.__call__(self, ir, ctx)
@@ -216,6 +229,9 @@ class ErrorFeedbackPack(_FallbackLog, Pass):
     """
 
     needs = Needs(statistics={"hessian"})
+    # each row's feedback reads only that row and the Hessian (in the same rows, the same
+    # result up to the last bit of BLAS sums)
+    row_separable = True
 
     default_where = ELIGIBLE
     basis: str = "rotated"
@@ -242,7 +258,7 @@ class ErrorFeedbackPack(_FallbackLog, Pass):
         q = r.pack(codes, norms)
         info = {**meta.info, "gain": "none", "format": "cq", "layout_version": fmt.LAYOUT_VERSION,
                 "error_feedback": self.basis, "percdamp": self.percdamp,
-                "ef_rel_error": res.relative_error}
+                "ef_rel_error": res.relative_error, "ef_base": res.base}
         return q, meta.replace(info=info)
 
 

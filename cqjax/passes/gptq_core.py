@@ -79,14 +79,15 @@ class Result:
         return self.loss / self.base if self.base > 0 else 0.0
 
 
-def damped(hessian: np.ndarray, percdamp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+def damped(hessian: np.ndarray, percdamp: float = 0.01, *, overwrite: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``(H_d, dead)``: dead diagonal entries set to 1, then ``percdamp · mean diag`` added.
 
     Args:
-      hessian: ``[K, K]`` symmetric positive semi-definite (not modified).
+      hessian: ``[K, K]`` symmetric positive semi-definite (not modified unless ``overwrite``).
       percdamp: damping as a fraction of the mean diagonal (after the dead fix), ``>= 0``.
+      overwrite: damp a float64 ``hessian`` in place (no ``[K, K]`` copy).
     """
-    H = np.array(hessian, dtype=np.float64)
+    H = hessian if overwrite and hessian.dtype == np.float64 else np.array(hessian, dtype=np.float64)
     if H.ndim != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"gptq: hessian must be square [K, K], got shape {H.shape}")
     if not np.all(np.isfinite(H)):
@@ -100,24 +101,39 @@ def damped(hessian: np.ndarray, percdamp: float = 0.01) -> tuple[np.ndarray, np.
     return H, dead
 
 
-def inverse_cholesky(H: np.ndarray) -> np.ndarray:
+def inverse_cholesky(H: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
     """The upper triangular ``U`` with ``H⁻¹ = Uᵀ U`` (GPTQ's ``Hinv``).
 
     With ``J`` the order reversal and ``J H J = L Lᵀ`` (Cholesky), ``U = J L⁻¹ J``: one
     Cholesky and one triangular inverse (``2K³/3`` flops instead of inverting ``H`` and
-    factoring again).
+    factoring again). ``overwrite``: ``H`` (symmetric, C-contiguous float64) becomes ``U``,
+    reversed, factored and inverted in place: no ``[K, K]`` copy (a 8960-wide Hessian is 642 MB).
 
     Raises:
       ValueError: when ``H`` is not positive definite (raise the damping).
     """
-    try:
-        L = scipy.linalg.cholesky(np.ascontiguousarray(H[::-1, ::-1]), lower=True, check_finite=False)
+    if not (overwrite and H.dtype == np.float64 and H.flags.c_contiguous):
+        H = np.array(H, dtype=np.float64, order="C")
+    _reverse(H)
+    try:  # Hᵀ = H is Fortran-ordered: LAPACK works in its memory
+        L = scipy.linalg.cholesky(H.T, lower=True, overwrite_a=True, check_finite=False)
     except np.linalg.LinAlgError:
         raise ValueError("gptq: the damped Hessian is not positive definite; raise percdamp") from None
-    A, info = scipy.linalg.lapack.dtrtri(L, lower=1)
+    A, info = scipy.linalg.lapack.dtrtri(L, lower=1, overwrite_c=1)
     if info != 0:
         raise ValueError("gptq: the damped Hessian is singular; raise percdamp")
-    return np.ascontiguousarray(A[::-1, ::-1])
+    _reverse(A)
+    return A
+
+
+def _reverse(A: np.ndarray) -> None:
+    """``A := J A J`` in place (both axes reversed), one pair of rows at a time."""
+    n = A.shape[0]
+    for i in range((n + 1) // 2):
+        j = n - 1 - i
+        top = A[i, ::-1].copy()
+        A[i] = A[j, ::-1]
+        A[j] = top
 
 
 def lazy_batches(blocks: Sequence[int], lazy: int) -> list[tuple[int, int, int, int]]:
@@ -144,6 +160,7 @@ def error_feedback(
     group: int | None = 1,
     percdamp: float = 0.01,
     lazy: int = 128,
+    overwrite_hessian: bool = False,
 ) -> Result:
     """Quantizes ``w`` group by group with GPTQ error feedback (see the module table).
 
@@ -159,6 +176,7 @@ def error_feedback(
         whole block at once. Groups never cross block boundaries.
       percdamp: damping, a fraction of the mean Hessian diagonal.
       lazy: lazy-batch width in columns (a speed knob; results agree to rounding).
+      overwrite_hessian: ``hessian`` (float64) may be damped, factored and inverted in place.
 
     Returns:
       A :class:`Result`.
@@ -181,10 +199,10 @@ def error_feedback(
     H = np.asarray(hessian)
     if H.shape != (K, K):
         raise ValueError(f"gptq: hessian must be [{K}, {K}] for w {W.shape}, got {H.shape}")
-    H, dead = damped(H, percdamp)
+    H, dead = damped(H, percdamp, overwrite=overwrite_hessian)
     W[:, dead] = 0.0
     base = float(np.einsum("ij,ij->", W @ H, W))
-    U = inverse_cholesky(H)
+    U = inverse_cholesky(H, overwrite=True)  # H is this call's own (damped copies unless told)
     del H
 
     Q = np.empty_like(W)
