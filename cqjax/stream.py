@@ -58,20 +58,22 @@ class Step:
 
 
 def _leafwise(p: Any) -> bool:
-    if isinstance(p, pl.FunctionPass):
+    if isinstance(p, pl.FunctionPass) or getattr(type(p), "leafwise", False):
         return p.leafwise
     return isinstance(p, pl.Pass) and type(p).__call__ is pl.Pass.__call__
 
 
-def leafwise_steps(pipeline: Any) -> list[Step] | None:
+def leafwise_steps(pipeline: Any, statistics: frozenset[str] = frozenset()) -> list[Step] | None:
     """The flattened steps of ``pipeline`` if each rewrites leaf by leaf and needs nothing but
-    the IR (no calibration, no reference); else None (the recipe cannot stream)."""
+    the IR and the calibration ``statistics`` of the leaf it rewrites (no rows, no reference);
+    else None (the recipe cannot stream)."""
     out = []
     for name, p in pl.steps(pl.to_pass(pipeline)):
         where = True
         if isinstance(p, pl.Masked):
             where, p = p.where, p.inner
-        if not _leafwise(p) or p.needs:
+        needs = p.needs
+        if not _leafwise(p) or needs.rows or needs.reference or not set(needs.statistics) <= set(statistics):
             return None
         out.append(Step(name, p, select_lib.to_predicate(select_lib.All(where, p.filter))))
     return out
@@ -185,8 +187,9 @@ def _join(done: list, shape: tuple[int, ...], path: str) -> tuple[Any, TensorMet
     return leaf, meta.replace(shape=shape)
 
 
-def _write(writer: ArtifactWriter, ir: IR, path: str, done: list, seconds: dict[str, float]) -> None:
-    """Joins a tensor's converted blocks and writes it, with its stats row and steps as the note."""
+def _write(writer: ArtifactWriter, ir: IR, path: str, done: list, seconds: dict[str, float]) -> Any:
+    """Joins a tensor's converted blocks and writes it, with its stats row and steps as the note;
+    returns the joined leaf."""
     for *_, took, _ in done:
         for name, t in took.items():
             seconds[name] += t
@@ -197,6 +200,7 @@ def _write(writer: ArtifactWriter, ir: IR, path: str, done: list, seconds: dict[
         row["rel_error"] = quant_stats.pooled_rel_error(sums)
     touched = {name: any(d[2][name] for d in done) for name in done[0][2]}
     writer.add(*artifact.stored(path, leaf, meta), note={"row": row, "steps": touched})
+    return leaf
 
 
 def convert(pipeline: Any, ir: IR, directory: str | Path, *, ctx: pl.Context | None = None,
@@ -281,6 +285,13 @@ def convert(pipeline: Any, ir: IR, directory: str | Path, *, ctx: pl.Context | N
             drain(workers)  # at most `workers` blocks in flight: memory stays bounded
         drain(0)
     bar.close()
+    return finish(writer, ir, steps, seconds, extra, tokenizer_from)
+
+
+def finish(writer: ArtifactWriter, ir: IR, steps: list[Step], seconds: dict[str, float], extra: dict | None,
+           tokenizer_from: str | Path | None) -> tuple[list[dict], list[dict]]:
+    """Writes the artifact of a conversion whose every tensor is in ``writer``; returns
+    ``(passes, rows)`` (see :func:`convert`)."""
     notes = [writer.notes[p] for p in ir.meta]
     passes = [{"name": s.name, "seconds": seconds[s.name], "selected": sum(s.name in n["steps"] for n in notes),
                "changed": sum(bool(n["steps"].get(s.name)) for n in notes)} for s in steps]

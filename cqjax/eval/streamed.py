@@ -89,11 +89,30 @@ class StreamedLM:
         return evaluation_leaf(hf.load_leaf(self.ir, path, self.dtype), packed=packed)
 
     def _load_block(self, i: int) -> tuple[Any, Any]:
+        return self.block_state(i, lambda path: self._leaf(path, packed=self.packed))
+
+    def block_state(self, i: int, leaf) -> tuple[Any, Any]:
+        """``(graphdef, state)`` of block ``i`` whose every leaf is ``leaf(IR path)``."""
         graphdef, state = nnx.split(self.shell.layers[i])
         state = _fresh(state)
         for key, var in nnx.to_flat_state(state):
-            var.set_value(self._leaf("/".join(map(str, ("layers", i, *key))), packed=self.packed))
+            var.set_value(leaf("/".join(map(str, ("layers", i, *key)))))
         return graphdef, state
+
+    def embed(self, tokens: np.ndarray, mask: np.ndarray) -> tuple[jax.Array, Any]:
+        """``(x, side)``: the first block's input of one batch."""
+        return self._embed(self.params, place_batch(jnp.asarray(tokens, jnp.int32)), place_batch(jnp.asarray(mask, bool)))
+
+    def run_block(self, graphdef, state, i: int, acts: list) -> list:
+        """Each ``(x, side)`` of ``acts`` through block ``i`` (its ``(graphdef, state)``), waited for."""
+        out = [self._block(graphdef, state, x, side, np.int32(i)) for x, side in acts]
+        # Wait for the block: dispatch is asynchronous, and running ahead would load the next
+        # blocks (and hold every block's activations) before this one is done.
+        return jax.block_until_ready(out)
+
+    def final_norm(self, x: jax.Array) -> jax.Array:
+        """The final norm of the last block's output (the head's input)."""
+        return self._norm(self.params, x)
 
     def groups(self, shapes: Sequence[tuple[int, int]]) -> list[list[int]]:
         """Batch indices cut into consecutive groups whose activations fit ``activation_bytes``
@@ -121,20 +140,16 @@ class StreamedLM:
                       progress: bool = False) -> list[jax.Array]:
         """Final-norm hidden states ``[B, T, D]`` of each ``(tokens, mask)`` batch (one group:
         every batch's activations are held until the last block; see :meth:`groups`)."""
-        acts = [self._embed(self.params, place_batch(jnp.asarray(t, jnp.int32)), place_batch(jnp.asarray(m, bool)))
-                for t, m in batches]
+        acts = [self.embed(t, m) for t, m in batches]
         prog = Progress(f"{self.name} blocks", self.num_layers, unit="block", enabled=progress)
         for i in range(self.num_layers):
             graphdef, state = self._load_block(i)
-            acts = [self._block(graphdef, state, x, side, np.int32(i)) for x, side in acts]
-            # Wait for the block: dispatch is asynchronous, and running ahead would load the next
-            # blocks (and hold every block's activations) before this one is done.
-            jax.block_until_ready(acts)
+            acts = self.run_block(graphdef, state, i, acts)
             del state
             trim_heap()
             prog.update(1)
         prog.close()
-        return [self._norm(self.params, x) for x, _ in acts]
+        return [self.final_norm(x) for x, _ in acts]
 
 
 def _fresh(state: nnx.State) -> nnx.State:
