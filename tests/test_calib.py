@@ -127,3 +127,42 @@ def test_calibrate_rejects_unknown_statistics():
 
     with pytest.raises(ValueError, match=r"\['curvature'\]: allowed \('hessian', 'fisher'\)"):
         calibrate(None, None, None, {"curvature"})
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_half_precision_dots_are_bf16_inference(tied, tmp_path):
+    """A bf16 model wrapped for sampling computes what bf16 weights times bf16-rounded inputs
+    give (float32 sums), replaces its own leaves, and samples rows; float32 models stay as they are."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from cqjax.calib.sequences import _HalfDots, half_precision_dots
+
+    config = CASES["llama"]()
+    config.tie_word_embeddings = tied
+    write_checkpoint(config, tmp_path, dtype=torch.bfloat16)
+    ir = hf.import_checkpoint(tmp_path)
+    tokens, mask = batch(config.vocab_size)
+    model = hf.to_model(ir, dtype=None)
+    kernel = np.asarray(model.layers[0].mlp.up_proj.kernel.get_value().astype(jnp.float32))
+    x = np.random.default_rng(0).standard_normal((2, kernel.shape[0])).astype(np.float32)
+    wrapped = half_precision_dots(model)
+    assert wrapped is model
+    leaves = [v for _, v in nnx.to_flat_state(nnx.state(model)) if isinstance(v.get_value(), _HalfDots)]
+    assert len(leaves) == 7 * config.num_hidden_layers + 1 + (not tied)
+    up = model.layers[0].mlp.up_proj.kernel.get_value()
+    assert isinstance(up, _HalfDots) and up.shape == kernel.shape
+    want = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)) @ kernel
+    np.testing.assert_allclose(np.asarray(up.matmul(jnp.asarray(x))), want, rtol=1e-5, atol=1e-5)
+    float_logits = np.asarray(hf.to_model(ir, dtype=None)(tokens, mask))
+    half_logits = np.asarray(model(tokens, mask))
+    assert np.abs(half_logits - float_logits).max() < 0.05 * np.abs(float_logits).max()
+
+    class Tok:
+        bos_token_id = 1
+
+    rows = calibration_tokens("self", tokenizer=Tok(), model=model, n=2, length=7, seed=0)
+    assert rows.shape == (2, 7) and rows.max() < config.vocab_size
+    float32 = hf.to_model(ir, dtype="float32")
+    half_precision_dots(float32)
+    assert not any(isinstance(v.get_value(), _HalfDots) for _, v in nnx.to_flat_state(nnx.state(float32)))

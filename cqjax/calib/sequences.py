@@ -19,15 +19,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx, struct
 
 SOURCES = ("self", "squad")
 
 
 def self_generated(model, *, n: int, length: int, bos_token_id: int, seed: int = 0,
-                   temperature: float = 1.0, batch: int = 16, progress: bool = False) -> np.ndarray:
+                   temperature: float = 1.0, batch: int = 16, progress: bool = False,
+                   kv_bits: int | None = None) -> np.ndarray:
     """``n`` sequences of ``length`` tokens sampled by ``model`` from ``[BOS]`` (with a progress
-    line on stderr every 10 s if ``progress``)."""
+    line on stderr every 10 s if ``progress``). Each batch of rows decodes with a KV cache:
+    float32, or quantized to ``kv_bits`` (:mod:`cqjax.kv_cache`; a 1.5B model's float32 cache
+    of 16 rows x 512 tokens is 470 MB)."""
     from cqjax import runtime
     from cqjax.progress import Progress
 
@@ -37,9 +43,53 @@ def self_generated(model, *, n: int, length: int, bos_token_id: int, seed: int =
         b = min(batch, n - i)
         prompt = np.full((b, 1), bos_token_id, np.int32)
         rows.append(runtime.generate(model, prompt, max_new_tokens=length - 1, temperature=temperature,
-                                     seed=seed + i, on_step=bar.update))
+                                     seed=seed + i, on_step=bar.update, kv_bits=kv_bits))
     bar.close()
     return np.concatenate(rows)[:, :length].astype(np.int32)
+
+
+@struct.dataclass
+class _HalfDots:
+    """A bf16 / fp16 matrix stored with its outputs as rows (``[out, in]``, a table ``[V, D]``)
+    whose products take inputs rounded to its dtype and sum in float32: XLA's CPU dot is fast
+    in that layout and slow when it must widen the weight first."""
+
+    w: jax.Array
+    kernel: bool = struct.field(pytree_node=False)  # stands for a kernel stored [in, out]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.w.shape[::-1] if self.kernel else self.w.shape
+
+    def _dot(self, x):
+        return jnp.einsum("...d,od->...o", x.astype(self.w.dtype), self.w,
+                          preferred_element_type=jnp.float32).astype(x.dtype)
+
+    def matmul(self, x):
+        return self._dot(x)
+
+    def attend(self, x):
+        return self._dot(x)
+
+    def take_rows(self, ids):
+        return jnp.take(self.w, ids, axis=0)
+
+
+def half_precision_dots(model):
+    """Makes ``model`` sample as bf16 inference does, in place, and returns it: every 2-D bf16 /
+    fp16 kernel and table becomes a :class:`_HalfDots` (activations rounded to the weights'
+    dtype, float32 sums; a kernel is transposed once, one at a time, its old array dropped).
+    ~4x faster on CPU than widening every weight to float32 at every step, in the weights' own
+    memory; float32 weights are left as they are."""
+    _, state = nnx.split(model)  # the model's own Variables
+    for key, var in nnx.to_flat_state(state):
+        value = var.get_value()
+        if getattr(value, "ndim", 0) == 2 and value.dtype in (jnp.bfloat16, jnp.float16) and key[-1] in (
+                "kernel", "embedding"):
+            kernel = key[-1] == "kernel"
+            var.set_value(_HalfDots(value.T if kernel else value, kernel=kernel))
+            del value
+    return model
 
 
 def from_text(tokenizer, text: str, *, n: int, length: int) -> np.ndarray:
@@ -56,8 +106,9 @@ def from_text(tokenizer, text: str, *, n: int, length: int) -> np.ndarray:
 
 
 def calibration_tokens(source: str, *, tokenizer, model=None, n: int = 32, length: int = 512,
-                       seed: int = 0, progress: bool = False) -> np.ndarray:
-    """Token rows from ``source`` (see the module table).
+                       seed: int = 0, progress: bool = False, kv_bits: int | None = None) -> np.ndarray:
+    """Token rows from ``source`` (see the module table); ``kv_bits``: the KV cache of
+    ``self`` (see :func:`self_generated`).
 
     Raises:
       ValueError: an unknown source (not in :data:`SOURCES` and not an existing file), or
@@ -67,7 +118,8 @@ def calibration_tokens(source: str, *, tokenizer, model=None, n: int = 32, lengt
         bos = getattr(tokenizer, "bos_token_id", None)
         if model is None or bos is None:
             raise ValueError("calibration source 'self' needs the float model and a tokenizer with a BOS token")
-        return self_generated(model, n=n, length=length, bos_token_id=int(bos), seed=seed, progress=progress)
+        return self_generated(model, n=n, length=length, bos_token_id=int(bos), seed=seed, progress=progress,
+                              kv_bits=kv_bits)
     if source == "squad":
         from cqjax.eval.texts import squad_paragraphs
 
