@@ -155,12 +155,23 @@ class CalibConfig:
       rows: calibration sequences.
       length: tokens per sequence (BOS included).
       seed: sampling seed of ``self``.
+      carry: how the calibration activations reach each block when a recipe converts block by
+        block (one whose passes read only each tensor's Hessian, e.g. ``cq-ef``, ``gptq``:
+        :mod:`cqjax.stream_calibrated`): ``quantized`` (through the already-quantized prefix,
+        as GPTQ implementations do; default), ``float`` (through the float model: the Hessians
+        of the whole float model), or ``whole`` (no block-by-block conversion: the whole float
+        model in memory, calibrated, then the passes — what any other recipe does).
     """
 
     source: str = "self"
     rows: int = 16
     length: int = 512
     seed: int = 0
+    carry: str = "quantized"
+
+
+#: ``calib.carry`` values (see :class:`CalibConfig`).
+CARRY = ("quantized", "float", "whole")
 
 
 @dataclasses.dataclass
@@ -367,6 +378,7 @@ def _check_calib(c: DictConfig) -> None:
     if c.source not in SOURCES and not os.path.isfile(os.path.expanduser(c.source)):
         raise ConfigError(f"calib.source={c.source!r} is not allowed; allowed values: {', '.join(SOURCES)} "
                           "or the path of a UTF-8 text file")
+    _allowed("calib.carry", c.carry, CARRY)
     _positive("calib.rows", c.rows)
     _positive("calib.length", c.length, minimum=2)
 

@@ -303,6 +303,32 @@ def test_convert_with_allocator_and_error_feedback(checkpoint, tmp_path):
     assert "allocate (fisher):" in proc.stderr and "calibrating (fisher, hessian)" in proc.stderr
 
 
+def test_error_feedback_converts_block_by_block(checkpoint, tmp_path):
+    """pipeline=cq-ef (no allocator) draws its rows, then converts block by block (calib.carry);
+    calib.carry=whole keeps the in-memory path; both say so, and the report records the rows."""
+    path, text = checkpoint
+    common = ["+model=hf", f"model.path={path}", "pipeline=cq-ef", "quant.bits=3", "calib.rows=3", "calib.length=16",
+              f"eval.perplexity.path={text}", "eval.perplexity.max_tokens=63", "eval.perplexity.context=64",
+              "eval.tasks=[]", "report.plots=false"]
+    reports = {}
+    for carry in ("quantized", "whole"):
+        proc = cqjax([*common, f"calib.carry={carry}", f"hydra.run.dir={tmp_path / carry}"], tmp_path, tmp_path / "c")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reports[carry] = report = json.loads((tmp_path / carry / "report.json").read_text())
+        check_schema(report)
+        assert report["calibration"]["rows"] == 3 and report["calibration"]["tokens"] == 3 * 16
+        assert report["pipeline"] == ["rotate", "codebook", "pack"]
+        said = "quantizing block by block (calibration carried through the quantized prefix)"
+        assert (said in proc.stderr) == (carry == "quantized"), proc.stderr[-2000:]
+        assert ("calibrating (hessian)" in proc.stderr) == (carry == "whole")
+    fed = sum(t["role"] in ("linear", "lm_head") for t in reports["quantized"]["tensors"])
+    assert reports["quantized"]["calibration"]["tensors"] == fed  # every kernel had its Hessian
+    ppl = {k: r["evals"]["perplexity"]["quantized"] for k, r in reports.items()}
+    assert abs(ppl["quantized"] / ppl["whole"] - 1) < 0.1, ppl
+    proc = cqjax([*common, "calib.carry=sideways"], tmp_path, tmp_path / "c")
+    assert proc.returncode != 0 and "calib.carry='sideways' is not allowed" in proc.stderr
+
+
 def test_allocator_measures_the_configured_recipe(checkpoint, tmp_path):
     """quant.bpw with a fitted codebook and least-squares gains: the report records the steps the
     allocator measured, and every quantized tensor's predicted error equals its measured one."""

@@ -116,6 +116,12 @@ class Calibration(Mapping):
     def __len__(self):
         return len(self._stats)
 
+    def with_tensors(self, paths) -> Calibration:
+        """The same calibration naming ``paths`` as the tensors it served, for statistics that
+        were made and used block by block (:mod:`cqjax.stream_calibrated`) and not kept."""
+        return Calibration({p: {} for p in paths}, source=self.source, tokens=self.tokens, seconds=self.seconds,
+                           timing=self.timing, rows=self.rows)
+
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "tokens": self.tokens, "tensors": len(self), "seconds": round(self.seconds, 1),
                 **{k: round(v, 1) for k, v in self.timing.items()}}

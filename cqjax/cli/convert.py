@@ -22,12 +22,15 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
     the recipe needs it, the passes, tensor errors, the artifact, the quantized evaluation.
     A data-free recipe (:func:`cqjax.stream.leafwise_steps`) instead streams: passes, tensor
     errors and the artifact tensor by tensor (resumable with ``resume=true``), then both
-    evaluations. With ``eval.streamed`` (default) both models are evaluated block by block
-    (:class:`cqjax.eval.streamed.StreamedLM`), reading the float weights from the checkpoint.
+    evaluations. A recipe whose passes read only each tensor's Hessian
+    (:func:`cqjax.stream_calibrated.calibrated_steps`, e.g. ``cq-ef``) draws its calibration rows
+    and then converts block by block (``calib.carry``; resumable too). With ``eval.streamed``
+    (default) both models are evaluated block by block (:class:`cqjax.eval.streamed.StreamedLM`),
+    reading the float weights from the checkpoint.
     """
     from cqjax import eval as ev
     from cqjax import pipeline as pl
-    from cqjax import quant_stats, recipes, stream
+    from cqjax import quant_stats, recipes, stream, stream_calibrated
     from cqjax.api import load_tokenizer
     from cqjax.io import artifact, hf
     from cqjax.memory import trim_heap
@@ -35,25 +38,27 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
     t = Timings()
     directory = model_dir(cfg.model)
     streamed = recipe is not None and not recipe.needs and stream.leafwise_steps(recipe) is not None
+    blockwise = (recipe is not None and not streamed and cfg.calib.carry != "whole"
+                 and stream_calibrated.calibrated_steps(recipe) is not None)
     with t("import"):
         log(f"importing {directory}")
         ir = hf.import_checkpoint(directory)
         skipped = recipes.check_rules(cfg, ir) if recipe is not None else []
         if recipe is not None:
             recipes.check_budget(recipe, ir)
-            if not streamed:  # a streamed conversion checks each tensor as it reads it
+            if not (streamed or blockwise):  # these check each tensor as they read it
                 hf.check_finite(ir)
-        model = None if streamed else hf.to_model(ir)
+        model = None if streamed or blockwise else hf.to_model(ir)
         tokenizer = load_tokenizer(directory)
     evaluate = bool(cfg.eval.perplexity.enabled or cfg.eval.tasks)
     if evaluate:
-        check_eval_memory(ir, float_dtype=None if streamed else "float32", quantized=recipe is not None,
+        check_eval_memory(ir, float_dtype=None if streamed or blockwise else "float32", quantized=recipe is not None,
                           packed=cfg.eval.packed, streamed=cfg.eval.streamed)
     for s in skipped:
         log(f"rule {s['rule']} -> {s['bits']} bits ({s['from']}) matches no tensor of this model: skipped")
-    if cfg.resume and recipe is not None and not streamed:
-        log(f"resume=true: pipeline {choice('pipeline') or 'custom'} needs calibration or the float model, so it "
-            "runs in memory and starts from the beginning (only data-free recipes resume)")
+    if cfg.resume and recipe is not None and not (streamed or blockwise):
+        log(f"resume=true: pipeline {choice('pipeline') or 'custom'} needs the whole float model, so it runs in "
+            "memory and starts from the beginning (data-free and block-by-block recipes resume)")
     with t("tokenize eval data"):
         data = ev.prepare(tokenizer, eval_config(cfg.eval))
     trim_heap()
@@ -73,12 +78,28 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
             qir = artifact.load(out_dir / "artifact", verify=False)
             log(f"saved {out_dir / 'artifact'}")
         trim_heap()
+    if blockwise:
+        with t("calibrate"):
+            calib = _calibration_rows(cfg, ir, tokenizer, recipe.needs)
+        trim_heap()
+        with t("quantize"):
+            log(f"quantizing block by block (calibration carried through the {cfg.calib.carry} prefix): "
+                f"{', '.join(name for name, _ in recipe.steps)}")
+            extra["recipe"]["calibration"] = calib.describe()
+            ctx = pl.Context(rng_seed=cfg.seed, log=log, progress=cfg.eval.progress)
+            passes, rows = stream_calibrated.convert(
+                recipe, ir, out_dir / "artifact", tokens=calib.rows, ctx=ctx, extra=extra, tokenizer_from=directory,
+                resume=cfg.resume, key=fingerprint(directory), progress=cfg.eval.progress, carry=cfg.calib.carry)
+            qir = artifact.load(out_dir / "artifact", verify=False)
+            log(f"saved {out_dir / 'artifact'}")
+        calib = calib.with_tensors([p for p, m in qir.meta.items() if m.info.get("error_feedback") not in (None, "none")])
+        trim_heap()
     base = reference = None
     if evaluate:
         reference = float_forward(ir, model, cfg.eval.streamed)
         with t("eval float"):
             base = ev.evaluate_model(reference, data, model_id=f"{cfg.model.name}@{fingerprint(directory)}")
-    if recipe is not None and not streamed:
+    if recipe is not None and not (streamed or blockwise):
         if recipe.needs.calibration:
             with t("calibrate"):
                 calib = _calibrate(cfg, model, ir, tokenizer, recipe.needs)
@@ -124,6 +145,34 @@ def _calibrate(cfg: DictConfig, model, ir, tokenizer, needs):
                       progress=cfg.eval.progress)
     log(f"calibration: {calib.describe()}")
     return calib
+
+
+def _calibration_rows(cfg: DictConfig, ir, tokenizer, needs):
+    """The calibration rows of ``cfg.calib`` (statistics come later, block by block): a
+    :class:`cqjax.calib.stats.Calibration` without statistics. Self-generated rows need the
+    float model, built in its stored dtype for them alone (bf16 weights sample as bf16
+    inference does: :func:`cqjax.calib.sequences.half_precision_dots`) and dropped."""
+    import time
+
+    from cqjax.calib import calibration_tokens
+    from cqjax.calib.sequences import half_precision_dots
+    from cqjax.calib.stats import Calibration
+    from cqjax.io import hf
+
+    c = cfg.calib
+    rows = max(c.rows, needs.rows)
+    source = os.path.expanduser(c.source) if c.source not in ("self", "squad") else c.source
+    log(f"calibration rows: {rows} x {c.length} tokens from {c.source!r}")
+    start = time.perf_counter()
+    model = half_precision_dots(hf.to_model(ir, dtype=None)) if source == "self" else None
+    # an 8-bit KV cache where the attention reads one: a quarter of the float32 cache's memory
+    kv_bits = 8 if model is not None and all(getattr(layer.self_attn, "rotated_cache", False)
+                                              for layer in model.layers) else None
+    tokens = calibration_tokens(source, tokenizer=tokenizer, model=model, n=rows, length=c.length, seed=c.seed,
+                                progress=cfg.eval.progress, kv_bits=kv_bits)
+    seconds = time.perf_counter() - start
+    return Calibration({}, source=c.source, tokens=int(tokens.size), seconds=seconds, timing={"tokens_s": seconds},
+                       rows=tokens)
 
 
 def check_eval_memory(ir, *, float_dtype: str | None, quantized: bool, packed: bool, streamed: bool = False) -> None:
