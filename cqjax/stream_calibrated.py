@@ -89,6 +89,7 @@ def convert(pipeline: Any, ir: IR, directory: str | Path, *, tokens: np.ndarray,
       ValueError: the pipeline cannot convert block by block, a bad ``carry``, or empty tokens.
     """
     from cqjax.eval.streamed import StreamedLM
+    from cqjax.runtime import evaluation_leaf
 
     ctx = pl.Context() if ctx is None else ctx
     steps = calibrated_steps(pipeline)
@@ -115,14 +116,15 @@ def convert(pipeline: Any, ir: IR, directory: str | Path, *, tokens: np.ndarray,
     seconds = dict.fromkeys((s.name for s in steps), 0.0)
     stats = _BlockStats(lm)
     batches = [(tokens[i:i + batch], np.ones(tokens[i:i + batch].shape, bool)) for i in range(0, len(tokens), batch)]
-    first, acts = _Carry(writer.parts).load(lambda: [lm.embed(t, m) for t, m in batches])
+    saved = _Carry(writer.parts)
+    first, acts = saved.load(lambda: [lm.embed(t, m) for t, m in batches])
     if writer.resumed:
         ctx.log(f"resuming: {writer.resumed} of {len(ir.meta)} tensors already converted, from block {first}")
     bar = Progress("convert (calibrated)", total=n, unit="blocks", every_s=10.0, tag="cqjax", enabled=progress)
     bar.update(first)
 
-    def convert_tensors(paths, hessians, tokens):
-        block_ctx = ctx.replace(calibration={p: {"hessian": h, "tokens": tokens} for p, h in hessians.items()})
+    def convert_tensors(paths, hessians, n_tokens):
+        block_ctx = ctx.replace(calibration={p: {"hessian": h, "tokens": n_tokens} for p, h in hessians.items()})
         leaves = {}
         for path in paths:
             leaf, meta = ir.params[path], ir.meta[path]
@@ -135,7 +137,7 @@ def convert(pipeline: Any, ir: IR, directory: str | Path, *, tokens: np.ndarray,
         return leaves
 
     for i in range(first, n):
-        graphdef, state = lm._load_block(i)
+        graphdef, state = lm.load_block(i)
         out, hessians = stats(graphdef, state, i, acts, blocks[i], ir)
         del state
         leaves = convert_tensors(blocks[i], hessians, stats.tokens)
@@ -143,14 +145,12 @@ def convert(pipeline: Any, ir: IR, directory: str | Path, *, tokens: np.ndarray,
         if carry == "float":
             acts = out
         else:
-            from cqjax.runtime import evaluation_leaf
-
             del out
             graphdef, state = lm.block_state(i, lambda p: evaluation_leaf(leaves[p], packed=False))
             acts = lm.run_block(graphdef, state, i, acts)
             del state
         del leaves
-        _Carry(writer.parts).save(i + 1, acts)
+        saved.save(i + 1, acts)
         trim_heap()
         bar.update(1)
     bar.close()

@@ -88,7 +88,8 @@ class StreamedLM:
 
         return evaluation_leaf(hf.load_leaf(self.ir, path, self.dtype), packed=packed)
 
-    def _load_block(self, i: int) -> tuple[Any, Any]:
+    def load_block(self, i: int) -> tuple[Any, Any]:
+        """``(graphdef, state)`` of block ``i`` loaded as this model evaluates it."""
         return self.block_state(i, lambda path: self._leaf(path, packed=self.packed))
 
     def block_state(self, i: int, leaf) -> tuple[Any, Any]:
@@ -143,7 +144,7 @@ class StreamedLM:
         acts = [self.embed(t, m) for t, m in batches]
         prog = Progress(f"{self.name} blocks", self.num_layers, unit="block", enabled=progress)
         for i in range(self.num_layers):
-            graphdef, state = self._load_block(i)
+            graphdef, state = self.load_block(i)
             acts = self.run_block(graphdef, state, i, acts)
             del state
             trim_heap()
