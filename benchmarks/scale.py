@@ -14,8 +14,13 @@ uninterrupted one's, byte for byte. Everything written is deleted at the end (``
 Packaged models (``--packaged``, default SmolLM2-135M): the CLI main job
 ``python -m cqjax +model=NAME pipeline=P quant.bits=3 eval=quick`` for ``P`` in
 ``--packaged-recipes`` (default ``cq cq-ef``), evaluation included, each in its own process;
-for the data-free recipe also a kill at half its tensors and a ``resume=true`` run in the same
-run directory. Calibrated recipes run in memory and do not resume (``resume_s``: null).
+for ``cq`` and ``cq-ef`` (data-free streamed; calibrated block by block) also a kill at half its
+tensors and a ``resume=true`` run in the same run directory.
+
+``qwen2.5-1.5b-shaped`` (``--calibrated-layers``, default 28; 0 skips it): a synthetic checkpoint
+with Qwen2.5-1.5B's shapes (bf16, tied embeddings, 3.1 GB) converted by the CLI with
+``pipeline=cq-ef`` (self-generated calibration rows, then block by block), ``eval=none``;
+``calibration_rows_s`` is the time to sample the rows.
 
 Per record: ``{"model", "recipe", "bytes" (float weights read), "seconds", "mb_s", "peak_rss_mb"
 (the child's own peak, from wait4), "resume_s", "resume_identical", ...}``. Baselines measured
@@ -49,10 +54,18 @@ LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "voca
              "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 8192,
              "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
              "hidden_act": "silu", "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001}
+#: Qwen2.5-1.5B (Qwen/Qwen2.5-1.5B config.json): 1.54B parameters, tied embeddings, q/k/v biases.
+QWEN25_15B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936,
+              "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+              "num_attention_heads": 12, "num_key_value_heads": 2, "max_position_embeddings": 131072,
+              "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True,
+              "use_sliding_window": False, "sliding_window": 131072, "max_window_layers": 21,
+              "hidden_act": "silu", "torch_dtype": "bfloat16", "bos_token_id": 151643, "eos_token_id": 151643}
 SHARD_BYTES = 4 << 30
 
 
 def llama_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a llama-style ``cfg`` (qwen2: with q/k/v biases; tied: no ``lm_head``)."""
     d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     kv = d // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
     out = {"model.embed_tokens.weight": (v, d)}
@@ -62,7 +75,11 @@ def llama_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
                 p + "self_attn.q_proj.weight": (d, d), p + "self_attn.k_proj.weight": (kv, d),
                 p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, d),
                 p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d), p + "mlp.down_proj.weight": (d, f)}
-    return out | {"model.norm.weight": (d,), "lm_head.weight": (v, d)}
+        if cfg["model_type"] == "qwen2":
+            out |= {p + "self_attn.q_proj.bias": (d,), p + "self_attn.k_proj.bias": (kv,),
+                    p + "self_attn.v_proj.bias": (kv,)}
+    out["model.norm.weight"] = (d,)
+    return out if cfg.get("tie_word_embeddings") else out | {"lm_head.weight": (v, d)}
 
 
 def write_checkpoint(path: Path, cfg: dict, seed: int = 0) -> int:
@@ -94,8 +111,8 @@ def write_checkpoint(path: Path, cfg: dict, seed: int = 0) -> int:
             f.write(head)
             for name, _, shape, _ in order:
                 n = int(np.prod(shape))
-                if len(shape) == 1:
-                    f.write(np.ones(n, bf16).tobytes())
+                if len(shape) == 1:  # norms 1, biases 0
+                    f.write((np.zeros if name.endswith(".bias") else np.ones)(n, bf16).tobytes())
                     continue
                 for lo in range(0, n, 1 << 24):
                     x = rng.standard_normal(min(1 << 24, n - lo), dtype=np.float32)
@@ -251,7 +268,7 @@ def packaged(args, work: Path) -> list[dict]:
                       "peak_rss_mb": once["peak_rss_mb"], "timings": report["timings"],
                       "perplexity": report["evals"].get("perplexity", {}).get("quantized"),
                       "resume_s": None, "resume_identical": None}
-            if recipe == "cq":
+            if recipe in ("cq", "cq-ef"):
                 again = work / f"{name}-{recipe}-resumed"
                 n = len(json.loads((run_dir / "artifact" / "manifest.json").read_text())["tensors"])
                 killed = run_child([*cmd, f"hydra.run.dir={again}"],
@@ -268,6 +285,41 @@ def packaged(args, work: Path) -> list[dict]:
     return out
 
 
+def calibrated(args, work: Path) -> list[dict]:
+    """``qwen2.5-1.5b-shaped`` (bf16, seeded random weights) through the CLI with the calibrated
+    recipe (``pipeline=cq-ef``, self-generated calibration rows, block-by-block conversion),
+    without evaluation; the tokenizer files are SmolLM2's (only its BOS id is used)."""
+    from cqjax import data
+
+    cfg = {**QWEN25_15B, "num_hidden_layers": args.calibrated_layers}
+    src = work / "qwen2.5-1.5b-shaped"
+    need = 2 * sum(int(np.prod(s)) for s in llama_shapes(cfg).values())
+    free = shutil.disk_usage(work).free
+    if free < 1.5 * need + (1 << 30):
+        raise SystemExit(f"scale.py: {work} has {free / 1e9:.1f} GB free; the 1.5B-shaped checkpoint and its "
+                         f"artifact need ~{(1.5 * need + (1 << 30)) / 1e9:.1f} GB")
+    nbytes = write_checkpoint(src, cfg, seed=1)
+    for f in Path(data.model_dir("smollm2-135m")).glob("*"):
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(f, src / f.name)
+    run_dir = work / "qwen-cq-ef"
+    once = run_child([sys.executable, "-m", "cqjax", "+model=hf", f"model.path={src}", "pipeline=cq-ef",
+                      f"quant.bits={args.bits}", "eval=none", "report.plots=false", f"hydra.run.dir={run_dir}"])
+    if once["rc"]:
+        raise SystemExit(f"qwen2.5-1.5b-shaped cq-ef failed:\n{once['stdout']}")
+    report = json.loads((run_dir / "report.json").read_text())
+    record = {"model": "qwen2.5-1.5b-shaped", "recipe": f"cq-ef {args.bits}-bit, eval=none (CLI)",
+              "layers": args.calibrated_layers, "parameters": report["parameters"], "bytes": nbytes,
+              "seconds": once["seconds"], "quantize_s": report["timings"].get("quantize"),
+              "calibration_rows_s": report["calibration"]["tokens_s"],
+              "calibration_tokens": report["calibration"]["tokens"],
+              "mb_s": nbytes / 1e6 / report["timings"]["quantize"], "peak_rss_mb": once["peak_rss_mb"],
+              "timings": report["timings"], "resume_s": None, "resume_identical": None,
+              "targets": {"peak_rss_mb": 4000, "calibration_rows_s": 300}}
+    print(json.dumps(record), flush=True)
+    return [record]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", required=True, help="write the results here")
@@ -278,13 +330,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--packaged", nargs="*", default=["smollm2-135m"], help="packaged models (cqjax.data)")
     ap.add_argument("--packaged-recipes", nargs="*", default=["cq", "cq-ef"])
     ap.add_argument("--no-synthetic", action="store_true")
+    ap.add_argument("--calibrated-layers", type=int, default=QWEN25_15B["num_hidden_layers"],
+                    help="layers of the 1.5B-shaped checkpoint converted with cq-ef (0: skip it; 28: Qwen2.5-1.5B)")
     ap.add_argument("--keep", action="store_true", help="keep what was written")
     args = ap.parse_args(argv)
     args.packaged = [p for p in args.packaged if p]
     work = Path(tempfile.mkdtemp(prefix="cqjax-scale-", dir=args.workdir))
     try:
         idle = run_child([sys.executable, __file__, "--child", "idle"])
-        records = ([] if args.no_synthetic else synthetic(args, work)) + packaged(args, work)
+        records = (([] if args.no_synthetic else synthetic(args, work)) + packaged(args, work)
+                   + (calibrated(args, work) if args.calibrated_layers else []))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
