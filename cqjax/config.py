@@ -29,8 +29,9 @@ key            group (``conf/<group>/``)            what
 ``runtime``    —                                    :class:`RuntimeConfig` (threads, kernel path, KV cache)
 ``mesh``       —                                    :class:`MeshConfig`: devices to split weights
                                                     (``model``) and token rows (``data``) over
-``resume``     —                                    continue a killed data-free conversion in
-                                                    the same run directory (``hydra.run.dir``)
+``resume``     —                                    continue a killed conversion (data-free, or
+                                                    block by block) in the same run directory
+                                                    (``hydra.run.dir``)
 —              ``experiment/``                      ``# @package _global_`` presets
 =============  ===================================  ============================================
 
