@@ -207,14 +207,18 @@ def child_idle() -> None:
     jnp.zeros(4).block_until_ready()
 
 
+def check_disk(work: Path, cfg: dict, factor: float, what: str, hint: str) -> None:
+    """Exits unless ``work`` has ``factor`` times ``cfg``'s bf16 checkpoint + 1 GB free."""
+    need = factor * 2 * sum(int(np.prod(s)) for s in llama_shapes(cfg).values()) + (1 << 30)
+    free = shutil.disk_usage(work).free
+    if free < need:
+        raise SystemExit(f"scale.py: {work} has {free / 1e9:.1f} GB free; {what} need ~{need / 1e9:.1f} GB{hint}")
+
+
 def synthetic(args, work: Path) -> list[dict]:
     cfg = {**LLAMA3_8B, "num_hidden_layers": args.layers}
     src = work / "llama-3-8b-shaped"
-    need = 2 * sum(int(np.prod(s)) for s in llama_shapes(cfg).values())
-    free = shutil.disk_usage(work).free
-    if free < 1.6 * need + (1 << 30):
-        raise SystemExit(f"scale.py: {work} has {free / 1e9:.1f} GB free; the {args.layers}-layer checkpoint and "
-                         f"two artifacts need ~{(1.6 * need + (1 << 30)) / 1e9:.1f} GB (use --workdir or --layers)")
+    check_disk(work, cfg, 1.6, f"the {args.layers}-layer checkpoint and two artifacts", " (use --workdir or --layers)")
     t = time.perf_counter()
     nbytes = write_checkpoint(src, cfg)
     write_s = time.perf_counter() - t
@@ -293,11 +297,7 @@ def calibrated(args, work: Path) -> list[dict]:
 
     cfg = {**QWEN25_15B, "num_hidden_layers": args.calibrated_layers}
     src = work / "qwen2.5-1.5b-shaped"
-    need = 2 * sum(int(np.prod(s)) for s in llama_shapes(cfg).values())
-    free = shutil.disk_usage(work).free
-    if free < 1.5 * need + (1 << 30):
-        raise SystemExit(f"scale.py: {work} has {free / 1e9:.1f} GB free; the 1.5B-shaped checkpoint and its "
-                         f"artifact need ~{(1.5 * need + (1 << 30)) / 1e9:.1f} GB")
+    check_disk(work, cfg, 1.5, "the 1.5B-shaped checkpoint and its artifact", " (use --workdir)")
     nbytes = write_checkpoint(src, cfg, seed=1)
     for f in Path(data.model_dir("smollm2-135m")).glob("*"):
         if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
