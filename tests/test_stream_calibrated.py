@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cqjax import pipeline, recipes, stream_calibrated
+from cqjax import recipes, stream_calibrated
+from cqjax.pipeline import Context, run
 from cqjax.calib.stats import collect
 from cqjax.io import artifact, hf
 from cqjax.io.artifact_writer import ArtifactWriter, partial_dir
@@ -35,10 +36,10 @@ def rows():
     return np.random.default_rng(0).integers(0, CFG["vocab_size"], size=(5, 12)).astype(np.int32)
 
 
-def converted(ckpt, rows, out, **kw):
-    kw = {"ctx": pipeline.Context(rng_seed=1), "extra": EXTRA, "key": "k", "progress": False, **kw}
-    return stream_calibrated.convert(recipes.recipe("cq-ef", bits=3), hf.import_checkpoint(ckpt), out, tokens=rows,
-                                     **kw)
+def converted(ckpt, rows, out, pipeline=None, **kw):
+    kw = {"ctx": Context(rng_seed=1), "extra": EXTRA, "key": "k", "progress": False, **kw}
+    return stream_calibrated.convert(pipeline or recipes.recipe("cq-ef", bits=3), hf.import_checkpoint(ckpt), out,
+                                     tokens=rows, **kw)
 
 
 def files(directory):
@@ -49,7 +50,7 @@ def test_float_carry_is_the_in_memory_recipe(ckpt, rows, tmp_path):
     """With the float stream carried, each block sees the Hessians the whole float model gives."""
     ir = hf.import_checkpoint(ckpt)
     calib = collect(hf.to_model(ir), ir, rows, progress=False)
-    want, _ = pipeline.run(recipes.recipe("cq-ef", bits=3), ir, pipeline.Context(rng_seed=1, calibration=calib))
+    want, _ = run(recipes.recipe("cq-ef", bits=3), ir, Context(rng_seed=1, calibration=calib))
     converted(ckpt, rows, tmp_path / "a", carry="float", batch=2)  # a ragged last batch
     got = artifact.load(tmp_path / "a")
     assert set(got.params) == set(want.params)
@@ -100,7 +101,7 @@ def test_killed_conversion_resumes_to_the_same_bytes(ckpt, rows, tmp_path, monke
     monkeypatch.setattr(ArtifactWriter, "add", add)
     assert (partial_dir(tmp_path / "resumed") / "carry.npz").is_file()
     said = []
-    converted(ckpt, rows, tmp_path / "resumed", resume=True, ctx=pipeline.Context(rng_seed=1, log=said.append))
+    converted(ckpt, rows, tmp_path / "resumed", resume=True, ctx=Context(rng_seed=1, log=said.append))
     assert len(said) == 1 and said[0].startswith("resuming: 13 of ") and said[0].endswith("from block 1")
     assert files(tmp_path / "resumed") == files(tmp_path / "once")
     assert not partial_dir(tmp_path / "resumed").exists()
@@ -120,7 +121,7 @@ def test_resume_with_other_rows_starts_over(ckpt, rows, tmp_path, monkeypatch):
     monkeypatch.setattr(ArtifactWriter, "add", add)
     said = []
     other = rows[::-1].copy()
-    converted(ckpt, other, tmp_path / "a", resume=True, ctx=pipeline.Context(rng_seed=1, log=said.append))
+    converted(ckpt, other, tmp_path / "a", resume=True, ctx=Context(rng_seed=1, log=said.append))
     assert said == []
     converted(ckpt, other, tmp_path / "b")
     assert files(tmp_path / "a") == files(tmp_path / "b")
@@ -136,15 +137,17 @@ def test_recipes_that_cannot_go_block_by_block(ckpt, rows, tmp_path):
         converted(ckpt, rows[:0], tmp_path / "x")
 
 
-def test_row_blocks_pool_their_error(ckpt, rows, tmp_path, monkeypatch):
+@pytest.mark.parametrize("recipe", ["cq-ef", "gptq"])
+def test_row_blocks_pool_their_error(recipe, ckpt, rows, tmp_path, monkeypatch):
     """A table converted in row blocks joins into one tensor whose error feedback error is the
     whole tensor's (pooled over the blocks), and whose codes are the unsplit run's."""
-    converted(ckpt, rows, tmp_path / "whole")
+    chain = recipes.recipe(recipe, bits=3)
+    converted(ckpt, rows, tmp_path / "whole", pipeline=chain)
     calls = []
     block = stream_calibrated._block
     monkeypatch.setattr(stream_calibrated, "_block", lambda *a: calls.append(a[1]) or block(*a))
     monkeypatch.setattr(stream_calibrated, "_block_params", lambda meta: 1000)  # e.g. [37, 160]: 7 row blocks
-    converted(ckpt, rows, tmp_path / "split")
+    converted(ckpt, rows, tmp_path / "split", pipeline=chain)
     assert calls.count("lm_head/kernel") == 7 and calls.count("layers/1/mlp/down_proj/kernel") == 32
     whole, split = artifact.load(tmp_path / "whole"), artifact.load(tmp_path / "split")
     for path in ("lm_head/kernel", "layers/1/mlp/down_proj/kernel"):

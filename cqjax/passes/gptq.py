@@ -22,8 +22,8 @@ GPTQRoundToNearest   drop-in for :class:`cqjax.passes.rtn.RoundToNearest`: GPTQ 
 
 ``meta.info`` gets what the plain pass records plus ``error_feedback`` (``"rotated"``,
 ``"unrotated"``, ``"gptq"``, or ``"none"`` for a fallback), ``percdamp`` and
-``ef_rel_error`` (the damped output error ``tr(ΔW H_d ΔWᵀ) / tr(W H_d Wᵀ)``; ErrorFeedbackPack
-also ``ef_base``, the denominator, so that row blocks of one tensor pool to its error).
+``ef_rel_error`` (the damped output error ``tr(ΔW H_d ΔWᵀ) / tr(W H_d Wᵀ)``) and ``ef_base``
+(the denominator, so that row blocks of one tensor pool to its error).
 
 Hydra: swap one step of a pipeline config, e.g.
 ``pipeline.pack._target_=cqjax.passes.gptq.ErrorFeedbackPack`` (then
@@ -275,6 +275,7 @@ class GPTQRoundToNearest(_FallbackLog, Pass):
     needs = Needs(statistics={"hessian"})
 
     name = "gptq_round_to_nearest"
+    row_separable = True  # as ErrorFeedbackPack: each row's feedback reads only that row and H
     default_where = ELIGIBLE
     bits: Any = 3
     block: int = 128
@@ -297,5 +298,5 @@ class GPTQRoundToNearest(_FallbackLog, Pass):
         codes, scales, zeros, res = rtn_gptq(rows, H, bits, self.block, self.percdamp, path)
         q = RTNArray.pack(codes, scales, zeros, bits=bits, block=self.block, K=K, transposed=transposed)
         info = {**meta.info, "bits": bits, "block": self.block, "format": "rtn", "error_feedback": "gptq",
-                "percdamp": self.percdamp, "ef_rel_error": res.relative_error}
+                "percdamp": self.percdamp, "ef_rel_error": res.relative_error, "ef_base": res.base}
         return q, meta.replace(info=info)
