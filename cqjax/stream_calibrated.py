@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 from cqjax import pipeline as pl
-from cqjax.calib.stats import KernelProbe, Tape
+from cqjax.calib.stats import KernelProbe, Tape, add_sums
 from cqjax.io import artifact, atomic
 from cqjax.io.artifact_writer import ArtifactWriter
 from cqjax.ir import IR, KERNEL_ROLES
@@ -188,6 +188,9 @@ def _gram(x: jax.Array) -> jax.Array:
     return f.T @ f
 
 
+_jit_gram = jax.jit(_gram)
+
+
 class _BlockStats:
     """Runs a block over the carried activations and sums its linears' input Hessians.
 
@@ -206,13 +209,7 @@ class _BlockStats:
             tape.clear()
             tape.reduce = _gram
             y = shell.block(i, x, side, layer=nnx.merge(graphdef, state))[:2]
-            uniq, sums, layout = {}, [], {}
-            for path, h in tape.records:
-                if id(h) not in uniq:
-                    uniq[id(h)] = len(sums)
-                    sums.append(h)
-                layout[path] = uniq[id(h)]
-            self.layouts[key] = layout
+            sums, self.layouts[key] = tape.distinct()
             tape.clear()
             return y, sums
 
@@ -230,7 +227,7 @@ class _BlockStats:
         for x, side in acts:
             y, s = self._run(graphdef, key, state, x, side, np.int32(i))
             outs.append(y)
-            sums = _accumulate(sums, s)
+            sums = add_sums(sums, s)
         self.tokens = sum(int(np.prod(x.shape[:-1])) for x, _ in acts)
         layout = self.layouts[key]
         return jax.block_until_ready(outs), {prefix + rel: sums[k] / self.tokens for rel, k in layout.items()}
@@ -241,18 +238,10 @@ class _BlockStats:
         path = "lm_head/kernel" if "lm_head/kernel" in ir.meta else "embed_tokens/embedding"
         if path not in paths:
             return {}
-        sums = _accumulate(None, [jax.jit(_gram)(h) for h in hidden])
-        total = sum(int(np.prod(h.shape[:-1])) for h in hidden)
-        return {path: functools.reduce(np.add, sums) / total}
-
-
-def _accumulate(total: list[np.ndarray] | None, sums) -> list[np.ndarray]:
-    """Adds float32 device sums into float64 host sums, in place (one matrix at a time)."""
-    if total is None:
-        return [np.asarray(s, np.float64) for s in sums]
-    for t, s in zip(total, sums):
-        np.add(t, np.asarray(s), out=t)
-    return total
+        sums = None
+        for h in hidden:
+            sums = add_sums(sums, [_jit_gram(h)])
+        return {path: sums[0] / sum(int(np.prod(h.shape[:-1])) for h in hidden)}
 
 
 class _Carry:

@@ -61,15 +61,11 @@ class _HalfDots:
     def shape(self) -> tuple[int, ...]:
         return self.w.shape[::-1] if self.kernel else self.w.shape
 
-    def _dot(self, x):
+    def matmul(self, x):
         return jnp.einsum("...d,od->...o", x.astype(self.w.dtype), self.w,
                           preferred_element_type=jnp.float32).astype(x.dtype)
 
-    def matmul(self, x):
-        return self._dot(x)
-
-    def attend(self, x):
-        return self._dot(x)
+    attend = matmul  # a tied head: the table times the hidden state, as a kernel
 
     def take_rows(self, ids):
         return jnp.take(self.w, ids, axis=0)

@@ -61,6 +61,27 @@ class Tape:
         self.records.clear()
         self._reduced.clear()
 
+    def distinct(self) -> tuple[list[jax.Array], dict[str, int]]:
+        """``(values, layout)``: the distinct recorded values in call order, and each path's index
+        into them (layers that read one activation share one value)."""
+        values, index, layout = [], {}, {}
+        for path, x in self.records:
+            if id(x) not in index:
+                index[id(x)] = len(values)
+                values.append(x)
+            layout[path] = index[id(x)]
+        return values, layout
+
+
+def add_sums(total: list[np.ndarray] | None, sums) -> list[np.ndarray]:
+    """Adds device sums into float64 host sums in place, one matrix at a time (no second float64
+    copy of every matrix); ``total`` None: the first sums, as float64."""
+    if total is None:
+        return [np.asarray(s, np.float64) for s in sums]
+    for t, s in zip(total, sums):
+        np.add(t, np.asarray(s), out=t)
+    return total
+
 
 @struct.dataclass
 class KernelProbe:
@@ -176,13 +197,8 @@ def collect(model: nnx.Module, ir: IR, tokens: np.ndarray, *, mask: np.ndarray |
         tape.clear()
         tape.reduce = hessian_sum  # each layer's sum as its input is made
         nnx.merge(graphdef, state)(tok, m)
-        uniq: dict[int, int] = {}
-        sums = []
-        for path, h in tape.records:
-            if id(h) not in uniq:
-                uniq[id(h)] = len(sums)
-                sums.append(h)
-            layout[path] = uniq[id(h)]
+        sums, paths = tape.distinct()
+        layout.update(paths)
         tape.clear()
         return sums
 
@@ -197,13 +213,7 @@ def collect(model: nnx.Module, ir: IR, tokens: np.ndarray, *, mask: np.ndarray |
         counted = np.concatenate([counted, np.zeros((pad, tok.shape[1]), bool)])
         m = counted.copy()
         m[len(m) - pad:, 0] = True  # padding rows: one visible token (no all-masked attention)
-        out = jstep(state, *(place_batch(jnp.asarray(a)) for a in (tok, m, counted)))
-        if sums is None:
-            sums = [np.asarray(h, np.float64) for h in out]
-        else:  # in place, one matrix at a time: no second float64 copy of every Hessian
-            for total, h in zip(sums, out):
-                np.add(total, np.asarray(h), out=total)
-        del out
+        sums = add_sums(sums, jstep(state, *(place_batch(jnp.asarray(a)) for a in (tok, m, counted))))
         bar.update(len(tok) - pad)
     bar.close()
     n_tokens = int(mask.sum())

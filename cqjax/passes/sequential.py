@@ -216,13 +216,7 @@ class _Capture:
         def run(graphdef, key, state, x, side, i):
             self.tape.clear()
             y = model.block(i, x, side, layer=nnx.merge(graphdef, state))[0]
-            uniq, xs, stage = {}, [], {}
-            for path, inp in self.tape.records:
-                if id(inp) not in uniq:
-                    uniq[id(inp)] = len(xs)
-                    xs.append(inp)
-                stage[path] = uniq[id(inp)]
-            self.layouts[key] = stage
+            xs, self.layouts[key] = self.tape.distinct()
             return y, xs
 
         @functools.partial(jax.jit, static_argnums=0)
