@@ -21,8 +21,14 @@ end to end      KL of the float model's next-token distribution to the quantized
 
 Time: ``max_seconds`` is split ``block_share`` / rest between the stages; the block stage gives
 each block an equal share of what is left and steps until it is spent (at most ``steps``); the
-end-to-end stage steps while its share lasts (at most ``e2e_steps``). Progress lines give the block, the loss before → after, and the time left. Memory: the
-float reference model, the quantized model, and three activation streams ``[rows, length, D]``.
+end-to-end stage steps while its share lasts (at most ``e2e_steps``). Progress lines give the
+block, the loss before → after, and the time left.
+
+Memory: run as a pass (``pipeline.run``, the CLI's ``calib.carry=whole``), the float reference
+model, the quantized model, and three activation streams ``[rows, length, D]``. Run block by
+block (:func:`cqjax.stream_calibrated.convert`, the CLI's default for ``cq-tune``), one block's
+float and quantized weights and two activation streams, then the quantized model alone for the
+end-to-end stage: :class:`BlockTuner` and :meth:`Tune.end_to_end` are the two stages as parts.
 
 ``meta.info`` of every tuned tensor gets ``tune``: ``{"block_loss": [before, after], "kl":
 [before, after]}`` (its block's relative MSE, the model's KL on the calibration rows).
@@ -33,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +112,13 @@ class Tune(Pass):
         if not 0 <= self.block_share <= 1:
             raise ValueError(f"tune.block_share={self.block_share!r}: must be in [0, 1]")
 
+    def chooser(self, ir: IR):
+        """``choose(path, field) -> bool``: whether a float of ``ir`` is tuned (a quantized leaf's
+        continuous field, or a float norm or bias, on a path this pass selects)."""
+        selected = set(self.selected(ir))
+        return lambda path, field: path in selected and (
+            field in MULTIPLICATIVE + ADDITIVE or (field is None and ir.meta[path].role in FLOAT_ROLES))
+
     def __call__(self, ir: IR, ctx: Context | None = None) -> IR:
         ctx = Context() if ctx is None else ctx
         if ctx.reference is None or ctx.rows is None:
@@ -115,15 +129,11 @@ class Tune(Pass):
                              "pipeline that quantizes, or pass Context(reference=<the float IR>))")
         from cqjax.io import hf
 
-        selected = set(self.selected(ir))
-        choose = lambda path, field: path in selected and (  # noqa: E731
-            field in MULTIPLICATIVE + ADDITIVE or (field is None and ir.meta[path].role in FLOAT_ROLES))
+        choose = self.chooser(ir)
         tokens = np.asarray(ctx.rows, np.int32)[: self.rows]
-        report = _Report(ctx, self.max_seconds)
-        # Seeds only record how rotations were drawn: zeroed, blocks of one shape share one compile.
-        plain = ir.replace(params={p: v.replace(seed=0) for p, v in ir.params.items() if isinstance(v, CQArray)})
+        report = Report(ctx, self.max_seconds)
         with backend.use_kernel("jax"):  # the pure-JAX path is differentiable; the FFI kernel is not
-            fmodel, qmodel = hf.to_model(ctx.reference), hf.to_model(plain)
+            fmodel, qmodel = hf.to_model(ctx.reference), hf.to_model(seedless(ir))
             e2e = None
             if self.e2e_steps:
                 # The teacher and the end-to-end step's compile (minutes for a 262k vocabulary) come
@@ -133,47 +143,49 @@ class Tune(Pass):
                     _warm_up(e2e[1], qmodel, tokens[: min(self.e2e_batch, len(tokens))], e2e[0], choose)
             if self.steps:
                 self._blocks(fmodel, qmodel, tokens, choose, report)
-            tuned = self._end_to_end(fmodel, qmodel, tokens, choose, report, e2e)
+            tuned = self._end_to_end(qmodel, tokens, choose, report, e2e)
+        return _write_back(ir, tuned, report)
+
+    def end_to_end(self, ir: IR, tokens: np.ndarray, teacher: tuple, report: Report) -> IR:
+        """The end-to-end stage alone, on a quantized ``ir`` whose block stage ran elsewhere
+        (:func:`cqjax.stream_calibrated.convert`), against the float model's ``teacher``
+        (:func:`~cqjax.passes.tune_core.teacher_topk` of its logits on ``tokens``): no float
+        model is held."""
+        if not self.e2e_steps:
+            return ir
+        from cqjax.io import hf
+
+        with backend.use_kernel("jax"):
+            qmodel = hf.to_model(seedless(ir))
+            tuned = self._end_to_end(qmodel, tokens, self.chooser(ir), report,
+                                     (teacher, _e2e_step(optimizer(self.e2e_lr, self.e2e_steps))))
         return _write_back(ir, tuned, report)
 
     # ----------------------------------------------------------------------------- block stage
 
-    def _blocks(self, fmodel, qmodel, tokens, choose, report: _Report) -> None:
+    def block_budget(self) -> float:
+        """The seconds of :attr:`max_seconds` that the block stage may spend."""
+        return self.max_seconds * (self.block_share if self.e2e_steps else 1.0)
+
+    def _blocks(self, fmodel, qmodel, tokens, choose, report: Report) -> None:
         n = len(qmodel.layers)
-        budget = self.max_seconds * (self.block_share if self.e2e_steps else 1.0)
-        fwd_f, fwd_q = _block_runner(fmodel), _block_runner(qmodel)
-        step = _block_step(qmodel, optimizer(self.lr, self.steps))
+        budget = self.block_budget()
+        fwd_f = block_runner(fmodel)
+        tuner = BlockTuner(self, qmodel)
         xf, side_f = embed(fmodel, tokens)
         xq, side_q = embed(qmodel, tokens)
-        rng = np.random.default_rng(self.seed)
         for i in range(n):
             t0 = time.perf_counter()
             share = (budget - report.elapsed()) / (n - i)  # this block's seconds, forward passes included
-            yf, side_f_next = fwd_f(fmodel.layers[i], xf, side_f, i)
-            yq, next_side = fwd_q(qmodel.layers[i], xq, side_q, i)
-            before = after = float(relative_mse(yq, yf))
-            gq, sq = nnx.split(qmodel.layers[i])
-            tun = Tunable.of(sq, choose, prefix=f"layers/{i}/")
-            steps = 0
-            if tun.base:
-                t = tun.zeros()
-                opt_state = step.opt.init(t)
-                while steps < self.steps and time.perf_counter() - t0 < share:
-                    idx = np.sort(rng.choice(len(tokens), min(self.batch, len(tokens)), replace=False))
-                    t, opt_state, loss = step(t, opt_state, *tun.args, xq[idx], take_rows(side_q, idx), yf[idx],
-                                              np.int32(i), treedef=tun.treedef, graphdef=gq)
-                    jax.block_until_ready(loss)
-                    steps += 1
-                nnx.update(qmodel.layers[i], tun.tree(t))
-            if steps:
-                yq, next_side = fwd_q(qmodel.layers[i], xq, side_q, i)
-                after = float(relative_mse(yq, yf))
-            xq, xf, side_q, side_f = yq, yf, next_side, side_f_next
-            report.block(i, n, before, after, steps, time.perf_counter() - t0, {p for p, _ in tun.names.values()})
+            yf, side_f = fwd_f(*nnx.split(fmodel.layers[i]), xf, side_f, i)
+            done = tuner(*nnx.split(qmodel.layers[i]), xq, side_q, yf, i, choose, deadline=t0 + share)
+            nnx.update(qmodel.layers[i], done.state)
+            xq, side_q, xf = done.y, done.side, yf
+            report.block(i, n, done.before, done.after, done.steps, time.perf_counter() - t0, done.paths)
 
     # ----------------------------------------------------------------------------- end to end
 
-    def _end_to_end(self, fmodel, qmodel, tokens, choose, report: _Report, e2e) -> dict:
+    def _end_to_end(self, qmodel, tokens, choose, report: Report, e2e) -> dict:
         """Runs the stage (``e2e``: the teacher and the step, None to skip it) and returns every
         tuned leaf's stored value."""
         g, state = nnx.split(qmodel)
@@ -195,7 +207,7 @@ class Tune(Pass):
             jax.block_until_ready(t)
             if steps == 1:
                 s0 = time.perf_counter()  # the first step compiles
-            elif report.elapsed() + (time.perf_counter() - s0) / (steps - 1) * 2 > self.max_seconds:
+            elif report.elapsed() + (time.perf_counter() - s0) / (steps - 1) * 2 > report.budget:
                 break  # keep time for the final KL
         after = kl(t, tun, tokens, top, ids, rest)
         if after > before:  # never hand back a worse model than the block stage made
@@ -204,7 +216,7 @@ class Tune(Pass):
         return tun.stored(t)
 
 
-class _Report:
+class Report:
     """Progress lines and the ``tune`` record written into ``meta.info``."""
 
     def __init__(self, ctx: Context, budget: float):
@@ -231,20 +243,81 @@ class _Report:
 
 
 
-def _block_runner(model):
-    """``run(layer, x, side, i) -> (y, side)`` over all rows, a few at a time; one compile per
-    layer structure (the layer's graph and state are arguments, the block index is traced)."""
+def block_runner(model):
+    """``run(graphdef, state, x, side, i) -> (y, side)``: one block of ``model`` (anything with
+    ``block(i, x, side, layer=)``) over all rows, a few at a time; one compile per block
+    structure (the graph is static, the state and the block index are traced)."""
 
     @functools.partial(jax.jit, static_argnums=0)
     def fwd(graphdef, state, x, side, i):
         return model.block(i, x, side, layer=nnx.merge(graphdef, state))[:2]
 
-    def run(layer, x, side, i):
-        g, state = nnx.split(layer)
-        parts = [fwd(g, state, x[c], take_rows(side, c), np.int32(i)) for c in chunks(x.shape[0])]
+    def run(graphdef, state, x, side, i):
+        parts = [fwd(graphdef, state, x[c], take_rows(side, c), np.int32(i)) for c in chunks(x.shape[0])]
         return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)
 
     return run
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockResult:
+    """What :class:`BlockTuner` made of one block.
+
+    Attributes:
+      state: the block's state with the tuned values.
+      y, side: the tuned block's output and side outputs (the next block's input).
+      before, after: its relative MSE against the target before and after tuning.
+      steps: the Adam steps taken.
+      paths: the IR paths it tuned.
+      values: ``{(IR path, field): float32 array}`` of the tuned values (empty if no step ran).
+    """
+
+    state: Any
+    y: Any
+    side: Any
+    before: float
+    after: float
+    steps: int
+    paths: set
+    values: dict
+
+
+class BlockTuner:
+    """Tunes one block at a time: its output on the quantized stream against the float block's
+    output on the float stream (the block stage of :class:`Tune`).
+
+    Args:
+      tune: the settings (``steps``, ``batch``, ``lr``, ``seed``).
+      model: anything with ``block(i, x, side, layer=)``: a model, or a streamed model's shell.
+    """
+
+    def __init__(self, tune: Tune, model):
+        self.tune, self.run = tune, block_runner(model)
+        self.step = _block_step(model, optimizer(tune.lr, tune.steps))
+
+    def __call__(self, graphdef, state, x, side, y, i: int, choose, *, deadline: float) -> BlockResult:
+        """Tunes block ``i`` (``(graphdef, state)``, quantized leaves in it) on the inputs ``(x,
+        side)`` against ``y`` until ``steps`` or the ``deadline`` (of ``time.perf_counter()``)."""
+        tune = self.tune
+        yq, side_q = self.run(graphdef, state, x, side, i)
+        before = after = float(relative_mse(yq, y))
+        tun = Tunable.of(state, choose, prefix=f"layers/{i}/")
+        steps, values = 0, {}
+        rng = np.random.default_rng((tune.seed, i))  # per block: a resumed conversion draws the same
+        if tun.base:
+            t = tun.zeros()
+            opt_state = self.step.opt.init(t)
+            while steps < tune.steps and time.perf_counter() < deadline:
+                idx = np.sort(rng.choice(len(x), min(tune.batch, len(x)), replace=False))
+                t, opt_state, loss = self.step(t, opt_state, *tun.args, x[idx], take_rows(side, idx), y[idx],
+                                               np.int32(i), treedef=tun.treedef, graphdef=graphdef)
+                jax.block_until_ready(loss)
+                steps += 1
+            if steps:
+                state, values = tun.tree(t), tun.stored(t)
+                yq, side_q = self.run(graphdef, state, x, side, i)
+                after = float(relative_mse(yq, y))
+        return BlockResult(state, yq, side_q, before, after, steps, {p for p, _ in tun.names.values()}, values)
 
 
 def _block_step(model, opt: optax.GradientTransformation):
@@ -319,19 +392,48 @@ def _kl_fn(graphdef, treedef):
     return kl
 
 
-def _write_back(ir: IR, tuned: dict, report: _Report) -> IR:
-    """``ir`` with the tuned values in place (fields of quantized leaves in their stored dtypes,
-    float32 arrays for float parameters) and ``meta.info["tune"]`` on every tuned tensor."""
-    fields: dict[str, dict] = {}
-    for (path, field), value in tuned.items():
-        fields.setdefault(path, {})[field] = value
+def seedless(ir: IR) -> IR:
+    """``ir`` with its CQ leaves' seeds zeroed: seeds only record how rotations were drawn, and
+    blocks of one shape then share one compile."""
+    return ir.replace(params={p: v.replace(seed=0) for p, v in ir.params.items() if isinstance(v, CQArray)})
+
+
+def seedless_leaf(leaf):
+    """One leaf as :func:`seedless` and ``hf.to_model`` give it to tuning: a CQ leaf with its
+    seed zeroed, a float array as float32, anything else as it is."""
+    if isinstance(leaf, CQArray):
+        return leaf.replace(seed=0)
+    if isinstance(leaf, (np.ndarray, jax.Array)) and jnp.issubdtype(leaf.dtype, jnp.floating):
+        return jnp.asarray(leaf, jnp.float32)
+    return leaf
+
+
+def tuned_leaf(leaf, changes: dict):
+    """``leaf`` with the tuned ``{field (None for a float parameter): float32 array}``: a
+    quantized leaf's fields back in their stored dtypes (fp16), a float parameter as float32."""
+    if is_quantized(leaf):
+        return leaf.replace(**{f: jnp.asarray(v, getattr(leaf, f).dtype) for f, v in changes.items()})
+    return np.asarray(changes[None], np.float32)
+
+
+def tune_record(meta, **record):
+    """``meta`` with ``record`` merged into ``info["tune"]``."""
+    return meta.replace(info={**meta.info, "tune": {**meta.info.get("tune", {}), **record}})
+
+
+def by_path(values: dict) -> dict[str, dict]:
+    """``{(path, field): value}`` grouped as ``{path: {field: value}}``."""
+    out: dict[str, dict] = {}
+    for (path, field), value in values.items():
+        out.setdefault(path, {})[field] = value
+    return out
+
+
+def _write_back(ir: IR, tuned: dict, report: Report) -> IR:
+    """``ir`` with the tuned values in place (:func:`tuned_leaf`) and ``meta.info["tune"]`` on
+    every tuned tensor."""
     params, meta = {}, {}
-    for path, changes in fields.items():
-        leaf = ir.params[path]
-        if is_quantized(leaf):  # back to the stored dtypes (fp16)
-            params[path] = leaf.replace(**{f: jnp.asarray(v, getattr(leaf, f).dtype) for f, v in changes.items()})
-        else:
-            params[path] = np.asarray(changes[None], np.float32)
-        record = {**report.info.get(path, {}), "kl": report.kl}
-        meta[path] = ir.meta[path].replace(info={**ir.meta[path].info, "tune": record})
+    for path, changes in by_path(tuned).items():
+        params[path] = tuned_leaf(ir.params[path], changes)
+        meta[path] = tune_record(ir.meta[path], **report.info.get(path, {}), kl=report.kl)
     return ir.replace(params=params, meta=meta)
