@@ -51,7 +51,8 @@ from cqjax import select
 from cqjax.ir import IR, KERNEL_ROLES, LazyTensor, materialize
 from cqjax.kernels.qarrays import is_quantized
 from cqjax.passes.common import calibration_hessian
-from cqjax.pipeline import Chain, Context, Needs, Pass, PassLike, named_chain, sub_ir
+from cqjax.pipeline import Chain, Context, Masked, Needs, Pass, PassLike, named_chain, sub_ir
+from cqjax.pipeline import steps as flat_steps
 from cqjax.progress import Progress
 from cqjax.quant_stats import dequantizer
 
@@ -120,6 +121,23 @@ class ActivationScale(Pass):
         if self.alpha is None and not (isinstance(self.grid, int) and self.grid >= 2):
             raise ValueError(f"{self.name}.grid={self.grid!r}: must be an int >= 2")
 
+    #: :meth:`rewrite` converts one leaf (the recipe on it, then its search), so a
+    #: block-by-block conversion (:func:`cqjax.stream_calibrated.plan`) can run this step.
+    leafwise = True
+
+    @property
+    def filter(self) -> Any:
+        """What the step rewrites: every path a step of the wrapped recipe selects (before a
+        recipe is set: the kernels to scale)."""
+        if self.recipe is None:
+            return self.scaled
+        return select.Any(*(select.to_predicate(_step_filter(p)) for _, p in flat_steps(self.recipe)))
+
+    @property
+    def scaled(self) -> Any:
+        """The filter of the kernels whose input channels are scaled (``where``)."""
+        return self.default_where if self.where is None else self.where
+
     @property
     def alphas(self) -> tuple[float, ...]:
         if self.alpha is not None:
@@ -144,6 +162,12 @@ class ActivationScale(Pass):
         inner = self.recipe.selected(ir) if self.recipe is not None else None
         return list(ir.params) if inner is None else inner
 
+    def rewrite(self, path: str, leaf: Any, meta: Any, ctx: Context) -> tuple[Any, Any]:
+        """One leaf through the wrapped recipe and, for a kernel to scale, the exponent search."""
+        one = IR(family="", config=None, params={path: leaf}, meta={path: meta})
+        out = self(one, ctx.replace(progress=False))
+        return out.params[path], out.meta[path]
+
     def _recipe(self) -> Any:
         if self.recipe is None:
             raise ValueError(f"pass {self.name!r} has no recipe to wrap: use ActivationScale(recipe=...), "
@@ -155,7 +179,7 @@ class ActivationScale(Pass):
         recipe = self._recipe()
         base = recipe(ir, ctx)
         paths, plain = [], []
-        for path in select.select(ir, self.filter):
+        for path in select.select(ir, self.scaled):
             leaf, meta = base.params.get(path), ir.meta[path]
             if not is_quantized(leaf):
                 if not isinstance(leaf, (np.ndarray, jax.Array, LazyTensor)):
@@ -214,6 +238,13 @@ class ActivationScale(Pass):
         alpha, leaf, m, err = best
         extra = {"awq_rel_error": err, "awq_rel_error_plain": err0} if search else {}
         return leaf, _info(m, alpha=alpha, **extra)
+
+
+def _step_filter(p: Any) -> Any:
+    """The filter of one flattened recipe step (a mask's filter and its inner pass's)."""
+    if isinstance(p, Masked):
+        return select.All(p.where, _step_filter(p.inner))
+    return getattr(p, "filter", True)
 
 
 def _info(meta, alpha: float, **extra):
