@@ -79,7 +79,10 @@ class StreamedLM:
         self._norm = jax.jit(lambda rest, x: whole(rest).norm(x))
         self._block = jax.jit(lambda g, state, x, side, i: shell.block(i, x, side, layer=nnx.merge(g, state))[:2],
                               static_argnums=0)
+        #: ``(params, ...)`` functions of the model outside its blocks (differentiable in ``params``).
         self.head_fn = lambda rest, h: whole(rest).logits(h)
+        self.norm_fn = lambda rest, x: whole(rest).norm(x)
+        self.embed_fn = lambda rest, tokens, mask: whole(rest).embed(tokens, mask)
         trim_heap()
 
     def _leaf(self, path: str, packed: bool) -> Any:

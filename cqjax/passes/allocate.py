@@ -183,14 +183,14 @@ class AllocateBits(Pass):
         return self.recipe(one, ctx).params[path]
 
     def measure(self, ir: IR, ctx: Context, widths: Mapping[str, Sequence[int]], *,
-                sizes_only: bool = False) -> dict[str, dict[int, Cost]]:
+                sizes_only: bool = False, progress: bool | None = None) -> dict[str, dict[int, Cost]]:
         """``{path: {bits: Cost}}`` by quantizing each tensor alone at each of its widths
-        (damage 0 with ``sizes_only``)."""
+        (damage 0 with ``sizes_only``; a progress line if ``progress``, default ``ctx.progress``)."""
         costs: dict[str, dict[int, Cost]] = {}
         dequantize = dequantizer()
         quiet = ctx.replace(progress=False)
         bar = Progress(f"allocate ({'sizes' if sizes_only else self.proxy})", total=len(widths), unit="tensors",
-                       every_s=10.0, tag="cqjax", enabled=ctx.progress)
+                       every_s=10.0, tag="cqjax", enabled=ctx.progress if progress is None else progress)
         for path, bits in widths.items():
             w = np.asarray(materialize(ir.params[path]), np.float32)
             costs[path] = {}
@@ -208,14 +208,19 @@ class AllocateBits(Pass):
         those of the fixed ones at their width. A plan serves any budget and any subset of
         ``choices`` (``dataclasses.replace(pass, bpw=..., choices=...).choose(plan)``)."""
         ctx = Context() if ctx is None else ctx
-        paths = self.selected(ir)
-        fixed = {p: self.fixed.get(p, ir.meta[p]) for p in paths} if self.fixed else {}
-        fixed = {p: int(b) for p, b in fixed.items() if b is not None}
-        free = [p for p in paths if p not in fixed]
+        fixed, free, params = self.split(ir)
         fixed_costs = self.measure(ir, ctx, {p: (b,) for p, b in fixed.items()}, sizes_only=True)
         costs = self.measure(ir, ctx, {p: self.choices for p in free}, sizes_only=self.random_seed is not None)
         return Plan(costs=costs, fixed=fixed, fixed_costs={p: c[fixed[p]] for p, c in fixed_costs.items()},
-                    params=sum(int(np.prod(ir.meta[p].shape)) for p in paths))
+                    params=params)
+
+    def split(self, ir: IR) -> tuple[dict[str, int], list[str], int]:
+        """``(fixed, free, params)``: ``{path: bits}`` of the selected tensors that fixed rules
+        cover, the paths of the others (allocated), and the parameters of all of them."""
+        paths = self.selected(ir)
+        fixed = {p: self.fixed.get(p, ir.meta[p]) for p in paths} if self.fixed else {}
+        fixed = {p: int(b) for p, b in fixed.items() if b is not None}
+        return fixed, [p for p in paths if p not in fixed], sum(int(np.prod(ir.meta[p].shape)) for p in paths)
 
     def choose(self, plan: Plan) -> dict[str, int]:
         """``{path: bits}`` for every selected tensor: the knapsack (or random promotion) over the
