@@ -157,7 +157,8 @@ class CalibConfig:
       length: tokens per sequence (BOS included).
       seed: sampling seed of ``self``.
       carry: how the calibration activations reach each block when a recipe converts block by
-        block (one whose passes read only each tensor's Hessian, e.g. ``cq-ef``, ``gptq``:
+        block (one whose passes read only each tensor's Hessian, e.g. ``cq-ef``, ``gptq``, an
+        ``awq`` step, optionally after ``quant.bpw``'s allocator and before ``cq-tune``'s tuning:
         :mod:`cqjax.stream_calibrated`): ``quantized`` (through the already-quantized prefix,
         as GPTQ implementations do; default), ``float`` (through the float model: the Hessians
         of the whole float model), or ``whole`` (no block-by-block conversion: the whole float

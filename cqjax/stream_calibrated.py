@@ -1,9 +1,10 @@
-"""Calibrated conversion block by block: error feedback without the whole float model in memory.
+"""Calibrated conversion block by block: error feedback and tuning without the whole float model.
 
 A recipe whose steps rewrite one leaf at a time from the IR and that leaf's calibration Hessian
-(:func:`calibrated_steps`: ``cq-ef``'s ``rotate → codebook → pack`` with
-:class:`~cqjax.passes.gptq.ErrorFeedbackPack`, ``gptq``, a ``hessian`` codebook) is converted
-the way GPTQ implementations do it, one decoder block at a time:
+(:func:`plan`: ``cq-ef``'s ``rotate → codebook → pack`` with
+:class:`~cqjax.passes.gptq.ErrorFeedbackPack`, ``gptq``, a ``hessian`` codebook), optionally
+followed by a :class:`~cqjax.passes.tune.Tune` step (``cq-tune``), is converted the way GPTQ
+implementations do it, one decoder block at a time:
 
 ==================  ================================================================================
 step                what
@@ -13,26 +14,38 @@ embed               the calibration rows (``tokens [n, T]``) in batches of ``bat
 block ``i``         its float weights read from the (lazy) checkpoint; one pass of ``x`` through it,
                     every linear's input second moments ``H = E[x xᵀ]`` summed where the input is
                     made (:class:`cqjax.calib.stats.Tape`); its tensors converted with those
-                    Hessians and written to the artifact; the weights and Hessians dropped
-carry              ``"quantized"`` (default): ``x`` goes on through the quantized block, so each
-                    block's Hessians see the error of the quantized prefix (GPTQ's sequential
+                    Hessians; with ``tune``, the converted block's continuous parameters tuned so
+                    that its output on the quantized stream matches the float block's output on
+                    the float stream (the tune pass's block stage); then written to the artifact,
+                    the weights and Hessians dropped
+carry              ``"quantized"`` (default): ``x`` goes on through the quantized (tuned) block, so
+                    each block's Hessians see the error of the quantized prefix (GPTQ's sequential
                     order); ``"float"``: through the float block (the Hessians of
-                    :func:`cqjax.calib.stats.collect`, the in-memory ``cq-ef``)
+                    :func:`cqjax.calib.stats.collect`, the in-memory ``cq-ef``); with ``tune``
+                    both streams are carried
 head                the final norm of the carried ``x``: the Hessian of ``lm_head`` or the tied table
 the rest            tensors outside the blocks, last (the head with its Hessian, other tables plain)
+end to end          with ``tune`` (``e2e_steps > 0``): the float model's top-k next-token
+                    distribution on the tuning rows, from the float stream; the artifact is
+                    written (marked unfinished in ``extra["tune"]``), loaded as the quantized model
+                    alone, tuned end to end against that teacher, and replaced
 ==================  ================================================================================
 
 What is resident: the model outside its blocks, one block's float weights, its converted leaves
-and Hessians, and the carried activations (``rows × T × D`` float32 and the side inputs).
+and Hessians, and the carried activations (``rows × T × D`` float32 and the side inputs; two
+streams with ``tune``). The end-to-end stage holds the quantized model, never a float one.
 After each block the carried activations are saved beside the artifact's finished parts, so
 ``resume=True`` restarts from the last finished block (a block cut short is recomputed, its
-finished tensors not rewritten) and gives the same bytes as an uninterrupted conversion.
+finished tensors not rewritten) and gives the same bytes as an uninterrupted conversion (with
+``tune``: when its steps, not its time budget, end each stage). A conversion killed in the
+end-to-end stage starts over.
 
 >>> passes, rows = convert(recipe, lazy_ir, "out/artifact", tokens=rows)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import time
@@ -45,11 +58,14 @@ import numpy as np
 from flax import nnx
 
 from cqjax import pipeline as pl
+from cqjax import quant_stats, stream_allocate
 from cqjax.calib.stats import KernelProbe, Tape, add_sums
 from cqjax.io import artifact, atomic
 from cqjax.io.artifact_writer import ArtifactWriter
-from cqjax.ir import IR, KERNEL_ROLES
+from cqjax.ir import IR, KERNEL_ROLES, materialize
 from cqjax.memory import trim_heap
+from cqjax.passes.allocate import AllocateBits
+from cqjax.passes.tune import Tune
 from cqjax.progress import Progress
 from cqjax.stream import BLOCK_PARAMS, Step, _block, _join, _write, finish, leafwise_steps, row_blocks
 
@@ -57,10 +73,30 @@ CARRY = ("quantized", "float")
 _STATISTICS = frozenset({"hessian"})
 
 
-def calibrated_steps(pipeline: Any) -> list[Step] | None:
-    """The flattened steps of ``pipeline`` if each rewrites leaf by leaf from the IR and at most
-    that leaf's calibration Hessian; else None (the recipe cannot convert block by block)."""
-    return leafwise_steps(pipeline, _STATISTICS)
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How a recipe converts block by block: its leaf-wise ``steps`` (each reads the IR and at
+    most its leaf's calibration Hessian), where the recipe starts with one its bit allocation
+    (``allocate``, :mod:`cqjax.stream_allocate`), and where it ends with one its ``tune`` step
+    (named ``tune_name``)."""
+
+    steps: list[Step]
+    tune: Tune | None = None
+    tune_name: str = "tune"
+    allocate: AllocateBits | None = None
+    allocate_name: str = "allocate"
+
+
+def plan(pipeline: Any) -> Plan | None:
+    """The :class:`Plan` of ``pipeline``, or None if it cannot convert block by block."""
+    named = pl.steps(pl.to_pass(pipeline))
+    tune = name = allocate = allocate_name = None
+    if named and isinstance(named[-1][1], Tune):
+        (name, tune), named = named[-1], named[:-1]
+    if named and isinstance(named[0][1], AllocateBits):
+        (allocate_name, allocate), named = named[0], named[1:]
+    steps = leafwise_steps(pl.named_chain(*named), _STATISTICS) if named else None
+    return None if steps is None else Plan(steps, tune, name or "tune", allocate, allocate_name or "allocate")
 
 
 def convert(pipeline: Any, ir: IR, directory: str | Path, *, tokens: np.ndarray, ctx: pl.Context | None = None,
@@ -70,16 +106,18 @@ def convert(pipeline: Any, ir: IR, directory: str | Path, *, tokens: np.ndarray,
     """Converts the (lazy) float ``ir`` with ``pipeline`` block by block (see the module doc).
 
     Args:
-      pipeline: a recipe for which :func:`calibrated_steps` is not None.
+      pipeline: a recipe for which :func:`plan` is not None.
       ir: the float IR of a causal LM (lazy leaves are read block by block).
       directory: the artifact to write (atomically, at the end).
-      tokens: int32 ``[n, T]`` calibration rows.
+      tokens: int32 ``[n, T]`` calibration rows (a ``tune`` step tunes on the first
+        ``tune.rows`` of them).
       ctx: the passes' context (its ``rng_seed`` seeds the rotations; its ``calibration`` is
         replaced block by block).
       extra, tokenizer_from, key: as for :func:`cqjax.stream.convert`.
       resume: continue an interrupted conversion of the same key, recipe and tokens.
       progress: a progress line per block on stderr.
-      carry: ``"quantized"`` or ``"float"`` (see the module doc).
+      carry: ``"quantized"`` or ``"float"``: the stream whose Hessians the blocks see (see the
+        module doc).
       batch: calibration rows per jitted step.
 
     Returns:
@@ -92,10 +130,11 @@ def convert(pipeline: Any, ir: IR, directory: str | Path, *, tokens: np.ndarray,
     from cqjax.runtime import evaluation_leaf
 
     ctx = pl.Context() if ctx is None else ctx
-    steps = calibrated_steps(pipeline)
-    if steps is None:
+    how = plan(pipeline)
+    if how is None:
         raise ValueError("stream_calibrated.convert: a step does not rewrite leaf by leaf from the IR and its "
-                         "calibration Hessian; run the recipe with cqjax.pipeline.run")
+                         "calibration Hessian (or a tune step is not last); run the recipe with cqjax.pipeline.run")
+    steps, tune = how.steps, how.tune
     if carry not in CARRY:
         raise ValueError(f"carry={carry!r}: allowed {CARRY}")
     tokens = np.asarray(tokens, np.int32)
@@ -109,56 +148,196 @@ def convert(pipeline: Any, ir: IR, directory: str | Path, *, tokens: np.ndarray,
         "extra": artifact.to_json(artifact.reproducible(extra or {}), "extra"),
         "calibration": {"tokens": hashlib.sha256(tokens.tobytes()).hexdigest(), "shape": list(tokens.shape),
                         "carry": carry, "batch": batch}})
+    allocated = time.perf_counter()
+    if how.allocate is not None:
+        ir = stream_allocate.allocate(how.allocate, ir, tokens, ctx, scratch=writer.parts, progress=progress)
+    allocated = time.perf_counter() - allocated
     lm = StreamedLM(ir, dtype=None, name="calibration")
     n = lm.num_layers
     blocks = [[p for p in ir.meta if p.startswith(f"layers/{i}/")] for i in range(n)]
     rest = [p for p in ir.meta if not p.startswith("layers/")]
-    seconds = dict.fromkeys((s.name for s in steps), 0.0)
-    stats = _BlockStats(lm)
+    report = [Step(s.name, s.p, s.selects) for s in steps]
+    if how.allocate is not None:
+        report.insert(0, Step(how.allocate_name, how.allocate, lambda path, meta: "allocated_bits" in meta.info))
+    tuner = None
+    if tune is not None:
+        tuner = _BlockTuning(tune, how.tune_name, lm, ir, ctx, n)
+        report.append(Step(how.tune_name, tune, lambda path, meta: path in tuner.selected))
+    seconds = dict.fromkeys((s.name for s in report), 0.0)
+    if how.allocate is not None:
+        seconds[how.allocate_name] = allocated
+    stats = BlockStats(lm)
     batches = [(tokens[i:i + batch], np.ones(tokens[i:i + batch].shape, bool)) for i in range(0, len(tokens), batch)]
+
+    def fresh():  # the first block's inputs of the streams this conversion carries
+        acts = [lm.embed(t, m) for t, m in batches]
+        return {"q": acts if carry == "quantized" or tune else None, "f": acts if carry == "float" or tune else None}
+
     saved = _Carry(writer.parts)
-    first, acts = saved.load(lambda: [lm.embed(t, m) for t, m in batches])
+    first, streams = saved.load(fresh)
     if writer.resumed:
         ctx.log(f"resuming: {writer.resumed} of {len(ir.meta)} tensors already converted, from block {first}")
     bar = Progress("convert (calibrated)", total=n, unit="blocks", every_s=10.0, tag="cqjax", enabled=progress)
     bar.update(first)
 
-    def convert_tensors(paths, hessians, n_tokens):
+    def quantize(paths, hessians, n_tokens) -> dict[str, list]:
         block_ctx = ctx.replace(calibration={p: {"hessian": h, "tokens": n_tokens} for p, h in hessians.items()})
-        leaves = {}
+        out = {}
         for path in paths:
             leaf, meta = ir.params[path], ir.meta[path]
             parts = row_blocks(leaf, meta, steps, path, _block_params(meta)) or [(leaf, meta)]
-            done = _pooled([_block(steps, path, part, part_meta, block_ctx, meta.shape) for part, part_meta in parts])
+            out[path] = _pooled([_block(steps, path, part, part_meta, block_ctx, meta.shape)
+                                 for part, part_meta in parts])
+            if how.allocate is not None:  # the allocation's share of the report: it set this tensor's width
+                for d in out[path]:
+                    d[2][how.allocate_name] = "allocated_bits" in meta.info
+        return out
+
+    def write(done: dict[str, list]) -> dict[str, Any]:
+        leaves = {}
+        for path, d in done.items():
             if writer.done(path):  # a block cut short: recomputed for the carry, not rewritten
-                leaves[path] = _join([(q, m) for q, m, *_ in done], meta.shape, path)[0]
+                leaves[path] = _join([(q, m) for q, m, *_ in d], ir.meta[path].shape, path)[0]
             else:
-                leaves[path] = _write(writer, ir, path, done, seconds)
+                leaves[path] = _write(writer, ir, path, d, seconds)
         return leaves
 
     for i in range(first, n):
         graphdef, state = lm.load_block(i)
-        out, hessians = stats(graphdef, state, i, acts, blocks[i], ir)
-        del state
-        leaves = convert_tensors(blocks[i], hessians, stats.tokens)
+        out, hessians = stats(graphdef, state, i, streams["q"] if carry == "quantized" else streams["f"], blocks[i],
+                              ir)
+        target = None
+        if streams["f"] is not None:
+            target = out if carry == "float" else lm.run_block(graphdef, state, i, streams["f"])
+        del state, out
+        done = quantize(blocks[i], hessians, stats.tokens)
         del hessians
-        if carry == "float":
-            acts = out
-        else:
-            del out
+        if tuner is not None:
+            done = tuner(i, done, streams["q"], target)
+        leaves = write(done)
+        del done
+        if streams["q"] is not None:
             graphdef, state = lm.block_state(i, lambda p: evaluation_leaf(leaves[p], packed=False))
-            acts = lm.run_block(graphdef, state, i, acts)
+            streams["q"] = lm.run_block(graphdef, state, i, streams["q"])
             del state
-        del leaves
-        saved.save(i + 1, acts)
+        streams["f"] = target
+        del leaves, target
+        saved.save(i + 1, streams)
         trim_heap()
         bar.update(1)
     bar.close()
-    head = stats.head([lm.final_norm(x) for x, _ in acts], rest, ir)
-    del acts, lm, stats
+    head = stats.head([lm.final_norm(x) for x, _ in streams["q" if carry == "quantized" else "f"]], rest, ir)
+    teacher = None
+    if tune is not None and tune.e2e_steps:
+        teacher = _teacher(lm, streams["f"], tune.rows, tune.topk)
+    del streams, lm, stats
     trim_heap()
-    convert_tensors(rest, head, len(tokens) * tokens.shape[1])
-    return finish(writer, ir, steps, seconds, extra, tokenizer_from)
+    write(quantize(rest, head, len(tokens) * tokens.shape[1]))
+    if teacher is None:
+        return finish(writer, ir, report, seconds, extra, tokenizer_from)
+    # The end-to-end stage holds the quantized model (not the float one): its block stage is
+    # written first as a complete artifact, marked unfinished, which the stage then replaces.
+    passes, _ = finish(writer, ir, report, seconds, {**(extra or {}), "tune": "end-to-end stage unfinished"},
+                       tokenizer_from)
+    start = time.perf_counter()
+    qir = tune.end_to_end(artifact.load(directory, verify=False), tokens[: tune.rows], teacher,
+                          tuner.e2e_report())
+    for p in passes:
+        p["seconds"] += (time.perf_counter() - start) if p["name"] == how.tune_name else 0.0
+    rows = quant_stats.tensors(qir, ir)
+    artifact.save(qir, directory, tokenizer_from=tokenizer_from, extra={**(extra or {}), "passes": passes})
+    return passes, rows
+
+
+class _BlockTuning:
+    """The block stage of a ``tune`` step inside a block-by-block conversion: each block's
+    converted leaves tuned so that the block's output on the quantized stream matches the float
+    block's on the float stream (:class:`cqjax.passes.tune.BlockTuner`), before they are written.
+
+    Its budget (``tune.block_budget()``) counts tuning time only, shared equally by the blocks
+    not yet tuned; the end-to-end stage gets what is left of ``tune.max_seconds``."""
+
+    def __init__(self, tune: Tune, name: str, lm, ir: IR, ctx: pl.Context, n: int):
+        from cqjax.passes.tune import BlockTuner, Report
+
+        self.tune, self.name, self.lm, self.ir, self.ctx, self.n = tune, name, lm, ir, ctx, n
+        self.selected = set(tune.selected(ir))
+        self.choose = tune.chooser(ir)
+        self.tuner = BlockTuner(tune, lm.shell)
+        self.report = Report(ctx, tune.block_budget())
+        self.spent = 0.0
+
+    def __call__(self, i: int, done: dict[str, list], acts: list, target: list) -> dict[str, list]:
+        """``done`` (block ``i``'s converted leaves, as :func:`_block` returns each tensor's row
+        blocks) with its tuned leaves in place, one entry per tuned tensor."""
+        from cqjax.kernels import backend
+        from cqjax.passes.tune import by_path, seedless_leaf, tune_record, tuned_leaf
+
+        start = time.perf_counter()
+        rows = self.tune.rows
+        x, side = _rows(acts, rows)
+        y, _ = _rows(target, rows)
+        joined = {p: _join([(q, m) for q, m, *_ in d], self.ir.meta[p].shape, p) for p, d in done.items()}
+        share = (self.tune.block_budget() - self.spent) / (self.n - i)
+        with backend.use_kernel("jax"):  # the pure-JAX path is differentiable
+            graphdef, state = self.lm.block_state(i, lambda p: seedless_leaf(joined[p][0]))
+            result = self.tuner(graphdef, state, x, side, y, i, self.choose, deadline=start + share)
+        changes = by_path(result.values)
+        out = dict(done)
+        for path in sorted(result.paths & set(done)):
+            leaf, meta = joined[path]
+            took = {name: sum(d[3].get(name, 0.0) for d in done[path]) for name in done[path][0][3]}
+            touched = {name: any(d[2][name] for d in done[path]) for name in done[path][0][2]}
+            sums = [d[4] for d in done[path] if d[4] is not None]
+            sums = (sum(s[0] for s in sums), sum(s[1] for s in sums)) if sums else None
+            if path in changes:
+                leaf = tuned_leaf(leaf, changes[path])
+                sums = _error_sums(self.ir, path, leaf)
+            touched[self.name] = path in changes
+            meta = tune_record(meta, block_loss=[result.before, result.after])
+            out[path] = [(leaf, meta, touched, took, sums)]
+        seconds = time.perf_counter() - start
+        self.spent += seconds
+        tuned = sorted(result.paths & set(done))
+        if tuned:  # the stage's time, counted once
+            out[tuned[0]][0][3][self.name] = seconds
+        self.report.start = time.perf_counter() - self.spent  # its budget counts tuning only
+        self.report.block(i, self.n, result.before, result.after, result.steps, seconds, result.paths)
+        return out
+
+    def e2e_report(self):
+        from cqjax.passes.tune import Report
+
+        return Report(self.ctx, max(0.0, self.tune.max_seconds - self.spent))
+
+
+def _rows(acts: list, rows: int) -> tuple[jax.Array, Any]:
+    """The first ``rows`` rows of a stream's batches ``[(x, side)]``, joined: ``(x, side)``."""
+    x = jnp.concatenate([a[0] for a in acts])[:rows]
+    side = jax.tree.map(lambda *s: jnp.concatenate(s)[:rows], *[a[1] for a in acts])
+    return x, side
+
+
+def _error_sums(ir: IR, path: str, leaf: Any) -> tuple[float, float] | None:
+    """:func:`cqjax.quant_stats.error_sums` of a quantized ``leaf`` against ``ir``'s float
+    tensor (None for a float leaf)."""
+    if not quant_stats.is_quantized(leaf):
+        return None
+    w = np.asarray(materialize(ir.params[path]), np.float32)
+    transposed = ir.meta[path].role in KERNEL_ROLES and w.ndim == 2
+    return quant_stats.error_sums(w.T if transposed else w, quant_stats.dequantizer(transpose=transposed)(leaf))
+
+
+def _teacher(lm, acts: list, rows: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The float model's top-``k`` log-probabilities, ids and rest mass
+    (:func:`cqjax.passes.tune_core.teacher_topk`) on the first ``rows`` rows of the float
+    stream after the last block, one row at a time (a row's logits are the largest array)."""
+    from cqjax.passes.tune_core import teacher_topk
+
+    run = jax.jit(lambda params, h: teacher_topk(lm.head_fn(params, h), k))
+    x, _ = _rows(acts, rows)
+    parts = [run(lm.params, lm.final_norm(x[r:r + 1])) for r in range(x.shape[0])]
+    return tuple(np.concatenate([np.asarray(p[j]) for p in parts]) for j in range(3))
 
 
 def _block_params(meta) -> int:
@@ -191,7 +370,7 @@ def _gram(x: jax.Array) -> jax.Array:
 _jit_gram = jax.jit(_gram)
 
 
-class _BlockStats:
+class BlockStats:
     """Runs a block over the carried activations and sums its linears' input Hessians.
 
     ``stats(graphdef, state, i, acts, paths, ir) -> (outputs, {path: H float64 [K, K]})``: the
@@ -218,6 +397,7 @@ class _BlockStats:
     def __call__(self, graphdef, state, i, acts, paths, ir):
         prefix = f"layers/{i}/"
         kernels = {p[len(prefix):] for p in paths if ir.meta[p].role in KERNEL_ROLES and len(ir.meta[p].shape) == 2}
+        state = jax.tree.map(lambda x: x, state)  # new Variables: the caller's block keeps its kernels
         for key, var in nnx.to_flat_state(state):
             rel = "/".join(map(str, key))
             if rel in kernels:

@@ -23,8 +23,9 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
     A data-free recipe (:func:`cqjax.stream.leafwise_steps`) instead streams: passes, tensor
     errors and the artifact tensor by tensor (resumable with ``resume=true``), then both
     evaluations. A recipe whose passes read only each tensor's Hessian
-    (:func:`cqjax.stream_calibrated.calibrated_steps`, e.g. ``cq-ef``) draws its calibration rows
-    and then converts block by block (``calib.carry``; resumable too). With ``eval.streamed``
+    (:func:`cqjax.stream_calibrated.plan`, e.g. ``cq-ef``; with ``quant.bpw`` the allocator's
+    statistics are taken block by block first; ``cq-tune``'s tuning runs block by block too)
+    draws its calibration rows and then converts block by block (``calib.carry``; resumable too). With ``eval.streamed``
     (default) both models are evaluated block by block (:class:`cqjax.eval.streamed.StreamedLM`),
     reading the float weights from the checkpoint.
     """
@@ -38,8 +39,8 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
     t = Timings()
     directory = model_dir(cfg.model)
     streamed = recipe is not None and not recipe.needs and stream.leafwise_steps(recipe) is not None
-    blockwise = (recipe is not None and not streamed and cfg.calib.carry != "whole"
-                 and stream_calibrated.calibrated_steps(recipe) is not None)
+    blockwise = (recipe is not None and not streamed and recipe.needs.calibration and cfg.calib.carry != "whole"
+                 and stream_calibrated.plan(recipe) is not None)
     with t("import"):
         log(f"importing {directory}")
         ir = hf.import_checkpoint(directory)
