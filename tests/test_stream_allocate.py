@@ -64,6 +64,7 @@ def test_statistics_are_the_whole_models(tied, rows, tmp_path, monkeypatch):
         assert got["tokens"] == stats["tokens"]
 
 
+@pytest.mark.slow
 def test_conversion_starts_with_the_allocation(rows, tmp_path):
     """``quant.bpw`` with error feedback converts block by block: the widths are the in-memory
     allocator's, and the artifact meets the budget."""
