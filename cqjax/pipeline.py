@@ -378,6 +378,11 @@ class Masked:
     def needs(self) -> Needs:
         return self.inner.needs
 
+    @property
+    def filter(self) -> Any:
+        """What the masked step may rewrite: ``where`` and the inner pass's own filter."""
+        return select_lib.All(self.where, getattr(self.inner, "filter", True))
+
     def selected(self, ir: IR) -> list[str]:
         paths = select_lib.select(ir, self.where)
         inner = self.inner.selected(sub_ir(ir, paths))

@@ -68,14 +68,12 @@ def leafwise_steps(pipeline: Any, statistics: frozenset[str] = frozenset()) -> l
     the IR and the calibration ``statistics`` of the leaf it rewrites (no rows, no reference);
     else None (the recipe cannot stream)."""
     out = []
-    for name, p in pl.steps(pl.to_pass(pipeline)):
-        where = True
-        if isinstance(p, pl.Masked):
-            where, p = p.where, p.inner
+    for name, step in pl.steps(pl.to_pass(pipeline)):
+        p = step.inner if isinstance(step, pl.Masked) else step
         needs = p.needs
         if not _leafwise(p) or needs.rows or needs.reference or not set(needs.statistics) <= set(statistics):
             return None
-        out.append(Step(name, p, select_lib.to_predicate(select_lib.All(where, p.filter))))
+        out.append(Step(name, p, select_lib.to_predicate(step.filter)))
     return out
 
 

@@ -51,7 +51,7 @@ from cqjax import select
 from cqjax.ir import IR, KERNEL_ROLES, LazyTensor, materialize
 from cqjax.kernels.qarrays import is_quantized
 from cqjax.passes.common import calibration_hessian
-from cqjax.pipeline import Chain, Context, Masked, Needs, Pass, PassLike, named_chain, sub_ir
+from cqjax.pipeline import Chain, Context, Needs, Pass, PassLike, named_chain, sub_ir
 from cqjax.pipeline import steps as flat_steps
 from cqjax.progress import Progress
 from cqjax.quant_stats import dequantizer
@@ -131,7 +131,7 @@ class ActivationScale(Pass):
         recipe is set: the kernels to scale)."""
         if self.recipe is None:
             return self.scaled
-        return select.Any(*(select.to_predicate(_step_filter(p)) for _, p in flat_steps(self.recipe)))
+        return select.Any(*(select.to_predicate(getattr(p, "filter", True)) for _, p in flat_steps(self.recipe)))
 
     @property
     def scaled(self) -> Any:
@@ -238,13 +238,6 @@ class ActivationScale(Pass):
         alpha, leaf, m, err = best
         extra = {"awq_rel_error": err, "awq_rel_error_plain": err0} if search else {}
         return leaf, _info(m, alpha=alpha, **extra)
-
-
-def _step_filter(p: Any) -> Any:
-    """The filter of one flattened recipe step (a mask's filter and its inner pass's)."""
-    if isinstance(p, Masked):
-        return select.All(p.where, _step_filter(p.inner))
-    return getattr(p, "filter", True)
 
 
 def _info(meta, alpha: float, **extra):
