@@ -283,22 +283,21 @@ class _BlockTuning:
             graphdef, state = self.lm.block_state(i, lambda p: seedless_leaf(joined[p][0]))
             result = self.tuner(graphdef, state, x, side, y, i, self.choose, deadline=start + share)
         changes = by_path(result.values)
+        record = {"block_loss": [result.before, result.after]}
         out = dict(done)
-        for path in sorted(result.paths & set(done)):
-            leaf, meta = joined[path]
-            took = {name: sum(d[3].get(name, 0.0) for d in done[path]) for name in done[path][0][3]}
+        tuned = sorted(result.paths & set(done))
+        for path in tuned:
+            if path not in changes:  # no step ran: its row blocks as converted, with the record
+                out[path] = [(q, tune_record(m, **record), {**t, self.name: False}, took, sums)
+                             for q, m, t, took, sums in done[path]]
+                continue
+            leaf = tuned_leaf(joined[path][0], changes[path])  # one entry: the tuned tensor, re-measured
+            took = {name: sum(d[3][name] for d in done[path]) for name in done[path][0][3]}
             touched = {name: any(d[2][name] for d in done[path]) for name in done[path][0][2]}
-            sums = [d[4] for d in done[path] if d[4] is not None]
-            sums = (sum(s[0] for s in sums), sum(s[1] for s in sums)) if sums else None
-            if path in changes:
-                leaf = tuned_leaf(leaf, changes[path])
-                sums = _error_sums(self.ir, path, leaf)
-            touched[self.name] = path in changes
-            meta = tune_record(meta, block_loss=[result.before, result.after])
-            out[path] = [(leaf, meta, touched, took, sums)]
+            out[path] = [(leaf, tune_record(joined[path][1], **record), {**touched, self.name: True}, took,
+                          _error_sums(self.ir, path, leaf))]
         seconds = time.perf_counter() - start
         self.spent += seconds
-        tuned = sorted(result.paths & set(done))
         if tuned:  # the stage's time, counted once
             out[tuned[0]][0][3][self.name] = seconds
         self.report.start = time.perf_counter() - self.spent  # its budget counts tuning only
