@@ -82,6 +82,7 @@ def allocate(alloc: AllocateBits, ir: IR, tokens: np.ndarray, ctx: pl.Context, *
     try:
         bar = Progress("allocate: forward", total=n, unit="blocks", every_s=10.0, tag="cqjax", enabled=progress)
         acts = [lm.embed(tokens[r:r + 1], mask[r:r + 1]) for r in range(len(tokens))]
+        layout = jax.tree.structure(acts)
         for i in range(n):
             _save(work / f"{i}.npz", acts)
             graphdef, state = lm.load_block(i)
@@ -112,7 +113,7 @@ def allocate(alloc: AllocateBits, ir: IR, tokens: np.ndarray, ctx: pl.Context, *
         bar = Progress("allocate: measure", total=n, unit="blocks", every_s=10.0, tag="cqjax", enabled=progress)
         for i in reversed(range(n)):
             block = [p for p in ir.meta if p.startswith(f"layers/{i}/") and (p in free or p in fixed)]
-            inputs = _load(work / f"{i}.npz", lm, tokens, mask)
+            inputs = _load(work / f"{i}.npz", layout)
             graphdef, state = lm.load_block(i)
             if hessians is not None:
                 for p, h in hessians(graphdef, state, i, inputs, block, ir)[1].items():
@@ -127,15 +128,15 @@ def allocate(alloc: AllocateBits, ir: IR, tokens: np.ndarray, ctx: pl.Context, *
             trim_heap()
             bar.update(1)
         bar.close()
-        tables = [p for p in rest if (p in free or p in fixed)]
-        for p in tables:
+        outside = [p for p in rest if (p in free or p in fixed)]  # tables, an untied head
+        for p in outside:
             if ir.meta[p].role in TABLE_ROLES:
                 counts = np.bincount(tokens.reshape(-1), minlength=ir.meta[p].shape[0])[: ir.meta[p].shape[0]]
                 stats[p]["counts"] = counts
         if fisher:
             for p, f in grads.embedding(cts).items():
                 stats[p]["fisher"] = f
-        measure(tables)
+        measure(outside)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     plan = Plan(costs=costs, fixed=fixed, fixed_costs=fixed_costs, params=params)
@@ -153,14 +154,13 @@ def _check_side(lm, tokens: np.ndarray) -> None:
 
 
 def _save(file: Path, acts: list) -> None:
-    np.savez(file, *[np.asarray(x) for x, _ in acts])
+    np.savez(file, *[np.asarray(a) for a in jax.tree.leaves(acts)])
 
 
-def _load(file: Path, lm, tokens: np.ndarray, mask: np.ndarray) -> list:
-    """A block's saved inputs, with each row's side inputs made again (they hold no floats)."""
+def _load(file: Path, layout) -> list:
+    """A block's saved inputs (every row's ``(x, side)``, in the tree ``layout``)."""
     with np.load(file) as f:
-        xs = [jnp.asarray(f[f"arr_{r}"]) for r in range(len(f.files))]
-    return [(x, lm.embed(tokens[r:r + 1], mask[r:r + 1])[1]) for r, x in enumerate(xs)]
+        return jax.tree.unflatten(layout, [jnp.asarray(f[f"arr_{k}"]) for k in range(len(f.files))])
 
 
 class _Gradients:
