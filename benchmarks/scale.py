@@ -131,10 +131,13 @@ def write_checkpoint(path: Path, cfg: dict, seed: int = 0) -> int:
 def run_child(args: list[str], *, kill_when=None, env=None) -> dict:
     """Runs ``args``; returns ``{"seconds", "peak_rss_mb", "rc", "killed", "stdout"}``.
 
-    ``kill_when()`` (polled every 0.2 s) true: the child is sent SIGKILL."""
+    ``kill_when()`` (polled every 0.2 s) true: the child is sent SIGKILL. The child runs in the
+    temp directory, not the caller's: ``python -m cqjax`` started from a checkout's root would
+    import the source tree there, which has no compiled extension when cqjax is installed from
+    a wheel (as CI installs it)."""
     start = time.perf_counter()
     out = tempfile.TemporaryFile()
-    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tempfile.gettempdir())
     killed = False
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
