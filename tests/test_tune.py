@@ -24,12 +24,13 @@ CFG = {**CONFIG, "vocab_size": 37, "hidden_size": 64, "intermediate_size": 96, "
        "num_key_value_heads": 1, "tie_word_embeddings": False, "num_hidden_layers": 2}
 
 
-def _weights():
-    w = tensors(CFG, seed=5, scale=0.1)
-    rng = np.random.default_rng(6)
-    for k in list(w):
-        if "layers.0" in k:
-            w[k.replace("layers.0", "layers.1")] = (w[k] + 0.05 * rng.standard_normal(w[k].shape)).astype(np.float32)
+def _weights(cfg=CFG, seed=5):
+    """Layer 0 random, each later layer a perturbed copy of it."""
+    w = tensors(cfg, seed=seed, scale=0.1)
+    rng = np.random.default_rng(seed + 1)
+    for k in [k for k in w if "layers.0." in k]:
+        for i in range(1, cfg["num_hidden_layers"]):
+            w[k.replace("layers.0.", f"layers.{i}.")] = (w[k] + 0.05 * rng.standard_normal(w[k].shape)).astype(np.float32)
     return w
 
 
@@ -120,3 +121,58 @@ def test_tunable_at_zero_offsets_is_the_tree_itself():
     np.testing.assert_array_equal(back["a"]["value"], tree["a"]["value"])
     moved = tun.tree({"0": jnp.ones(4)})["a"]["value"]  # additive: start + rms(start) * t
     np.testing.assert_allclose(moved, tree["a"]["value"] + np.sqrt(np.mean(np.arange(4.0) ** 2)), rtol=1e-6)
+
+
+def _chained_and_whole_gradients(ir, q, rows, k=8):
+    """The end-to-end KL's gradient on ``rows`` by :class:`_Chain` (block by block) and by
+    ``jax.grad`` through the whole quantized model, both as ``{(path, field): array}``."""
+    from flax import nnx
+
+    from cqjax.passes.tune import _Chain, seedless
+    from cqjax.passes.tune_core import optimizer
+
+    mask = np.ones(rows.shape, bool)
+    with backend.use_kernel("jax"):
+        qmodel, choose = hf.to_model(seedless(q)), Tune().chooser(q)
+        top, ids, rest = teacher_topk(hf.to_model(ir)(rows), k)
+        chain = _Chain(qmodel, choose, optimizer(1e-3, 10))
+        chained = chain.named(chain.grad(chain.zeros(), rows, mask, top, ids, rest))
+        graphdef, state = nnx.split(qmodel)
+        tun = Tunable.of(state, choose)
+
+        def loss(t):
+            return topk_kl(nnx.merge(graphdef, tun.tree(t))(rows, mask), top, ids, rest, mask)
+
+        whole = {tun.names[key]: np.asarray(g) for key, g in jax.grad(loss)(tun.zeros()).items()}
+    return chained, whole
+
+
+def _assert_same_gradients(chained, whole):
+    assert chained.keys() == whole.keys() and len(whole) > 10
+    for name, g in whole.items():
+        np.testing.assert_allclose(chained[name], g, rtol=1e-3, atol=1e-4 * np.abs(g).max() + 1e-9, err_msg=str(name))
+
+
+def test_the_end_to_end_gradient_block_by_block_is_the_whole_models(tmp_path):
+    """Tied table: the head's and the lookup's shares of its gradient are summed."""
+    cfg = {**CFG, "tie_word_embeddings": True, "num_hidden_layers": 3}
+    ir = hf.import_checkpoint(write(tmp_path / "ckpt", config=cfg, weights=_weights(cfg, seed=3)))
+    q, _ = pl.run(recipes.recipe("cq", bits=2, embed_bits=3, block=32), ir, progress=False)
+    rows = np.random.default_rng(2).integers(0, 37, (2, 10)).astype(np.int32)
+    _assert_same_gradients(*_chained_and_whole_gradients(ir, q, rows))
+
+
+@pytest.mark.slow
+def test_the_end_to_end_gradient_block_by_block_carries_float_side_inputs(tmp_path):
+    """Gemma 4: per-layer inputs and the keys/values that KV-shared layers reuse are float side
+    inputs made from weights; their cotangents travel back with the activation's."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from test_gemma4 import F, S, config, write_gemma4
+
+    # layer 2 reuses layer 1's keys and values; every layer reads its per-layer input
+    write_gemma4(config(num_hidden_layers=3, layer_types=[S, F, F], num_kv_shared_layers=1), tmp_path)
+    ir = hf.import_checkpoint(tmp_path)
+    q, _ = pl.run(recipes.recipe("cq", bits=2, embed_bits=3, block=16), ir, progress=False)
+    rows = np.random.default_rng(3).integers(0, 97, (2, 9)).astype(np.int32)
+    _assert_same_gradients(*_chained_and_whole_gradients(ir, q, rows))
