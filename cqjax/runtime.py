@@ -194,23 +194,29 @@ def _cached_forward(graphdef):
 
 
 @functools.lru_cache(maxsize=16)
-def _decode_step(graphdef, temperature: float, top_k: int | None):
+def _decode_step(graphdef, treedef, temperature: float, top_k: int | None):
     """One jitted decode step per (model structure, sampling settings): compiled once, reused.
-    The caches are donated: XLA updates them in place instead of copying every layer's keys
-    and values on every token."""
+
+    It takes the model state as its flat list of leaves (``treedef`` rebuilds it inside the
+    trace: flattening an NNX state in Python on every token costs more than the step's smaller
+    fusions), the first position as a scalar, and the sampling key, which it splits itself; so
+    a token costs one dispatch. The caches are donated: XLA updates them in place instead of
+    copying every layer's keys and values on every token."""
 
     @functools.partial(jax.jit, donate_argnums=(1,))
-    def step(state, caches, tokens, positions, key):
-        m = nnx.merge(graphdef, state)
+    def step(leaves, caches, tokens, start, key):
+        m = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
+        positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         h, caches = m.hidden_states(tokens, jnp.ones(tokens.shape, bool), positions, caches)
         logits = m.logits(h[:, -1])
+        key, sub = jax.random.split(key)
         if temperature <= 0:
-            return jnp.argmax(logits, -1).astype(jnp.int32), caches
+            return jnp.argmax(logits, -1).astype(jnp.int32), caches, key
         logits = logits / temperature
         if top_k is not None:
             kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
             logits = jnp.where(logits < kth, -jnp.inf, logits)
-        return jax.random.categorical(key, logits).astype(jnp.int32), caches
+        return jax.random.categorical(sub, logits).astype(jnp.int32), caches, key
 
     return step
 
@@ -228,10 +234,11 @@ class Decoder:
 
     def __init__(self, model: nnx.Module, *, batch: int, max_len: int, temperature: float = 0.0,
                  top_k: int | None = None, seed: int = 0, kv_bits: int | None = None):
-        self.graphdef, self.state = nnx.split(prepare(model))
+        self.graphdef, state = nnx.split(prepare(model))
+        self._leaves, treedef = jax.tree_util.tree_flatten(state)
         self.caches = empty_caches(model, batch, max_len, kv_bits)
         self.batch, self.max_len = batch, max_len
-        self._step = _decode_step(self.graphdef, float(temperature), top_k)
+        self._step = _decode_step(self.graphdef, treedef, float(temperature), top_k)
         self._key = jax.random.PRNGKey(seed)
         self.length = 0
 
@@ -240,9 +247,8 @@ class Decoder:
         if b != self.batch or self.length + t > self.max_len:
             raise ValueError(f"Decoder: {b} rows of {t} tokens after {self.length} do not fit batch={self.batch}, "
                              f"max_len={self.max_len}")
-        positions = jnp.broadcast_to(jnp.arange(self.length, self.length + t, dtype=jnp.int32), (b, t))
-        self._key, sub = jax.random.split(self._key)
-        nxt, self.caches = self._step(self.state, self.caches, jnp.asarray(tokens, jnp.int32), positions, sub)
+        nxt, self.caches, self._key = self._step(self._leaves, self.caches, tokens.astype(np.int32),
+                                                 np.int32(self.length), self._key)
         self.length += t
         return np.asarray(nxt)
 
