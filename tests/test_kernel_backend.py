@@ -92,3 +92,23 @@ def test_non_finite_activations_come_out_non_finite(big, mode, bad):
     with backend.use_kernel(mode):
         y = np.asarray(_matmul(q, x))
     assert not np.isfinite(y[1]).any() and np.isfinite(y[0]).all()
+
+
+def test_dot_operands_follow_the_dot_dtype_and_accumulate_in_float32():
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((3, 40)).astype(np.float32), rng.standard_normal((40, 7)).astype(np.float32)
+    assert backend.dot_dtype() == "float32"
+    np.testing.assert_array_equal(np.asarray(backend.dot(x, w)), np.asarray(jnp.einsum("mk,kn->mn", x, w)))
+    with backend.use_dot_dtype("bfloat16"):
+        assert backend.dot_dtype() == "bfloat16"
+        got = backend.dot(x, w)
+    assert got.dtype == jnp.float32 and backend.dot_dtype() == "float32"
+    rounded = jnp.asarray(x, jnp.bfloat16).astype(jnp.float32) @ jnp.asarray(w, jnp.bfloat16).astype(jnp.float32)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(rounded), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(got), x @ w, rtol=1e-6, atol=1e-6)  # the operands were rounded
+    with pytest.raises(ValueError, match="dot dtype 'float16'"):
+        with backend.use_dot_dtype("float16"):
+            pass

@@ -176,3 +176,27 @@ def test_the_end_to_end_gradient_block_by_block_carries_float_side_inputs(tmp_pa
     q, _ = pl.run(recipes.recipe("cq", bits=2, embed_bits=3, block=16), ir, progress=False)
     rows = np.random.default_rng(3).integers(0, 97, (2, 9)).astype(np.int32)
     _assert_same_gradients(*_chained_and_whole_gradients(ir, q, rows))
+
+
+def test_bfloat16_gradient_steps_point_where_the_float32_ones_do(tmp_path):
+    """``dot_dtype=bfloat16`` rounds the weight dots' operands of the gradient steps only: the
+    gradient keeps its direction, and the KL the stage reports is float32's."""
+    from cqjax.passes.tune import _Chain, seedless
+    from cqjax.passes.tune_core import optimizer
+
+    cfg = {**CFG, "num_hidden_layers": 2}
+    ir = hf.import_checkpoint(write(tmp_path / "ckpt", config=cfg, weights=_weights(cfg, seed=8)))
+    q, _ = pl.run(recipes.recipe("cq", bits=2, embed_bits=3, block=32), ir, progress=False)
+    rows = np.random.default_rng(4).integers(0, 37, (2, 10)).astype(np.int32)
+    mask = np.ones(rows.shape, bool)
+    with backend.use_kernel("jax"):
+        qmodel, choose = hf.to_model(seedless(q)), Tune().chooser(q)
+        teacher = teacher_topk(hf.to_model(ir)(rows), 8)
+        chains = {d: _Chain(qmodel, choose, optimizer(1e-3, 10), d) for d in ("float32", "bfloat16")}
+        grads = {d: c.named(c.grad(c.zeros(), rows, mask, *teacher)) for d, c in chains.items()}
+        kls = {d: c.kl(c.zeros(), rows, *teacher) for d, c in chains.items()}
+    flat = {d: np.concatenate([g[k].ravel() for k in sorted(g, key=str)]) for d, g in grads.items()}
+    a, b = flat["float32"], flat["bfloat16"]
+    assert not np.array_equal(a, b)
+    assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
+    assert kls["bfloat16"] == kls["float32"]

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from cqjax.formats import rotation
+from cqjax.kernels import backend
 from cqjax.kernels.qarrays import CQArray, InputScaleMixin, decode_columns, decode_rows, tied_to
 
 TILE = 4096
@@ -66,7 +67,7 @@ class CQColumns(InputScaleMixin):
             # activation), so one tile's float decode is live at a time. Unrolled: XLA's CPU
             # backend runs a lax.map over tiles ~9x slower.
             w = decode_columns(tied_to(self.codes[t], after), self.norms[t], self.codebooks, self.bits, self.blocks)
-            after = jnp.einsum("...k,kn->...n", xr, w)
+            after = backend.dot(xr, w)
             outs.append(after)
         y = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
         return y[..., : self.rows]

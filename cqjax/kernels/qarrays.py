@@ -194,7 +194,7 @@ class _RowsMixin(InputScaleMixin):
         """The pure-JAX path: scale and rotate ``x``, decode the weight as ``[Kpad, rows]``
         (:meth:`decode_kn`), one dot (float32)."""
         xr = self.rotate_activation(self.scale_input(x.astype(jnp.float32)))
-        return jnp.einsum("...k,kn->...n", xr, self.tied(xr).decode_kn())
+        return backend.dot(xr, self.tied(xr).decode_kn())
 
     def reference_dot(self, x):
         """``x @ dequantize()`` or ``x @ dequantize().T`` (float32): the plain reference every

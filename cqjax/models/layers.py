@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cqjax.kernels import backend
+
 _NEG_INF = float(np.finfo(np.float32).min)
 
 
@@ -27,6 +29,8 @@ def matmul(x: jax.Array, kernel: Any) -> jax.Array:
     """``x @ kernel`` for a kernel stored ``[in, out]`` (a float array or a quantized leaf)."""
     if hasattr(kernel, "matmul"):
         return kernel.matmul(x)
+    if backend.dot_dtype() != "float32":
+        return backend.dot(x, kernel).astype(x.dtype)
     return jnp.matmul(x, kernel.astype(x.dtype))
 
 
@@ -71,6 +75,8 @@ class Embed(nnx.Module):
         table = self.embedding.get_value()
         if hasattr(table, "attend"):
             return table.attend(x)
+        if backend.dot_dtype() != "float32":
+            return backend.dot(x, table, "...d,vd->...v").astype(x.dtype)
         return jnp.einsum("...d,vd->...v", x, table.astype(x.dtype))
 
 

@@ -81,6 +81,10 @@ class Tune(Pass):
       max_seconds: the time budget of the whole pass.
       block_share: the block-wise stage's share of it (when both stages run).
       seed: minibatch order.
+      dot_dtype: operands of the weight dots in the gradient steps (float32 accumulation):
+        ``bfloat16``, ``float32``, or ``auto`` (bfloat16 where its dots are faster,
+        :func:`cqjax.kernels.backend.bf16_dots_fast`). Losses before and after each stage,
+        the activations carried to the next block and the float model's targets stay float32.
     """
 
     name = "tune"
@@ -96,6 +100,7 @@ class Tune(Pass):
     max_seconds: float = 1300.0
     block_share: float = 0.55
     seed: int = 0
+    dot_dtype: str = "auto"
 
     @property
     def needs(self) -> Needs:  # type: ignore[override]
@@ -115,6 +120,14 @@ class Tune(Pass):
                 raise ValueError(f"tune.{key}={getattr(self, key)!r}: must be > 0")
         if not 0 <= self.block_share <= 1:
             raise ValueError(f"tune.block_share={self.block_share!r}: must be in [0, 1]")
+        if self.dot_dtype not in ("auto",) + backend.DOT_DTYPES:
+            raise ValueError(f"tune.dot_dtype={self.dot_dtype!r}: allowed: {('auto',) + backend.DOT_DTYPES}")
+
+    def step_dots(self) -> str:
+        """The dot operand dtype of the gradient steps (:attr:`dot_dtype` with ``auto`` resolved)."""
+        if self.dot_dtype == "auto":
+            return "bfloat16" if backend.bf16_dots_fast() else "float32"
+        return self.dot_dtype
 
     def chooser(self, ir: IR):
         """``choose(path, field) -> bool``: whether a float of ``ir`` is tuned (a quantized leaf's
@@ -184,7 +197,7 @@ class Tune(Pass):
     def _end_to_end(self, qmodel, tokens, choose, report: Report, teacher) -> dict:
         """Runs the stage (``teacher``: the float model's top-k on ``tokens``, None to skip it)
         and returns every tuned leaf's stored value."""
-        chain = _Chain(qmodel, choose, optimizer(self.e2e_lr, self.e2e_steps))
+        chain = _Chain(qmodel, choose, optimizer(self.e2e_lr, self.e2e_steps), self.step_dots())
         t = chain.zeros()
         if teacher is None or chain.empty:
             return chain.stored(t)
@@ -286,7 +299,7 @@ class BlockTuner:
 
     def __init__(self, tune: Tune, model):
         self.tune, self.run = tune, block_runner(model)
-        self.step = _block_step(model, optimizer(tune.lr, tune.steps))
+        self.step = _block_step(model, optimizer(tune.lr, tune.steps), tune.step_dots())
 
     def __call__(self, graphdef, state, x, side, y, i: int, choose, *, deadline: float) -> BlockResult:
         """Tunes block ``i`` (``(graphdef, state)``, quantized leaves in it) on the inputs ``(x,
@@ -313,8 +326,9 @@ class BlockTuner:
         return BlockResult(state, yq, side_q, before, after, steps, {p for p, _ in tun.names.values()}, values)
 
 
-def _block_step(model, opt: optax.GradientTransformation):
-    """One jitted Adam step on a block's offsets against the float block's output."""
+def _block_step(model, opt: optax.GradientTransformation, dots: str):
+    """One jitted Adam step on a block's offsets against the float block's output (weight
+    dots on ``dots`` operands)."""
 
     @functools.partial(jax.jit, static_argnames=("treedef", "graphdef"))
     def step(t, opt_state, frozen, base, mult, scale, x, side, y, i, *, treedef, graphdef):
@@ -322,7 +336,8 @@ def _block_step(model, opt: optax.GradientTransformation):
             layer = nnx.merge(graphdef, assemble(treedef, frozen, base, mult, scale, t))
             return relative_mse(model.block(i, x, side, layer=layer)[0], y)
 
-        value, grads = jax.value_and_grad(loss)(t)
+        with backend.use_dot_dtype(dots):  # read while tracing
+            value, grads = jax.value_and_grad(loss)(t)
         updates, opt_state = opt.update(grads, opt_state, t)
         return optax.apply_updates(t, updates), opt_state, value
 
@@ -345,7 +360,7 @@ class _Chain:
     global-norm clip span them all, as in a step over the whole model.
     """
 
-    def __init__(self, qmodel, choose, opt: optax.GradientTransformation):
+    def __init__(self, qmodel, choose, opt: optax.GradientTransformation, dots: str = "float32"):
         if type(qmodel).hidden_states is not OutputHead.hidden_states:
             raise TypeError(f"tune end to end: {type(qmodel).__name__} overrides hidden_states; the block-by-block "
                             "gradient needs the shared embed → blocks → norm loop")
@@ -354,7 +369,8 @@ class _Chain:
         self.blocks = [(g, Tunable.of(s, choose, prefix=f"layers/{i}/"))
                        for i, (g, s) in enumerate(nnx.split(layer) for layer in qmodel.layers)]
         self.opt = opt
-        self._fns = _chain_functions(qmodel, opt)
+        self._train = _chain_functions(qmodel, opt, dots)  # the gradient steps
+        self._eval = _chain_functions(qmodel, opt, "float32") if dots != "float32" else self._train  # the KL
 
     @property
     def empty(self) -> bool:
@@ -380,9 +396,9 @@ class _Chain:
         """The static arguments of the functions that run the whole model's outer tensors."""
         return {"graphdef": self.graphdef, "treedef": self.outer.treedef}
 
-    def forward(self, t, tokens, mask, keep: bool):
-        """``(x, side, inputs)``: the last block's output and (``keep``) every block's input."""
-        f = self._fns
+    def forward(self, f, t, tokens, mask, keep: bool):
+        """``(x, side, inputs)``: the last block's output and (``keep``) every block's input,
+        by the functions ``f`` (:attr:`_train` or :attr:`_eval`)."""
         x, side = f.embed(t["outer"], *self.outer.args, tokens, mask, **self._outer)
         inputs = []
         for i, (g, tun) in enumerate(self.blocks):
@@ -393,8 +409,8 @@ class _Chain:
 
     def grad(self, t, tokens, mask, top, ids, rest) -> dict:
         """The gradient of the mean top-k KL of ``tokens`` (a batch of rows) at offsets ``t``."""
-        f = self._fns
-        x, side, inputs = self.forward(t, tokens, mask, keep=True)
+        f = self._train
+        x, side, inputs = self.forward(f, t, tokens, mask, keep=True)
         g_outer, g_x = f.head_grad(t["outer"], *self.outer.args, x, top, ids, rest, mask, **self._outer)
         ct = (g_x, jax.tree.map(jnp.zeros_like, _floats(side)[0]))
         g_blocks = [None] * len(self.blocks)
@@ -408,15 +424,15 @@ class _Chain:
 
     def step(self, t, opt_state, tokens, mask, top, ids, rest):
         """One Adam step on the KL of ``tokens``: ``(t, opt_state)``."""
-        return self._fns.apply(self.grad(t, tokens, mask, top, ids, rest), opt_state, t)
+        return self._train.apply(self.grad(t, tokens, mask, top, ids, rest), opt_state, t)
 
     def kl(self, t, tokens, top, ids, rest) -> float:
         """The mean top-k KL over all rows (a few rows at a time)."""
         total = 0.0
         for c in chunks(len(tokens)):
             mask = np.ones(tokens[c].shape, bool)
-            x, _, _ = self.forward(t, tokens[c], mask, keep=False)
-            total += float(self._fns.head_kl(t["outer"], *self.outer.args, x, top[c], ids[c], rest[c], mask,
+            x, _, _ = self.forward(self._eval, t, tokens[c], mask, keep=False)
+            total += float(self._eval.head_kl(t["outer"], *self.outer.args, x, top[c], ids[c], rest[c], mask,
                                              **self._outer)) * (c.stop - c.start)
         return total / len(tokens)
 
@@ -434,10 +450,17 @@ def _joined(floats, rest, treedef):
     return jax.tree.unflatten(treedef, [a if a is not None else b for a, b in zip(floats, rest)])
 
 
-def _chain_functions(model, opt):
+def _chain_functions(model, opt, dots: str):
     """The jitted parts of :class:`_Chain` for ``model`` (its ``block`` method; ``graphdef``
-    and ``treedef`` static, the block index traced)."""
-    static = functools.partial(jax.jit, static_argnames=("graphdef", "treedef"))
+    and ``treedef`` static, the block index traced), weight dots on ``dots`` operands."""
+
+    def static(fn):
+        @functools.wraps(fn)
+        def traced(*args, **kwargs):
+            with backend.use_dot_dtype(dots):  # read while tracing
+                return fn(*args, **kwargs)
+
+        return jax.jit(traced, static_argnames=("graphdef", "treedef"))
 
     def merged(t, frozen, base, mult, scale, graphdef, treedef):
         return nnx.merge(graphdef, assemble(treedef, frozen, base, mult, scale, t))
