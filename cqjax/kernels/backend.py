@@ -66,17 +66,19 @@ def set_kernel(mode: str | None) -> None:
 
 
 @contextlib.contextmanager
-def use_kernel(mode: str) -> Iterator[None]:
-    """Runs the ``with`` body (on this thread) with ``mode``; traces inside it use that mode."""
-    _check_mode(mode, "use_kernel(mode)")
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    stack.append(mode)
+def _pushed(name: str, value: str) -> Iterator[None]:
+    """``value`` on top of this thread's stack ``name`` for the ``with`` body."""
+    stack = _local.__dict__.setdefault(name, [])
+    stack.append(value)
     try:
         yield
     finally:
         stack.pop()
+
+
+def use_kernel(mode: str) -> contextlib.AbstractContextManager:
+    """Runs the ``with`` body (on this thread) with ``mode``; traces inside it use that mode."""
+    return _pushed("stack", _check_mode(mode, "use_kernel(mode)"))
 
 
 DOT_DTYPES = ("float32", "bfloat16")
@@ -89,22 +91,14 @@ def dot_dtype() -> str:
     return stack[-1] if stack else "float32"
 
 
-@contextlib.contextmanager
-def use_dot_dtype(dtype: str) -> Iterator[None]:
+def use_dot_dtype(dtype: str) -> contextlib.AbstractContextManager:
     """Runs the ``with`` body (on this thread) with the pure-JAX weight dots (:func:`dot`) taking
     ``dtype`` operands, accumulated in float32. ``bfloat16`` runs several times faster where the
     CPU has bf16 matrix units (:func:`bf16_dots_fast`) and rounds each operand to 8 significant
     bits: for work whose results are refit anyway (tuning's gradient steps), not for evaluation."""
     if dtype not in DOT_DTYPES:
         raise ValueError(f"dot dtype {dtype!r}; allowed: {DOT_DTYPES}")
-    stack = getattr(_local, "dots", None)
-    if stack is None:
-        stack = _local.dots = []
-    stack.append(dtype)
-    try:
-        yield
-    finally:
-        stack.pop()
+    return _pushed("dots", dtype)
 
 
 def dot(x: jax.Array, w: jax.Array, spec: str = "...k,kn->...n") -> jax.Array:
