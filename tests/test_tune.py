@@ -30,7 +30,8 @@ def _weights(cfg=CFG, seed=5):
     rng = np.random.default_rng(seed + 1)
     for k in [k for k in w if "layers.0." in k]:
         for i in range(1, cfg["num_hidden_layers"]):
-            w[k.replace("layers.0.", f"layers.{i}.")] = (w[k] + 0.05 * rng.standard_normal(w[k].shape)).astype(np.float32)
+            noise = 0.05 * rng.standard_normal(w[k].shape)
+            w[k.replace("layers.0.", f"layers.{i}.")] = (w[k] + noise).astype(np.float32)
     return w
 
 
