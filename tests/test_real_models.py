@@ -25,7 +25,7 @@ def passages(n: int) -> list[str]:
     return list(dict.fromkeys(docs))[:n]
 
 
-@pytest.mark.parametrize("name", data.MODELS)
+@pytest.mark.parametrize("name", data.LANGUAGE_MODELS)
 def test_flax_matches_transformers_on_real_text(name):
     try:
         directory = data.model_dir(name)

@@ -2,7 +2,7 @@
 
 >>> from cqjax.calib import SOURCES
 >>> SOURCES
-('self', 'squad')
+('self', 'squad', 'wikipedia')
 """
 
 from cqjax.calib.calibrate import STATS, calibrate

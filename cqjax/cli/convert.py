@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from cqjax.cli import encoders
 from cqjax.cli.common import (Timings, choice, finish, fingerprint, float_forward, log, model_dir,
                               quantized_forward, report)
 from cqjax.config import eval_config
@@ -38,9 +39,12 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
 
     t = Timings()
     directory = model_dir(cfg.model)
+    encoder = encoders.is_encoder(encoders.family_of(directory))
+    if encoder:
+        encoders.check_calibration(cfg, recipe)
     streamed = recipe is not None and not recipe.needs and stream.leafwise_steps(recipe) is not None
     blockwise = (recipe is not None and not streamed and recipe.needs.calibration and cfg.calib.carry != "whole"
-                 and stream_calibrated.plan(recipe) is not None)
+                 and not encoder and stream_calibrated.plan(recipe) is not None)
     with t("import"):
         log(f"importing {directory}")
         ir = hf.import_checkpoint(directory)
@@ -51,17 +55,18 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
                 hf.check_finite(ir)
         model = None if streamed or blockwise else hf.to_model(ir)
         tokenizer = load_tokenizer(directory)
-    evaluate = bool(cfg.eval.perplexity.enabled or cfg.eval.tasks)
+    evaluate = encoders.enabled(cfg) if encoder else bool(cfg.eval.perplexity.enabled or cfg.eval.tasks)
     if evaluate:
         check_eval_memory(ir, float_dtype=None if streamed or blockwise else "float32", quantized=recipe is not None,
-                          packed=cfg.eval.packed, streamed=cfg.eval.streamed)
+                          packed=cfg.eval.packed, streamed=cfg.eval.streamed and not encoder)
     for s in skipped:
         log(f"rule {s['rule']} -> {s['bits']} bits ({s['from']}) matches no tensor of this model: skipped")
     if cfg.resume and recipe is not None and not (streamed or blockwise):
         log(f"resume=true: pipeline {choice('pipeline') or 'custom'} needs the whole float model, so it runs in "
             "memory and starts from the beginning (data-free and block-by-block recipes resume)")
     with t("tokenize eval data"):
-        data = ev.prepare(tokenizer, eval_config(cfg.eval))
+        data = (encoders.prepare(cfg, tokenizer, directory, ir.config) if encoder
+                else ev.prepare(tokenizer, eval_config(cfg.eval)))
     trim_heap()
     qir, passes, quant, rows, calib = ir, [], None, [], None
     extra = None if recipe is None else {"recipe": {
@@ -96,7 +101,11 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
         calib = calib.with_tensors([p for p, m in qir.meta.items() if m.info.get("error_feedback") not in (None, "none")])
         trim_heap()
     base = reference = None
-    if evaluate:
+    if evaluate and encoder:
+        with t("eval float"):
+            base, reference = encoders.evaluate(model if model is not None else hf.to_model(ir, dtype=None), data,
+                                                progress=cfg.eval.progress)
+    elif evaluate:
         reference = float_forward(ir, model, cfg.eval.streamed)
         with t("eval float"):
             base = ev.evaluate_model(reference, data, model_id=f"{cfg.model.name}@{fingerprint(directory)}")
@@ -117,7 +126,11 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
             log(f"saved {out_dir / 'artifact'}")
         if cfg.eval.streamed:
             model = None  # the streamed evaluation reads the float weights block by block
-    if recipe is not None and evaluate:
+    if recipe is not None and evaluate and encoder:
+        with t("eval quantized"):
+            quant, _ = encoders.evaluate(encoders.quantized_model(qir, packed=cfg.eval.packed), data,
+                                         reference=reference, progress=cfg.eval.progress)
+    elif recipe is not None and evaluate:
         with t("eval quantized"):
             quant = ev.evaluate_model(quantized_forward(qir, packed=cfg.eval.packed, streamed=cfg.eval.streamed),
                                       data, reference=reference)

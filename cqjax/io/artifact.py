@@ -68,7 +68,7 @@ from cqjax.io.safetensors_lazy import SafetensorsFile
 from cqjax.ir import IR, LazyTensor, TensorMeta, materialize
 from cqjax.ir import verify as verify_ir
 from cqjax.kernels.qarrays import CQArray, RTNArray
-from cqjax.models import gemma4, registry, transformer
+from cqjax.models import bert, gemma4, registry, transformer
 
 log = logging.getLogger(__name__)
 FORMAT = "cqjax-artifact"
@@ -80,13 +80,13 @@ WEIGHTS = "weights.safetensors"
 TOKENIZER_DIR = "tokenizer"
 #: Files copied from a source checkpoint into ``tokenizer/`` when present.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
-                   "generation_config.json", "config.json")
+                   "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja",
+                   "generation_config.json", "config.json", "sentence_bert_config.json")
 #: Quantized leaf types by their ``format`` (the manifest's ``kind``).
 FORMATS: dict[str, type] = {"cq": CQArray, "rtn": RTNArray}
 #: Dataclasses a manifest config may name (nothing else is ever constructed).
 CONFIG_CLASSES: dict[str, type] = {c.__name__: c for c in (
-    transformer.DecoderConfig, gemma4.Gemma4Config, gemma4.Gemma4Layer)}
+    transformer.DecoderConfig, gemma4.Gemma4Config, gemma4.Gemma4Layer, bert.BertConfig)}
 SEP = "::"
 _CONVERT = "re-run quantization with this cqjax (cqjax.quantize or python -m cqjax) to convert the model"
 

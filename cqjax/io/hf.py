@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import cqjax.models.bert  # noqa: F401  (registers the BERT encoder family)
 import cqjax.models.families  # noqa: F401  (registers the built-in families)
 import cqjax.models.gemma4  # noqa: F401  (registers the Gemma 4 family)
 from cqjax.errors import CheckpointError

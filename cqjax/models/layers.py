@@ -1,4 +1,4 @@
-"""Building blocks shared by the decoder families: linear, embedding, RMSNorm, RoPE, attention.
+"""Building blocks shared by the model families: linear, embedding, RMSNorm, LayerNorm, RoPE, attention.
 
 Every parameter is an ``nnx.Param`` whose metadata carries its IR ``role`` (see
 :mod:`cqjax.ir`), so importers and passes read roles from the model instead of guessing them
@@ -96,6 +96,21 @@ class RMSNorm(nnx.Module):
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return (xf * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """``(x - mean) / sqrt(var + eps) * scale + bias`` over the last axis, in float32."""
+
+    def __init__(self, dim: int, *, eps: float, dtype=jnp.float32):
+        self.scale = nnx.Param(_zeros((dim,), dtype), role="norm")
+        self.bias = nnx.Param(_zeros((dim,), dtype), role="bias")
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
 
 
 ACTIVATIONS = {

@@ -32,6 +32,8 @@ class Family:
       hf_name: ``(IR path, config) -> checkpoint tensor name``.
       ignorable: ``(checkpoint tensor name, config) -> bool`` for tensors the model does not use
         (e.g. a saved copy of a tied output head).
+      kind: ``causal_lm`` (predicts tokens: perplexity, tasks, generation) or ``encoder``
+        (embeds sentences: :mod:`cqjax.eval.embeddings`).
     """
 
     name: str
@@ -40,6 +42,7 @@ class Family:
     build: Callable[[Any], nnx.Module]
     hf_name: Callable[[str, Any], str]
     ignorable: Callable[[str, Any], bool] = lambda name, cfg: False
+    kind: str = "causal_lm"
 
 
 FAMILIES: dict[str, Family] = {}

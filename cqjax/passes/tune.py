@@ -203,6 +203,10 @@ class Tune(Pass):
         t = chain.zeros()
         if teacher is None or chain.empty:
             return chain.stored(t)
+        if getattr(type(qmodel), "hidden_states", None) is not OutputHead.hidden_states:
+            raise TypeError(f"tune end to end: {type(qmodel).__name__} is no causal LM with the shared embed → "
+                            "blocks → norm loop that the block-by-block KL gradient needs (e2e_steps=0 tunes "
+                            "block by block only)")
         mask = np.ones(tokens.shape, bool)
         top, ids, rest = teacher
         before = chain.kl(t, tokens, top, ids, rest)
@@ -363,9 +367,6 @@ class _Chain:
     """
 
     def __init__(self, qmodel, choose, opt: optax.GradientTransformation, dots: str = "float32"):
-        if type(qmodel).hidden_states is not OutputHead.hidden_states:
-            raise TypeError(f"tune end to end: {type(qmodel).__name__} overrides hidden_states; the block-by-block "
-                            "gradient needs the shared embed → blocks → norm loop")
         self.graphdef, state = nnx.split(qmodel)
         self.outer = Tunable.of(state, lambda p, f: not p.startswith("layers/") and choose(p, f))
         self.blocks = [(g, Tunable.of(s, choose, prefix=f"layers/{i}/"))

@@ -20,6 +20,10 @@ key                                       value
 ``evals.<task>.baseline`` / ``quantized``  float, accuracy 0..1 (argmax summed log-likelihood)
 ``evals.<task>.stderr``                   float, binomial standard error of the accuracy
 ``evals.<task>.n``                        int, documents scored
+``evals.retrieval.baseline`` / ``quantized``  float, sentence encoders: top-1 question → paragraph
+                                          accuracy 0..1 (:mod:`cqjax.eval.embeddings`), ``n`` pairs
+``evals.cosine.quantized`` / ``min``      float, sentence encoders: mean / least cosine of each
+                                          text's quantized and float embeddings; ``n`` texts
 ``tensors[]``                             ``{"path", "role", "bits", "rel_error"}`` per tensor;
                                           ``rel_error = ‖w − ŵ‖² / ‖w‖²`` (null for float
                                           tensors or without the float model)

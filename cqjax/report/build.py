@@ -20,7 +20,9 @@ def evals_table(base: dict[str, Any] | None, quant: dict[str, Any] | None) -> di
 
     Returns:
       ``{"perplexity": {"baseline", "quantized", "kl", "top1", "tokens", "protocol"},
-      "<task>": {"baseline", "quantized", "stderr", "n", ...}}``.
+      "<task>": {"baseline", "quantized", "stderr", "n", ...}}``; for a sentence encoder
+      ``{"retrieval": {"baseline", "quantized", "stderr", "n", "protocol"},
+      "cosine": {"quantized" (mean), "min", "n"}}``.
     """
     base, quant = base or {}, quant or {}
     out: dict[str, Any] = {}
@@ -38,8 +40,12 @@ def evals_table(base: dict[str, Any] | None, quant: dict[str, Any] | None) -> di
         b, q = base.get(name) or {}, quant.get(name) or {}
         ref = b or q
         out[name] = {"baseline": b.get("acc"), "quantized": q.get("acc"), "stderr": ref["stderr"],
-                     "n": ref["n"], "baseline_per_char": b.get("acc_per_char"),
-                     "quantized_per_char": q.get("acc_per_char"), "protocol": ref.get("protocol")}
+                     "n": ref["n"], "protocol": ref.get("protocol")}
+        if "acc_per_char" in ref:
+            out[name].update(baseline_per_char=b.get("acc_per_char"), quantized_per_char=q.get("acc_per_char"))
+    cos = quant.get("cosine")
+    if cos:
+        out["cosine"] = {"quantized": cos["mean"], "min": cos["min"], "n": cos["n"]}
     return out
 
 
@@ -53,8 +59,8 @@ def check_schema(report: dict[str, Any]) -> None:
             if k not in report[sect] or not isinstance(report[sect][k], _NUM):
                 raise ValueError(f"report.json: {sect}.{k} must be a number or null")
     for name, e in report["evals"].items():
-        need = ("baseline", "quantized", "kl", "top1", "protocol") if name == "perplexity" else (
-            "baseline", "quantized", "stderr", "n")
+        need = {"perplexity": ("baseline", "quantized", "kl", "top1", "protocol"),
+                "cosine": ("quantized", "min", "n")}.get(name, ("baseline", "quantized", "stderr", "n"))
         for k in need:
             if k not in e:
                 raise ValueError(f"report.json: evals.{name}.{k} is missing")

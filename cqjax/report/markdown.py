@@ -31,6 +31,15 @@ def quality_table(evals: dict[str, Any]) -> list[str]:
     for name, e in evals.items():
         if name == "perplexity":
             continue
+        if name == "cosine":
+            lines.append(f"| cosine to float embeddings (mean) | 1 | {_f(e['quantized'], '.4f')} | "
+                         f"{_delta(1.0, e['quantized'], '.4f')} | least {_f(e['min'], '.4f')}, n={e['n']} texts |")
+            continue
+        if name == "retrieval":
+            lines.append(f"| retrieval accuracy (top-1) | {_f(e['baseline'], '.3f')} | {_f(e['quantized'], '.3f')} "
+                         f"| {_delta(e['baseline'], e['quantized'], '.3f')} | ±{e['stderr']:.3f} (stderr), "
+                         f"n={e['n']} questions |")
+            continue
         lines.append(f"| {name} accuracy | {_f(e['baseline'], '.3f')} | {_f(e['quantized'], '.3f')} "
                      f"| {_delta(e['baseline'], e['quantized'], '.3f')} | ±{e['stderr']:.3f} (stderr), "
                      f"n={e['n']} documents |")
@@ -53,8 +62,14 @@ def _protocol_lines(evals: dict[str, Any], runtime: str | None = None) -> list[s
     elif runtime:
         out.append(f"- The quantized model was scored with its weights {runtime} once (the same function "
                    "as the packed runtime up to float rounding; `eval.packed=true` scores the packed runtime).")
+    r = evals.get("retrieval")
+    if r:
+        pr = r.get("protocol") or {}
+        out.append(f"- Retrieval: {r['n']} SQuAD questions, each against all {r['n']} paragraphs ({pr.get('source')}); "
+                   f"texts truncated to {pr.get('max_length')} tokens; embeddings = {pr.get('pooling')}. Cosine "
+                   "compares each question's and paragraph's quantized embedding with its float embedding.")
     for name, e in evals.items():
-        if name != "perplexity":
+        if name not in ("perplexity", "retrieval", "cosine"):
             pr = e.get("protocol") or {}
             how = ("zero-shot requests rebuilt from the documents" if pr.get("requests") == "zero-shot from doc"
                    else "requests as written")

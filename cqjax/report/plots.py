@@ -99,10 +99,10 @@ def tensor_errors(report: dict[str, Any], path: str | os.PathLike) -> Path | Non
 
 
 def metrics(report: dict[str, Any], path: str | os.PathLike) -> Path | None:
-    """Float vs quantized perplexity and task accuracies (None without evaluations)."""
+    """Float vs quantized perplexity and task (or retrieval) accuracies (None without evaluations)."""
     evals = report["evals"]
     ppl = evals.get("perplexity")
-    tasks = [n for n in evals if n != "perplexity"]
+    tasks = [n for n in evals if n not in ("perplexity", "cosine")]
     if not ppl and not tasks:
         return None
     panels = (1 if ppl else 0) + (1 if tasks else 0)
@@ -141,7 +141,8 @@ def metrics(report: dict[str, Any], path: str | os.PathLike) -> Path | None:
         ax.set_xticks(list(xs), [f"{t}\n(n={evals[t]['n']})" for t in tasks])
         ax.set_ylim(0, 1)
         ax.set_ylabel("accuracy (higher is better)")
-        ax.set_title("Multiple-choice accuracy (error bars: ±1 stderr)", fontsize=10)
+        ax.set_title(("Retrieval" if tasks == ["retrieval"] else "Multiple-choice")
+                     + " accuracy (error bars: ±1 stderr)", fontsize=10)
         ax.legend(loc="upper right", fontsize=9)
     fig.suptitle(f"{report['model']}: float vs quantized ({_subtitle(report)})", fontsize=11)
     return _save(fig, path)
