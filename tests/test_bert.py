@@ -187,3 +187,23 @@ def test_encoder_refuses_calibration_on_its_evaluation_text(tmp_path):
     proc = run_cli(["+model=minilm-l6", "calib.source=squad", f"model.path={directory}",
                     f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, tmp_path / "cache")
     assert proc.returncode != 0 and "calib.source='squad'" in proc.stderr
+
+
+def test_tuning_an_encoder_runs_block_by_block_and_lowers_each_blocks_error():
+    """cq-tune on an encoder: no end-to-end KL (no tokens are predicted), the block stage alone."""
+    directory = _minilm()
+    q = cqjax.quantize(directory, bits=3, method="cq-tune", calib={"source": "wikipedia", "rows": 8, "length": 32},
+                       steps={"tune": {"rows": 8, "steps": 10, "max_seconds": 60}}, progress=False)
+    losses = [m.info["tune"]["block_loss"] for p, m in q.ir.meta.items() if p.endswith("intermediate/kernel")]
+    assert len(losses) == 6 and all(after < before for before, after in losses)
+    assert all(m.info["tune"]["kl"] is None for m in q.ir.meta.values() if "tune" in m.info)
+
+
+def test_sequential_error_feedback_on_an_encoder_leaves_the_table_to_the_plain_recipe():
+    directory = _minilm()
+    q = cqjax.quantize(directory, bits=4, method="cq-ef", calib={"source": "wikipedia", "rows": 4, "length": 32},
+                       steps={"pack": None, "seq": {"_target_": "cqjax.passes.sequential.SequentialErrorFeedbackPack",
+                                                    "rows": 4}}, progress=False)
+    info = {p: m.info.get("error_feedback") for p, m in q.ir.meta.items() if "error_feedback" in m.info}
+    assert info.pop("embeddings/word_embeddings/embedding") == "none"  # no output head reads it
+    assert len(info) == 36 and set(info.values()) == {"sequential"}

@@ -191,7 +191,10 @@ def _kernel_vars(layer) -> dict[str, nnx.Variable]:
 
 
 def _head(qmodel, selected) -> list[tuple[str, nnx.Variable]]:
-    """The output head's weight (the tied table or ``lm_head``'s kernel), if selected."""
+    """The output head's weight (the tied table or ``lm_head``'s kernel), if selected (none for
+    an encoder, which has no output head)."""
+    if getattr(qmodel, "lm_head", None) is None and getattr(qmodel, "embed_tokens", None) is None:
+        return []
     if getattr(qmodel, "lm_head", None) is None:
         path, var = "embed_tokens/embedding", _kernel_vars(qmodel.embed_tokens).get("embedding")
     else:

@@ -147,7 +147,12 @@ class Tune(Pass):
             raise ValueError("tune: ctx.reference must be the float model, not a quantized one (run tune in the "
                              "pipeline that quantizes, or pass Context(reference=<the float IR>))")
         from cqjax.io import hf
+        from cqjax.models import registry
 
+        if self.e2e_steps and registry.FAMILIES[ir.family].kind != "causal_lm":
+            ctx.log(f"{ctx.step or self.name}: {ir.family} predicts no tokens, so no end-to-end KL: the whole "
+                    "budget goes to the block-wise stage")
+            return dataclasses.replace(self, e2e_steps=0)(ir, ctx)
         choose = self.chooser(ir)
         tokens = np.asarray(ctx.rows, np.int32)[: self.rows]
         report = Report(ctx, self.max_seconds)
@@ -203,10 +208,9 @@ class Tune(Pass):
         t = chain.zeros()
         if teacher is None or chain.empty:
             return chain.stored(t)
-        if getattr(type(qmodel), "hidden_states", None) is not OutputHead.hidden_states:
-            raise TypeError(f"tune end to end: {type(qmodel).__name__} is no causal LM with the shared embed → "
-                            "blocks → norm loop that the block-by-block KL gradient needs (e2e_steps=0 tunes "
-                            "block by block only)")
+        if type(qmodel).hidden_states is not OutputHead.hidden_states:
+            raise TypeError(f"tune end to end: {type(qmodel).__name__} overrides hidden_states; the block-by-block "
+                            "gradient needs the shared embed → blocks → norm loop")
         mask = np.ones(tokens.shape, bool)
         top, ids, rest = teacher
         before = chain.kl(t, tokens, top, ids, rest)
