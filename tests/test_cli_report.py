@@ -111,3 +111,32 @@ def test_sweep_with_allocated_budgets(tmp_path):
     assert "allocated to 3" in table
     png = pareto(jobs, tmp_path / "p.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def encoder_report(bits=4, bpw=4.1, acc=0.74, cos=0.98):
+    r = report(bits=bits, bpw=bpw)
+    r["evals"] = {"retrieval": {"baseline": 0.75, "quantized": acc, "stderr": 0.015, "n": 803,
+                                "protocol": {"source": "squad", "max_length": 256, "pooling": "mean"}},
+                  "cosine": {"quantized": cos, "min": cos - 0.02, "n": 1606}}
+    return r
+
+
+def test_encoder_reports_tables_and_plots(tmp_path):
+    r = encoder_report()
+    check_schema(r)
+    bad = copy.deepcopy(r)
+    del bad["evals"]["cosine"]["min"]
+    with pytest.raises(ValueError, match="cosine.min"):
+        check_schema(bad)
+    md = markdown({**r, "plots": []})
+    assert "| retrieval accuracy (top-1) | 0.750 | 0.740 | -0.010 | ±0.015 (stderr), n=803 questions |" in md
+    assert "| cosine to float embeddings (mean) | 1 | 0.9800 | -0.0200 | least 0.9600, n=1606 texts |" in md
+    assert evals_table({"retrieval": {"acc": 0.75, "stderr": 0.01, "n": 3}},
+                       {"retrieval": {"acc": 0.7, "stderr": 0.01, "n": 3}, "cosine": {"mean": 0.9, "min": 0.8, "n": 6}}
+                       ) == {"retrieval": {"baseline": 0.75, "quantized": 0.7, "stderr": 0.01, "n": 3, "protocol": None},
+                             "cosine": {"quantized": 0.9, "min": 0.8, "n": 6}}
+    assert report_plots(r, tmp_path) == ["metrics.png", "tensor_errors.png"]
+    jobs = [{**encoder_report(b, b + 0.1, 0.6 + 0.04 * b, 1 - 0.2 / b), "job": str(b)} for b in (2, 3, 4)]
+    table = summary_table(jobs)
+    assert "perplexity" not in table and "| 0.9500 (0.930) | 0.750 → 0.760 |" in table
+    assert pareto(jobs, tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

@@ -130,9 +130,13 @@ def _row_value(r: dict[str, Any], path: str) -> Any:
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
     """summary.md of a sweep: one row per job (``rows`` are report.json dicts plus ``job``)."""
-    tasks = sorted({n for r in rows for n in r.get("evals", {}) if n != "perplexity"})
+    tasks = sorted({n for r in rows for n in r.get("evals", {}) if n not in ("perplexity", "cosine")})
+    lm = any("perplexity" in r.get("evals", {}) for r in rows) or not tasks
+    cosine = any("cosine" in r.get("evals", {}) for r in rows)
     head = ["job", "model", "pipeline", "bits", "embed bits", "bits/weight (quantized tensors)",
-            "bits/weight (model)", "size MB", "perplexity float", "perplexity quantized", "KL", "top-1",
+            "bits/weight (model)", "size MB",
+            *(["perplexity float", "perplexity quantized", "KL", "top-1"] if lm else []),
+            *(["cosine to float: mean (least)"] if cosine else []),
             *[f"{t} acc (float → quantized)" for t in tasks], "seconds"]
     lines = ["# cqjax sweep summary", "", f"{len(rows)} jobs. Quality against stored bits/weight: pareto.png.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -146,8 +150,11 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
                  _f(r["bits_per_weight"]["quantized_tensors"], ".3f"), _f(r["bits_per_weight"]["model"], ".3f"),
                  _f(None if r["bytes"]["quantized"] is None else r["bytes"]["quantized"] / MB,
                     ".1f" if (r["bytes"]["quantized"] or 0) >= 10 * MB else ".3f"),
-                 _f(p.get("baseline"), ".3f"), _f(p.get("quantized"), ".3f"), _f(p.get("kl"), ".4f"),
-                 _f(p.get("top1"), ".3f")]
+                 *([_f(p.get("baseline"), ".3f"), _f(p.get("quantized"), ".3f"), _f(p.get("kl"), ".4f"),
+                    _f(p.get("top1"), ".3f")] if lm else [])]
+        if cosine:
+            c = r.get("evals", {}).get("cosine") or {}
+            cells.append(f"{_f(c.get('quantized'), '.4f')} ({_f(c.get('min'), '.3f')})" if c else "—")
         for t in tasks:
             e = r.get("evals", {}).get(t) or {}
             cells.append(f"{_f(e.get('baseline'), '.3f')} → {_f(e.get('quantized'), '.3f')}" if e else "—")

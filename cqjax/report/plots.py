@@ -170,26 +170,51 @@ def _sweep_label(r: dict[str, Any]) -> tuple[str, str]:
     return label, f"{q.get('bits')}-bit"
 
 
+#: The two panels of a sweep's pareto.png by the kind of model swept: the key of ``evals`` that
+#: marks the kind, and the axis titles of (its first metric, its second).
+PARETO_PANELS = {
+    "perplexity": (("perplexity (log scale, lower is better)", "Perplexity vs size"),
+                   ("KL(float ‖ quantized), nats/token (log scale)", "Divergence from the float model vs size")),
+    "retrieval": (("retrieval error, 1 − top-1 accuracy (log scale)", "Retrieval vs size"),
+                  ("1 − cosine to the float embeddings (log scale)", "Divergence from the float model vs size")),
+}
+
+
+def _sweep_point(evals: dict[str, Any], kind: str) -> tuple[float | None, float | None, float | None]:
+    """``(quantized, divergence, float)`` of a job: perplexity, KL and the float perplexity; or
+    (sentence encoders) retrieval error, 1 − mean cosine and the float retrieval error."""
+    e = evals.get(kind) or {}
+    if kind == "perplexity":
+        return e.get("quantized"), e.get("kl"), e.get("baseline")
+    err = lambda acc: None if acc is None else 1.0 - acc  # noqa: E731
+    return err(e.get("quantized")), err((evals.get("cosine") or {}).get("quantized")), err(e.get("baseline"))
+
+
 def pareto(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path | None:
-    """Perplexity and KL against stored bits/weight, one line per (model, pipeline), with the
-    Pareto front of cqjax's configurations and of the baselines (:data:`BASELINES`)."""
+    """Perplexity and KL (sentence encoders: retrieval error and 1 − cosine) against stored
+    bits/weight, one line per (model, pipeline), with the Pareto front of cqjax's configurations
+    and of the baselines (:data:`BASELINES`). A sweep over both kinds plots the more common one."""
+    kinds = [k for r in rows for k in PARETO_PANELS if k in r.get("evals", {})]
+    if not kinds:
+        return None
+    kind = max(PARETO_PANELS, key=kinds.count)
     pts: dict[str, list[tuple[float, float | None, float | None, str]]] = defaultdict(list)
     floats: dict[str, float] = {}
     fronts: dict[str, list[tuple[float, float, float | None]]] = defaultdict(list)
     several = len({x["model"] for x in rows}) > 1
     for r in rows:
-        p = r.get("evals", {}).get("perplexity") or {}
-        if p.get("baseline") is not None:
-            floats[r["model"]] = p["baseline"]
+        y, div, base = _sweep_point(r.get("evals", {}), kind)
+        if base is not None:
+            floats[r["model"]] = base
         bpw = r["bits_per_weight"]["quantized_tensors"]
-        if bpw is None or p.get("quantized") is None:
+        if bpw is None or y is None:
             continue
         label, note = _sweep_label(r)
         family = "baselines" if (r.get("pipeline_name") or "") in BASELINES else "cqjax"
         if several:
             label, family = f"{r['model']} {label}", f"{r['model']} {family}"
-        pts[label].append((bpw, p["quantized"], p.get("kl"), note))
-        fronts[family].append((bpw, p["quantized"], p.get("kl")))
+        pts[label].append((bpw, y, div, note))
+        fronts[family].append((bpw, y, div))
     if not pts:
         return None
     fig = Figure(figsize=(12, 5), layout="constrained")
@@ -213,14 +238,11 @@ def pareto(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path | None:
             ax2.plot(*zip(*f2), label=f"{family} Pareto front", **style)
     for model, y in floats.items():
         ax1.axhline(y, linestyle="--", color="gray", label=f"{model} float (16 bits/weight)")
-    ax1.set_yscale("log")
-    ax1.set_xlabel("stored bits/weight (quantized tensors)")
-    ax1.set_ylabel("perplexity (log scale, lower is better)")
-    ax1.set_title("Perplexity vs size", fontsize=10)
-    ax2.set_yscale("log")
-    ax2.set_xlabel("stored bits/weight (quantized tensors)")
-    ax2.set_ylabel("KL(float ‖ quantized), nats/token (log scale)")
-    ax2.set_title("Divergence from the float model vs size", fontsize=10)
+    for ax, (ylabel, title) in zip((ax1, ax2), PARETO_PANELS[kind]):
+        ax.set_yscale("log")
+        ax.set_xlabel("stored bits/weight (quantized tensors)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
     for ax in (ax1, ax2):
         ax.margins(x=0.12, y=0.08)
         _log_labels(ax)
