@@ -19,6 +19,9 @@ end to end      KL of the float model's next-token distribution to the quantized
                 teacher's top ``topk`` tokens plus the rest (fits a 262k vocabulary)
 ==============  ================================================================================
 
+A sentence encoder (family kind ``encoder``) predicts no tokens: it is tuned by the block stage
+alone, with the whole budget.
+
 Time: ``max_seconds`` is split ``block_share`` / rest between the stages; the block stage gives
 each block an equal share of what is left and steps until it is spent (at most ``steps``); the
 end-to-end stage steps while its share lasts (at most ``e2e_steps``). Progress lines give the
