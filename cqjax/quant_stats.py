@@ -91,7 +91,7 @@ def dequantizer(transpose: bool = False):
 
 def tensors(ir: IR, float_ir: IR | None = None, *, progress: bool = False,
             external: Mapping[str, int] | None = None) -> list[dict]:
-    """One row per tensor: ``{path, role, eligible, kind, bits, params, bytes, bits_per_weight}``
+    """One row per tensor: ``{path, role, tower, eligible, kind, bits, params, bytes, bits_per_weight}``
     plus ``rel_error`` for quantized tensors when ``float_ir`` (the unquantized IR) is given
     (with a progress line on stderr if ``progress``).
 
@@ -109,7 +109,7 @@ def tensors(ir: IR, float_ir: IR | None = None, *, progress: bool = False,
         q = is_quantized(leaf)
         ext = external is not None and path in external
         nbytes = external[path] if ext else tensor_bytes(leaf, n)
-        row = {"path": path, "role": meta.role, "eligible": is_eligible(path, meta),
+        row = {"path": path, "role": meta.role, "tower": meta.tower, "eligible": is_eligible(path, meta),
                "kind": leaf.format if q else "external" if ext else "float", "bits": int(leaf.bits) if q else 16, "params": n,
                "bytes": nbytes, "bits_per_weight": 8 * nbytes / n if n else 0.0}
         if q and float_ir is not None and path in float_ir.params:
@@ -138,3 +138,18 @@ def storage(ir: IR, rows: list[dict] | None = None) -> dict:
             "bytes": {"float": FLOAT_BYTES * p_all, "quantized": b_all, "eligible": b_elig},
             "params": {"eligible": p_elig, "quantized": sum(r["params"] for r in rows if r["kind"] != "float"),
                        "model": p_all}}
+
+
+def by_tower(rows: list[dict]) -> dict[str, dict]:
+    """``{tower: {"params", "bytes", "bits_per_weight", "rel_error"}}`` of :func:`tensors` rows:
+    stored bits per weight of each tower's tensors, and the parameter-weighted mean relative
+    error of its quantized tensors (None where none was measured)."""
+    out: dict[str, dict] = {}
+    for tower in dict.fromkeys(r.get("tower", "text") for r in rows):
+        mine = [r for r in rows if r.get("tower", "text") == tower]
+        params, nbytes = sum(r["params"] for r in mine), sum(r["bytes"] for r in mine)
+        measured = [r for r in mine if r.get("rel_error") is not None]
+        weight = sum(r["params"] for r in measured)
+        out[tower] = {"params": params, "bytes": nbytes, "bits_per_weight": 8 * nbytes / params if params else 0.0,
+                      "rel_error": sum(r["rel_error"] * r["params"] for r in measured) / weight if weight else None}
+    return out

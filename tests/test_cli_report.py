@@ -140,3 +140,20 @@ def test_encoder_reports_tables_and_plots(tmp_path):
     table = summary_table(jobs)
     assert "perplexity" not in table and "| 0.9500 (0.930) | 0.750 → 0.760 |" in table
     assert pareto(jobs, tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bits_and_error_per_tower():
+    from cqjax.quant_stats import by_tower
+
+    rows = [{"tower": "text", "params": 100, "bytes": 50, "rel_error": 0.02},
+            {"tower": "text", "params": 300, "bytes": 150, "rel_error": 0.04},
+            {"tower": "text", "params": 10, "bytes": 20},  # a float norm: no error
+            {"tower": "vision", "params": 200, "bytes": 50, "rel_error": 0.1}]
+    towers = by_tower(rows)
+    assert list(towers) == ["text", "vision"]
+    assert towers["text"]["params"] == 410 and towers["text"]["bits_per_weight"] == 8 * 220 / 410
+    assert towers["text"]["rel_error"] == (0.02 * 100 + 0.04 * 300) / 400
+    assert towers["vision"] == {"params": 200, "bytes": 50, "bits_per_weight": 2.0, "rel_error": 0.1}
+    md = markdown({**report(), "towers": towers})
+    assert "| vision | 200 | 2.000 | 0.1000 |" in md
+    assert "## Per tower" not in markdown({**report(), "towers": {"text": towers["text"]}})

@@ -115,7 +115,7 @@ def tensor_rows(rows: list[dict], ir=None) -> list[dict]:
     allocator's ``predicted_rel_error`` from ``ir``'s metadata where it made one."""
     out = []
     for r in rows:
-        row = {k: r.get(k) for k in ("path", "role", "bits", "rel_error", "bytes", "bits_per_weight")}
+        row = {k: r.get(k) for k in ("path", "role", "tower", "bits", "rel_error", "bytes", "bits_per_weight")}
         predicted = ir.meta[r["path"]].info.get("predicted_rel_error") if ir is not None else None
         if predicted is not None:
             row["predicted_rel_error"] = predicted
@@ -148,6 +148,7 @@ def report(cfg: DictConfig, mode: str, t: Timings, *, ir, rows: list[dict], base
            "bits_per_weight": stored["bits_per_weight"] if quantized else {"quantized_tensors": None, "model": None},
            "bytes": {"float": stored["bytes"]["float"], "quantized": stored["bytes"]["quantized"] if quantized else None},
            "evals": evals_table(base, quant), "tensors": tensor_rows(rows, ir),
+           "towers": quant_stats.by_tower(rows) if quantized else None,
            "passes": [{"name": p["name"], "seconds": p["seconds"]} for p in passes if "seconds" in p],
            "quantized_runtime": ("packed" if cfg.eval.packed else "dequantized to float32") if quantized else None}
     out.update(fields)

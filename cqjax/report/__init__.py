@@ -27,6 +27,9 @@ key                                       value
 ``tensors[]``                             ``{"path", "role", "bits", "rel_error"}`` per tensor;
                                           ``rel_error = ‖w − ŵ‖² / ‖w‖²`` (null for float
                                           tensors or without the float model)
+``towers``                                ``{tower: {"params", "bytes", "bits_per_weight",
+                                          "rel_error"}}`` (text, vision, audio; ``rel_error`` the
+                                          parameter-weighted mean); null without a pipeline
 ``passes[]``                              ``{"name", "seconds"}`` per pass, in order
 ========================================  =====================================================
 

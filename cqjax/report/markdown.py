@@ -79,7 +79,8 @@ def _protocol_lines(evals: dict[str, Any], runtime: str | None = None) -> list[s
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """report.md: what was done, the quality table, the protocol, timings, the worst tensors, plots."""
+    """report.md: what was done, the quality table, the protocol, bits and error per tower (when
+    the model has several), timings, the worst tensors, plots."""
     bpw, nbytes = report["bits_per_weight"], report["bytes"]
     cfg = report.get("config") or {}
     q = cfg.get("quant") or {}
@@ -104,6 +105,12 @@ def markdown(report: dict[str, Any]) -> str:
     proto = _protocol_lines(report["evals"], report.get("quantized_runtime"))
     if proto:
         lines += ["", "## Protocol", "", *proto]
+    towers = report.get("towers") or {}
+    if len(towers) > 1:
+        lines += ["", "## Per tower", "", "| tower | parameters | stored bits/weight | mean relative error |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {t['params']:,} | {t['bits_per_weight']:.3f} | {_f(t['rel_error'], '.4f')} |"
+                  for name, t in towers.items()]
     lines += ["", "## Time", ""]
     if report["passes"]:
         lines.append("Passes: " + ", ".join(f"{p['name']} {p['seconds']:.1f} s" for p in report["passes"]) + ".")
