@@ -97,7 +97,11 @@ def from_text(tokenizer, text: str, *, n: int, length: int) -> np.ndarray:
 
     bos = getattr(tokenizer, "bos_token_id", None)
     cls, sep = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
-    head, tail = ([int(bos)], []) if bos is not None else ([int(cls)], [int(sep)]) if None not in (cls, sep) else ([], [])
+    head, tail = [], []
+    if bos is not None:
+        head = [int(bos)]
+    elif cls is not None and sep is not None:
+        head, tail = [int(cls)], [int(sep)]
     body = length - len(head) - len(tail)
     ids = encode(tokenizer, text)
     if len(ids) < n * body:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from cqjax.eval.texts import iter_requests
+from cqjax.eval.texts import iter_requests, squad_parts
 from cqjax.progress import Progress
 
 #: ``encode(tokens int32[B, T], mask bool[B, T]) -> L2-normalized embeddings [B, D]``.
@@ -52,13 +52,10 @@ def squad_pairs(n: int | None) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     seen: set[str] = set()
     for row in iter_requests("squad", "bpb_5shot"):
-        query = row["doc"]["query"]
-        head, sep, rest = query.partition("\nBackground: ")
-        body, qsep, question = rest.partition("\nQuestion:")
-        if not sep or not qsep:
-            raise ValueError(f"squad doc {row['doc_id']}: query lacks the '\\nBackground: ' / '\\nQuestion:' markers")
-        para = f"{head.removeprefix('Title: ').replace('_', ' ').strip()}\n{body.strip()}"
-        question = question.removesuffix("\nAnswer:").strip()
+        title, body, question = squad_parts(row)
+        if question is None:
+            raise ValueError(f"squad doc {row['doc_id']}: query has no '\\nQuestion:' marker")
+        para = f"{title}\n{body}"
         if para in seen or not question:
             continue
         seen.add(para)

@@ -137,17 +137,23 @@ def boolq_passages() -> list[str]:
     return out
 
 
+def squad_parts(row: dict) -> tuple[str, str, str | None]:
+    """``(title, paragraph, question)`` of one ``squad/bpb_5shot`` request (the question None
+    where its query has no ``Question:`` marker)."""
+    head, sep, rest = row["doc"]["query"].partition("\nBackground: ")
+    if not sep:
+        raise ValueError(f"squad doc {row['doc_id']}: query has no '\\nBackground: ' marker")
+    body, qsep, question = rest.partition("\nQuestion:")
+    title = head.removeprefix("Title: ").replace("_", " ").strip()
+    return title, body.strip(), question.removesuffix("\nAnswer:").strip() if qsep else None
+
+
 def squad_paragraphs() -> list[str]:
     """The distinct SQuAD background paragraphs (``"Title\\nparagraph"``) in file order."""
     seen: set[str] = set()
     out: list[str] = []
     for row in iter_requests("squad", "bpb_5shot"):
-        query = row["doc"]["query"]
-        head, sep, rest = query.partition("\nBackground: ")
-        if not sep:
-            raise ValueError(f"squad doc {row['doc_id']}: query has no '\\nBackground: ' marker")
-        body = rest.split("\nQuestion:")[0].strip()
-        title = head.removeprefix("Title: ").replace("_", " ").strip()
+        title, body, _ = squad_parts(row)
         para = f"{title}\n{body}"
         if body and para not in seen:
             seen.add(para)

@@ -40,6 +40,7 @@ from flax import nnx
 from cqjax.errors import ConfigError
 from cqjax.models import layers, registry
 from cqjax.models.families import check_keys, expect, require
+from cqjax.models.transformer import default_side
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -151,13 +152,10 @@ class SentenceEncoder(nnx.Module):
     def embed(self, tokens, mask=None, positions=None, token_types=None):
         """``(x, side)``: the first block's input and ``{"valid"}`` (the block protocol of
         :class:`cqjax.models.transformer.OutputHead`)."""
-        if mask is None:
-            mask = jnp.ones(tokens.shape, bool)
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        side = default_side(tokens, mask, positions)
         if token_types is None:
             token_types = jnp.zeros(tokens.shape, jnp.int32)
-        return self.embeddings(tokens, positions, token_types, self.dtype), {"valid": mask.astype(bool)}
+        return self.embeddings(tokens, side["positions"], token_types, self.dtype), {"valid": side["valid"]}
 
     def block(self, i, x, side, cache=None, layer=None):
         layer = self.layers[i] if layer is None else layer
