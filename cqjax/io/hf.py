@@ -25,6 +25,7 @@ from flax import nnx
 import cqjax.models.bert  # noqa: F401  (registers the BERT encoder family)
 import cqjax.models.families  # noqa: F401  (registers the built-in families)
 import cqjax.models.gemma4  # noqa: F401  (registers the Gemma 4 family)
+import cqjax.models.whisper  # noqa: F401  (registers the Whisper family)
 from cqjax.errors import CheckpointError
 from cqjax.io.safetensors_lazy import SafetensorsFile
 from cqjax.ir import IR, LazyTensor, TensorMeta, materialize
@@ -146,6 +147,21 @@ def _swap_last_axes(array: np.ndarray) -> np.ndarray:
     return np.swapaxes(array, -1, -2)
 
 
+def _conv_layout(stored: tuple, shape: tuple, file: Path, name: str):
+    """``(expected checkpoint shape, transform)`` of a 1-D convolution whose IR kernel is the
+    linear of its unfolded input, ``[width x in, out]`` (window position major), from the
+    checkpoint's ``[out, in, width]``."""
+    if len(stored) != 3 or len(shape) != 2 or stored[1] * stored[2] != shape[0]:
+        raise CheckpointError(f"{file}: tensor {name!r} has shape {list(stored)}; a 1-D convolution "
+                              f"[out, in, width] with in x width = {shape[0]} and out = {shape[1]} expected")
+    return (shape[1], stored[1], stored[2]), _unfolded_conv
+
+
+def _unfolded_conv(array: np.ndarray) -> np.ndarray:
+    out, cin, width = array.shape
+    return np.ascontiguousarray(np.transpose(array, (2, 1, 0)).reshape(width * cin, out))
+
+
 def abstract_model(family: registry.Family, cfg: Any) -> nnx.Module:
     return nnx.eval_shape(lambda: family.build(cfg))
 
@@ -181,13 +197,17 @@ def import_checkpoint(path_or_id: str | Path) -> IR:
         # Kernels are [..., in, out]; checkpoints store [..., out, in] (3-D: stacked experts).
         transpose = role in TRANSPOSED_ROLES and len(shape) >= 2
         expected = (*shape[:-2], shape[-1], shape[-2]) if transpose else shape
+        transform = _swap_last_axes if transpose else None
+        if role == "conv":
+            expected, transform = _conv_layout(f.shape(name), shape, f.path, name)
         if f.shape(name) != expected:
             raise CheckpointError(f"{f.path}: tensor {name!r} has shape {list(f.shape(name))}, "
                                   f"expected {list(expected)} from config.json")
         params[path] = LazyTensor(
             shape=shape, dtype=f.dtype(name).name, source=f"{f.path.name}:{name}",
-            reader=(lambda f=f, name=name: f.read(name)), transform=_swap_last_axes if transpose else None)
-        meta[path] = TensorMeta(role=role, hf_name=name, shape=shape, dtype=f.dtype(name).name)
+            reader=(lambda f=f, name=name: f.read(name)), transform=transform)
+        meta[path] = TensorMeta(role=role, hf_name=name, shape=shape, dtype=f.dtype(name).name,
+                                tower=family.tower(path))
         used.add(name)
     unused = sorted(n for n in set(tensors) - used if not family.ignorable(n, cfg))
     if unused:

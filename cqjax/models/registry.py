@@ -32,8 +32,10 @@ class Family:
       hf_name: ``(IR path, config) -> checkpoint tensor name``.
       ignorable: ``(checkpoint tensor name, config) -> bool`` for tensors the model does not use
         (e.g. a saved copy of a tied output head).
-      kind: ``causal_lm`` (predicts tokens: perplexity, tasks, generation) or ``encoder``
-        (embeds sentences: :mod:`cqjax.eval.embeddings`).
+      kind: ``causal_lm`` (predicts tokens: perplexity, tasks, generation), ``encoder``
+        (embeds sentences: :mod:`cqjax.eval.embeddings`) or ``speech_to_text`` (transcribes
+        audio: :mod:`cqjax.eval.speech`).
+      tower: ``IR path -> tower`` (``text``, ``vision`` or ``audio``, :data:`cqjax.ir.TOWERS`).
     """
 
     name: str
@@ -43,6 +45,7 @@ class Family:
     hf_name: Callable[[str, Any], str]
     ignorable: Callable[[str, Any], bool] = lambda name, cfg: False
     kind: str = "causal_lm"
+    tower: Callable[[str], str] = lambda path: "text"
 
 
 FAMILIES: dict[str, Family] = {}
