@@ -219,6 +219,20 @@ class EncoderEvalConfig:
 
 
 @dataclasses.dataclass
+class SpeechEvalConfig:
+    """The evaluation of speech recognizers (:mod:`cqjax.eval.speech`); other models ignore it.
+
+    Attributes:
+      sentences: BoolQ sentences spoken by espeak-ng and transcribed (word error rate); 0 = no
+        evaluation.
+      batch: clips per encoder call.
+    """
+
+    sentences: int = 200
+    batch: int = 8
+
+
+@dataclasses.dataclass
 class EvalSettings:
     """The evaluation protocol; mapped onto :class:`cqjax.eval.EvalConfig` by :func:`eval_config`.
 
@@ -235,6 +249,7 @@ class EvalSettings:
         weights loaded at a time, the same scores up to float rounding of sums); false: each
         model whole in memory.
       encoder: see :class:`EncoderEvalConfig` (sentence encoders instead of perplexity and tasks).
+      speech: see :class:`SpeechEvalConfig` (speech recognizers instead of perplexity and tasks).
     """
 
     perplexity: PerplexityConfig = dataclasses.field(default_factory=PerplexityConfig)
@@ -245,6 +260,7 @@ class EvalSettings:
     packed: bool = False
     streamed: bool = True
     encoder: EncoderEvalConfig = dataclasses.field(default_factory=EncoderEvalConfig)
+    speech: SpeechEvalConfig = dataclasses.field(default_factory=SpeechEvalConfig)
 
 
 @dataclasses.dataclass
@@ -426,6 +442,8 @@ def _check_eval(e: DictConfig) -> None:
     _positive("eval.tokens_per_batch", e.tokens_per_batch)
     _positive("eval.encoder.pairs", e.encoder.pairs, optional=True, minimum=0)
     _positive("eval.encoder.max_length", e.encoder.max_length, optional=True, minimum=3)
+    _positive("eval.speech.sentences", e.speech.sentences, minimum=0)
+    _positive("eval.speech.batch", e.speech.batch, minimum=1)
 
 
 def validate(cfg: DictConfig) -> None:

@@ -39,9 +39,10 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
 
     t = Timings()
     directory = model_dir(cfg.model)
-    encoder = encoders.is_encoder(encoders.family_of(directory))
+    task = encoders.task_of(encoders.family_of(directory))  # None: a causal LM
+    encoder = task is not None
     if encoder:
-        encoders.check_calibration(cfg, recipe)
+        task.check_calibration(cfg, recipe)
     streamed = recipe is not None and not recipe.needs and stream.leafwise_steps(recipe) is not None
     blockwise = (recipe is not None and not streamed and recipe.needs.calibration and cfg.calib.carry != "whole"
                  and not encoder and stream_calibrated.plan(recipe) is not None)
@@ -55,7 +56,7 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
                 hf.check_finite(ir)
         model = None if streamed or blockwise else hf.to_model(ir)
         tokenizer = load_tokenizer(directory)
-    evaluate = encoders.enabled(cfg) if encoder else bool(cfg.eval.perplexity.enabled or cfg.eval.tasks)
+    evaluate = task.enabled(cfg) if encoder else bool(cfg.eval.perplexity.enabled or cfg.eval.tasks)
     if evaluate:
         check_eval_memory(ir, float_dtype=None if streamed or blockwise else "float32", quantized=recipe is not None,
                           packed=cfg.eval.packed, streamed=cfg.eval.streamed and not encoder)
@@ -65,7 +66,7 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
         log(f"resume=true: pipeline {choice('pipeline') or 'custom'} needs the whole float model, so it runs in "
             "memory and starts from the beginning (data-free and block-by-block recipes resume)")
     with t("tokenize eval data"):
-        data = (encoders.prepare(cfg, tokenizer, directory, ir.config) if encoder
+        data = (task.prepare(cfg, tokenizer, directory, ir.config) if encoder
                 else ev.prepare(tokenizer, eval_config(cfg.eval)))
     trim_heap()
     qir, passes, quant, rows, calib = ir, [], None, [], None
@@ -103,7 +104,7 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
     base = reference = None
     if evaluate and encoder:
         with t("eval float"):
-            base, reference = encoders.evaluate(model if model is not None else hf.to_model(ir, dtype=None), data,
+            base, reference = task.evaluate(model if model is not None else hf.to_model(ir, dtype=None), data,
                                                 progress=cfg.eval.progress)
     elif evaluate:
         reference = float_forward(ir, model, cfg.eval.streamed)
@@ -128,7 +129,7 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
             model = None  # the streamed evaluation reads the float weights block by block
     if recipe is not None and evaluate and encoder:
         with t("eval quantized"):
-            quant, _ = encoders.evaluate(encoders.quantized_model(qir, packed=cfg.eval.packed), data,
+            quant, _ = task.evaluate(task.quantized_model(qir, packed=cfg.eval.packed), data,
                                          reference=reference, progress=cfg.eval.progress)
     elif recipe is not None and evaluate:
         with t("eval quantized"):

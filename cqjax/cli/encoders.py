@@ -24,6 +24,17 @@ def is_encoder(family: str) -> bool:
     return registry.FAMILIES[family].kind == "encoder"
 
 
+def task_of(family: str):
+    """The module that evaluates a family that is not a causal language model: this one for
+    sentence encoders, :mod:`cqjax.cli.speech` for speech recognizers; None for a causal LM."""
+    import sys
+
+    from cqjax.cli import speech
+    from cqjax.models import registry
+
+    return {"encoder": sys.modules[__name__], "speech_to_text": speech}.get(registry.FAMILIES[family].kind)
+
+
 def family_of(directory: Path) -> str:
     """The family of the checkpoint in ``directory`` (from its config.json; no tensor is read)."""
     from cqjax.io import hf
@@ -82,7 +93,7 @@ def evaluate(model: nnx.Module, data, *, reference: np.ndarray | None = None,
 
 
 def quantized_model(qir, *, packed: bool) -> nnx.Module:
-    """The quantized encoder to evaluate: its packed runtime, or its weights decoded once to
+    """The quantized model to evaluate: its packed runtime, or its weights decoded once to
     float32 (see :func:`cqjax.cli.common.quantized_forward`)."""
     from cqjax import runtime
     from cqjax.io import hf

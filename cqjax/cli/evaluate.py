@@ -39,8 +39,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"artifact={str(path)!r} has no tokenizer/ and its float model is unknown: "
                           "add +model=<name> (or +model=hf model.path=DIR) to name the float model")
     tokenizer = api.load_tokenizer(tok_dir)
-    if encoders.is_encoder(q.ir.family):
-        return _encoder(cfg, out_dir, t, q, path, directory, tokenizer, tok_dir)
+    task = encoders.task_of(q.ir.family)
+    if task is not None:
+        return _task(task, cfg, out_dir, t, q, path, directory, tokenizer, tok_dir)
     with t("tokenize eval data"):
         data = ev.prepare(tokenizer, eval_config(cfg.eval))
     base = ref = fir = None
@@ -71,22 +72,24 @@ def _finish(cfg, out_dir, t, q, path, directory, fir, base, quant) -> dict[str, 
     return finish(out, cfg, out_dir)
 
 
-def _encoder(cfg, out_dir, t, q, path, directory, tokenizer, tok_dir) -> dict[str, Any]:
-    """``mode=eval`` of a sentence encoder's artifact: retrieval (and, with its float model,
-    cosine similarity to it), see :mod:`cqjax.cli.encoders`."""
+def _task(task, cfg, out_dir, t, q, path, directory, tokenizer, tok_dir) -> dict[str, Any]:
+    """``mode=eval`` of a sentence encoder's artifact (retrieval and, with its float model,
+    cosine similarity to it; :mod:`cqjax.cli.encoders`) or a speech recognizer's (word error
+    rate; :mod:`cqjax.cli.speech`)."""
     from cqjax.io import hf
 
     with t("tokenize eval data"):
-        data = encoders.prepare(cfg, tokenizer, Path(tok_dir), q.ir.config)
+        data = task.prepare(cfg, tokenizer, Path(tok_dir), q.ir.config)
     if data is None:
-        raise ConfigError("eval.encoder.pairs=0: mode=eval of a sentence encoder has nothing to evaluate")
+        key = "eval.encoder.pairs" if task is encoders else "eval.speech.sentences"
+        raise ConfigError(f"{key}=0: mode=eval of a {q.ir.family} model has nothing to evaluate")
     base = reference = fir = None
     if directory is not None:
         with t("import float"):
             fir = hf.import_checkpoint(directory)
         with t("eval float"):
-            base, reference = encoders.evaluate(hf.to_model(fir, dtype=None), data, progress=cfg.eval.progress)
+            base, reference = task.evaluate(hf.to_model(fir, dtype=None), data, progress=cfg.eval.progress)
     with t("eval quantized"):
-        quant, _ = encoders.evaluate(encoders.quantized_model(q.ir, packed=cfg.eval.packed), data,
+        quant, _ = task.evaluate(task.quantized_model(q.ir, packed=cfg.eval.packed), data,
                                      reference=reference, progress=cfg.eval.progress)
     return _finish(cfg, out_dir, t, q, path, directory, fir, base, quant)

@@ -24,9 +24,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     q = api.load(path, verify=cfg.verify)
     if q.tokenizer_path is None:
         raise ConfigError(f"artifact={str(path)!r} has no tokenizer/ directory: cannot encode prompt")
-    if encoders.is_encoder(q.ir.family):
-        raise ConfigError(f"artifact={str(path)!r} is a {q.ir.family} sentence encoder: it embeds text and "
-                          "generates none (mode=eval evaluates it)")
+    if encoders.task_of(q.ir.family) is not None:
+        raise ConfigError(f"artifact={str(path)!r} is a {q.ir.family} model, not a causal language model: "
+                          "mode=generate continues text prompts only (mode=eval evaluates it)")
     g = cfg.generate
     log(f"generating up to {g.max_new_tokens} tokens ({'greedy' if g.temperature == 0 else f'T={g.temperature}'})")
     text = api.generate(q, None, cfg.prompt, max_new_tokens=g.max_new_tokens, temperature=g.temperature,

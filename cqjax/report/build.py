@@ -22,7 +22,8 @@ def evals_table(base: dict[str, Any] | None, quant: dict[str, Any] | None) -> di
       ``{"perplexity": {"baseline", "quantized", "kl", "top1", "tokens", "protocol"},
       "<task>": {"baseline", "quantized", "stderr", "n", ...}}``; for a sentence encoder
       ``{"retrieval": {"baseline", "quantized", "stderr", "n", "protocol"},
-      "cosine": {"quantized" (mean), "min", "n"}}``.
+      "cosine": {"quantized" (mean), "min", "n"}}``; for a speech recognizer ``{"wer":
+      {"baseline", "quantized", "n", "protocol"}}`` (word error rates as fractions).
     """
     base, quant = base or {}, quant or {}
     out: dict[str, Any] = {}
@@ -43,6 +44,11 @@ def evals_table(base: dict[str, Any] | None, quant: dict[str, Any] | None) -> di
                      "n": ref["n"], "protocol": ref.get("protocol")}
         if "acc_per_char" in ref:
             out[name].update(baseline_per_char=b.get("acc_per_char"), quantized_per_char=q.get("acc_per_char"))
+    bw, qw = base.get("wer"), quant.get("wer")
+    if bw or qw:
+        ref = bw or qw
+        out["wer"] = {"baseline": bw and bw["wer"], "quantized": qw and qw["wer"], "n": ref["n"],
+                      "changed": (qw or {}).get("changed"), "protocol": ref["protocol"]}
     cos = quant.get("cosine")
     if cos:
         out["cosine"] = {"quantized": cos["mean"], "min": cos["min"], "n": cos["n"]}
@@ -60,7 +66,7 @@ def check_schema(report: dict[str, Any]) -> None:
                 raise ValueError(f"report.json: {sect}.{k} must be a number or null")
     for name, e in report["evals"].items():
         need = {"perplexity": ("baseline", "quantized", "kl", "top1", "protocol"),
-                "cosine": ("quantized", "min", "n")}.get(name, ("baseline", "quantized", "stderr", "n"))
+                "cosine": ("quantized", "min", "n"), "wer": ("baseline", "quantized", "n")}.get(name, ("baseline", "quantized", "stderr", "n"))
         for k in need:
             if k not in e:
                 raise ValueError(f"report.json: evals.{name}.{k} is missing")

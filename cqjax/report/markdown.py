@@ -35,6 +35,12 @@ def quality_table(evals: dict[str, Any]) -> list[str]:
             lines.append(f"| cosine to float embeddings (mean) | 1 | {_f(e['quantized'], '.4f')} | "
                          f"{_delta(1.0, e['quantized'], '.4f')} | least {_f(e['min'], '.4f')}, n={e['n']} texts |")
             continue
+        if name == "wer":
+            changed = "" if e.get("changed") is None else f"; {e['changed']} transcriptions differ from float's"
+            lines.append(f"| word error rate (lower is better) | {_f(e['baseline'], '.3f')} | "
+                         f"{_f(e['quantized'], '.3f')} | {_delta(e['baseline'], e['quantized'], '.3f')} | "
+                         f"n={e['n']} sentences{changed} |")
+            continue
         if name == "retrieval":
             lines.append(f"| retrieval accuracy (top-1) | {_f(e['baseline'], '.3f')} | {_f(e['quantized'], '.3f')} "
                          f"| {_delta(e['baseline'], e['quantized'], '.3f')} | ±{e['stderr']:.3f} (stderr), "
@@ -68,8 +74,13 @@ def _protocol_lines(evals: dict[str, Any], runtime: str | None = None) -> list[s
         out.append(f"- Retrieval: {r['n']} SQuAD questions, each against all {r['n']} paragraphs ({pr.get('source')}); "
                    f"texts truncated to {pr.get('max_length')} tokens; embeddings = {pr.get('pooling')}. Cosine "
                    "compares each question's and paragraph's quantized embedding with its float embedding.")
+    w = evals.get("wer")
+    if w:
+        pr = w.get("protocol") or {}
+        out.append(f"- Word error rate: {w['n']} {pr.get('source')}; {pr.get('decoding')}; both sides through "
+                   f"{pr.get('normalizer')}; jiwer's WER over all sentences.")
     for name, e in evals.items():
-        if name not in ("perplexity", "retrieval", "cosine"):
+        if name not in ("perplexity", "retrieval", "cosine", "wer"):
             pr = e.get("protocol") or {}
             how = ("zero-shot requests rebuilt from the documents" if pr.get("requests") == "zero-shot from doc"
                    else "requests as written")

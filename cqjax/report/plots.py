@@ -99,10 +99,11 @@ def tensor_errors(report: dict[str, Any], path: str | os.PathLike) -> Path | Non
 
 
 def metrics(report: dict[str, Any], path: str | os.PathLike) -> Path | None:
-    """Float vs quantized perplexity and task (or retrieval) accuracies (None without evaluations)."""
+    """Float vs quantized perplexity (speech recognizers: word error rate) and task (or retrieval)
+    accuracies (None without evaluations)."""
     evals = report["evals"]
-    ppl = evals.get("perplexity")
-    tasks = [n for n in evals if n not in ("perplexity", "cosine")]
+    ppl = evals.get("perplexity") or evals.get("wer")
+    tasks = [n for n in evals if n not in ("perplexity", "cosine", "wer")]
     if not ppl and not tasks:
         return None
     panels = (1 if ppl else 0) + (1 if tasks else 0)
@@ -115,15 +116,19 @@ def metrics(report: dict[str, Any], path: str | os.PathLike) -> Path | None:
         vals = [("float", ppl["baseline"], FLOAT_COLOR), ("quantized", ppl["quantized"], QUANT_COLOR)]
         vals = [v for v in vals if v[1] is not None]
         bars = ax.bar([v[0] for v in vals], [v[1] for v in vals], color=[v[2] for v in vals], width=0.6)
-        ax.bar_label(bars, fmt="%.2f", fontsize=9)
-        ax.set_ylabel("perplexity (lower is better)")
-        extra = []
-        if ppl.get("kl") is not None:
-            extra.append(f"KL {ppl['kl']:.3f} nats/token")
-        if ppl.get("top1") is not None:
-            extra.append(f"top-1 agreement {ppl['top1']:.3f}")
-        ax.set_title(f"Perplexity on {ppl.get('tokens', 0):,} tokens" + ("\n" + ", ".join(extra) if extra else ""),
-                     fontsize=10)
+        ax.bar_label(bars, fmt="%.2f" if "perplexity" in evals else "%.3f", fontsize=9)
+        if "wer" in evals:
+            ax.set_ylabel("word error rate (lower is better)")
+            ax.set_title(f"Word error rate on {ppl['n']} sentences", fontsize=10)
+        else:
+            ax.set_ylabel("perplexity (lower is better)")
+            extra = []
+            if ppl.get("kl") is not None:
+                extra.append(f"KL {ppl['kl']:.3f} nats/token")
+            if ppl.get("top1") is not None:
+                extra.append(f"top-1 agreement {ppl['top1']:.3f}")
+            ax.set_title(f"Perplexity on {ppl.get('tokens', 0):,} tokens" + ("\n" + ", ".join(extra) if extra else ""),
+                         fontsize=10)
         ax.margins(y=0.15)
     if tasks:
         ax = axes[i]
@@ -177,15 +182,22 @@ PARETO_PANELS = {
                    ("KL(float ‖ quantized), nats/token (log scale)", "Divergence from the float model vs size")),
     "retrieval": (("retrieval error, 1 − top-1 accuracy (log scale)", "Retrieval vs size"),
                   ("1 − cosine to the float embeddings (log scale)", "Divergence from the float model vs size")),
+    "wer": (("word error rate (log scale)", "Transcription vs size"),
+            ("share of transcriptions that differ from the float model's (log scale)",
+             "Divergence from the float model vs size")),
 }
 
 
 def _sweep_point(evals: dict[str, Any], kind: str) -> tuple[float | None, float | None, float | None]:
     """``(quantized, divergence, float)`` of a job: perplexity, KL and the float perplexity; or
-    (sentence encoders) retrieval error, 1 − mean cosine and the float retrieval error."""
+    (sentence encoders) retrieval error, 1 − mean cosine and the float retrieval error; or
+    (speech recognizers) word error rate, the share of changed transcriptions and the float WER."""
     e = evals.get(kind) or {}
     if kind == "perplexity":
         return e.get("quantized"), e.get("kl"), e.get("baseline")
+    if kind == "wer":
+        changed = None if e.get("changed") is None else e["changed"] / max(e["n"], 1)
+        return e.get("quantized"), changed, e.get("baseline")
     err = lambda acc: None if acc is None else 1.0 - acc  # noqa: E731
     return err(e.get("quantized")), err((evals.get("cosine") or {}).get("quantized")), err(e.get("baseline"))
 
