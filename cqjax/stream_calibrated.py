@@ -284,6 +284,8 @@ class _BlockTuning:
             result = self.tuner(graphdef, state, x, side, y, i, self.choose, deadline=start + share)
         changes = by_path(result.values)
         record = {"block_loss": [result.before, result.after]}
+        if result.recoded is not None:
+            record["recoded"] = result.recoded
         out = dict(done)
         tuned = sorted(result.paths & set(done))
         for path in tuned:
@@ -301,7 +303,8 @@ class _BlockTuning:
         if tuned:  # the stage's time, counted once
             out[tuned[0]][0][3][self.name] = seconds
         self.report.start = time.perf_counter() - self.spent  # its budget counts tuning only
-        self.report.block(i, self.n, result.before, result.after, result.steps, seconds, result.paths)
+        self.report.block(i, self.n, result.before, result.after, result.steps, seconds, result.paths,
+                          result.recoded)
         return out
 
     def e2e_report(self):

@@ -201,3 +201,51 @@ def test_bfloat16_gradient_steps_point_where_the_float32_ones_do(tmp_path):
     assert not np.array_equal(a, b)
     assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
     assert kls["bfloat16"] == kls["float32"]
+
+
+def test_a_relaxed_kernel_computes_its_hard_codes_and_hardening_packs_them(setup):
+    """The straight-through kernel's forward is the CQ kernel of its latents' nearest levels: at
+    zero offsets the leaf itself, after moving them the re-packed leaf (ragged K: 96 = 3 blocks of
+    32, and 64); the gradient reaches the latents."""
+    from cqjax.passes import recode
+
+    _, q, _, _, _ = setup
+    state = {"down": q.params["layers/0/mlp/down_proj/kernel"], "q": q.params["layers/1/self_attn/q_proj/kernel"]}
+    lat = recode.latents(state, lambda p, f: True, "")
+    assert set(lat) == {"down", "q"}
+    zeros = {p: jnp.zeros_like(u0) for p, (u0, _) in lat.items()}
+    moved = {p: 0.7 * jax.random.normal(jax.random.key(i), u0.shape) for i, (p, (u0, _)) in enumerate(lat.items())}
+    with backend.use_kernel("jax"):
+        for p, leaf in state.items():
+            x = jax.random.normal(jax.random.key(7), (3, leaf.K))
+            np.testing.assert_allclose(recode.relax(state, lat, zeros)[p].matmul(x), leaf.matmul(x), atol=1e-5)
+            hard, codes, changed = recode.harden(state, lat, moved)
+            assert 0.05 < changed < 0.95 and hard[p].codes.dtype == leaf.codes.dtype == jnp.uint8
+            np.testing.assert_array_equal(np.asarray(hard[p].codes), codes[p])
+            np.testing.assert_allclose(recode.relax(state, lat, moved)[p].matmul(x), hard[p].matmul(x), atol=1e-5)
+            g = jax.grad(lambda t: jnp.sum(recode.relax(state, lat, t)[p].matmul(x) ** 2))(zeros)[p]
+            assert float(jnp.abs(g).max()) > 0
+        assert recode.harden(state, lat, zeros)[2] == 0.0
+
+
+def test_recoding_moves_codes_where_the_block_loss_pays(setup, tmp_path):
+    """``recode_lr > 0``: the block stage re-assigns some codes, reaches a lower block loss on its
+    rows than with codes fixed, records the fraction, and the artifact runs on the FFI kernel."""
+    ir, q, _, rows, _ = setup
+    common = dict(steps=40, batch=4, e2e_steps=0, max_seconds=300)
+    fixed, _ = pl.run(Tune(**common), q, Context(rows=rows, reference=ir), progress=False)
+    moved, _ = pl.run(Tune(**common, recode_lr=0.03), q, Context(rows=rows, reference=ir), progress=False)
+    path = "layers/1/mlp/down_proj/kernel"
+    info, base = moved.meta[path].info["tune"], fixed.meta[path].info["tune"]
+    assert 0 < info["recoded"] < 0.5 and "recoded" not in base
+    assert info["block_loss"][1] < base["block_loss"][1]
+    changed = [p for p, leaf in q.params.items()
+               if is_quantized(leaf) and not np.array_equal(np.asarray(moved.params[p].codes), np.asarray(leaf.codes))]
+    assert "layers/0/mlp/up_proj/kernel" in changed and not {"embed_tokens/embedding", "lm_head/kernel"} & set(changed)
+    artifact.save(moved, tmp_path / "a")
+    tokens = np.array([[1, 5, 9, 30, 2, 7]], np.int32)
+    with backend.use_kernel("jax"):
+        ref = np.asarray(hf.to_model(moved)(tokens))
+    with backend.use_kernel("ffi" if backend.ffi_available() else "jax"):
+        got = np.asarray(hf.to_model(artifact.load(tmp_path / "a"))(tokens))
+    np.testing.assert_allclose(got, ref, atol=0.05 * np.abs(ref).max())

@@ -46,7 +46,7 @@ from cqjax.formats import rotation, rtn
 from cqjax.kernels import backend
 
 
-def _expand(per_block: jax.Array, blocks: tuple[int, ...], axis: int = -1) -> jax.Array:
+def expand_blocks(per_block: jax.Array, blocks: tuple[int, ...], axis: int = -1) -> jax.Array:
     """``nblocks`` → ``Kpad`` along ``axis`` by repeating each block's value over its width.
 
     Built from broadcasts of runs of equal blocks (index arithmetic XLA fuses into the consumer,
@@ -109,7 +109,7 @@ def decode_rows(codes: jax.Array, norms: jax.Array, codebooks: jax.Array, bits: 
     idx = fmt.unpack_codes_jnp(codes, bits, sum(blocks)).astype(jnp.int32)
     block_id = np.repeat(np.arange(len(blocks)), blocks)
     levels = codebooks.astype(jnp.float32).reshape(-1)[jnp.asarray(block_id * (1 << bits)) + idx]
-    return levels * _expand(norms.astype(jnp.float32), blocks)
+    return levels * expand_blocks(norms.astype(jnp.float32), blocks)
 
 
 def decode_columns(codes_t: jax.Array, norms_t: jax.Array, codebooks: jax.Array, bits: int,
@@ -122,8 +122,8 @@ def decode_columns(codes_t: jax.Array, norms_t: jax.Array, codebooks: jax.Array,
     decoded weight is ever needed.
     """
     codes = fmt.unpack_codes_jnp(codes_t, bits, sum(blocks), axis=0)
-    levels = select_levels(codes, _expand(codebooks.astype(jnp.float32), blocks, axis=0))
-    return levels * _expand(norms_t.astype(jnp.float32), blocks, axis=0)
+    levels = select_levels(codes, expand_blocks(codebooks.astype(jnp.float32), blocks, axis=0))
+    return levels * expand_blocks(norms_t.astype(jnp.float32), blocks, axis=0)
 
 
 class InputScaleMixin:
@@ -320,13 +320,13 @@ class RTNArray(_RowsMixin):
         kpad = rtn.kpad(self.K)
         q = fmt.unpack_codes_jnp(codes, self.bits, kpad)[..., : self.K].astype(jnp.float32)
         sz = scale_zero.astype(jnp.float32)
-        return q * _expand(sz[..., 0], self.blocks) + _expand(sz[..., 1], self.blocks)
+        return q * expand_blocks(sz[..., 0], self.blocks) + expand_blocks(sz[..., 1], self.blocks)
 
     def decode_kn(self):
         """The weight as float32 ``[K, rows]`` (see :meth:`CQArray.decode_kn`)."""
         q = fmt.unpack_codes_jnp(self.codes.T, self.bits, rtn.kpad(self.K), axis=0)[: self.K].astype(jnp.float32)
-        scale = _expand(self.scales.T.astype(jnp.float32), self.blocks, axis=0)
-        return q * scale + _expand(self.zeros.T.astype(jnp.float32), self.blocks, axis=0)
+        scale = expand_blocks(self.scales.T.astype(jnp.float32), self.blocks, axis=0)
+        return q * scale + expand_blocks(self.zeros.T.astype(jnp.float32), self.blocks, axis=0)
 
 
 QARRAY_TYPES = (CQArray, RTNArray)

@@ -1,12 +1,14 @@
-"""Tune the continuous parameters of a quantized model against the float model, codes held fixed.
+"""Tune the continuous parameters of a quantized model against the float model (codes held fixed,
+or re-assigned straight through in the block stage when ``recode_lr > 0``).
 
 :class:`Tune` runs after the quantizing steps (pipeline key ``tune``, ``pipeline=cq-tune``). It
 moves what the stored format keeps as floats — each quantized tensor's per-(row, block) norms and
 codebook levels (CQ), scales and zeros (RTN), input scales where present, and the model's
 float norm weights and biases — by gradient descent (optax Adam, :mod:`cqjax.passes.tune_core`)
 so that the quantized model matches the float model (``ctx.reference``) on calibration rows
-(``ctx.rows``). Codes, rotations and every layout stay as they are: a tuned artifact runs on the
-FFI kernel unchanged.
+(``ctx.rows``). Rotations and every layout stay as they are, and the codes too unless
+``recode_lr > 0`` lets the block stage move them (:mod:`cqjax.passes.recode`): a tuned artifact
+runs on the FFI kernel unchanged.
 
 ==============  ================================================================================
 stage           objective
@@ -60,6 +62,7 @@ from cqjax.kernels.qarrays import CQArray, is_quantized
 from cqjax.passes.tune_core import (ADDITIVE, MULTIPLICATIVE, Tunable, assemble, optimizer, relative_mse,
                                     teacher_topk, topk_kl)
 from cqjax.models.transformer import OutputHead
+from cqjax.passes import recode
 from cqjax.passes.blockwise import chunks, embed, take_rows
 from cqjax.pipeline import Context, Needs, Pass
 
@@ -77,6 +80,9 @@ class Tune(Pass):
       batch: rows per block-wise step.
       steps: block-wise steps per block, at most (0: skip the stage).
       lr: Adam learning rate of the block-wise stage (on relative offsets, see tune_core).
+      recode_lr: > 0: the block-wise stage also re-assigns CQ kernels' codes, straight through
+        (:mod:`cqjax.passes.recode`), their latents moving at this rate in units of the levels'
+        rms; 0 (default): codes stay as packed.
       e2e_steps: end-to-end steps, at most (0: skip the stage).
       e2e_batch: rows per end-to-end step.
       e2e_lr: Adam learning rate of the end-to-end stage.
@@ -98,6 +104,7 @@ class Tune(Pass):
     batch: int = 1
     steps: int = 200
     lr: float = 1e-3
+    recode_lr: float = 0.0
     e2e_steps: int = 200
     e2e_batch: int = 1
     e2e_lr: float = 1e-3
@@ -123,6 +130,8 @@ class Tune(Pass):
         for key in ("lr", "e2e_lr", "max_seconds"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"tune.{key}={getattr(self, key)!r}: must be > 0")
+        if not self.recode_lr >= 0:
+            raise ValueError(f"tune.recode_lr={self.recode_lr!r}: must be >= 0")
         if not 0 <= self.block_share <= 1:
             raise ValueError(f"tune.block_share={self.block_share!r}: must be in [0, 1]")
         if self.dot_dtype not in ("auto",) + backend.DOT_DTYPES:
@@ -162,10 +171,9 @@ class Tune(Pass):
         with backend.use_kernel("jax"):  # the pure-JAX path is differentiable; the FFI kernel is not
             fmodel, qmodel = hf.to_model(ctx.reference), hf.to_model(seedless(ir))
             teacher = _teacher(fmodel, tokens, self.topk) if self.e2e_steps else None
-            if self.steps:
-                self._blocks(fmodel, qmodel, tokens, choose, report)
+            codes = self._blocks(fmodel, qmodel, tokens, choose, report) if self.steps else {}
             tuned = self._end_to_end(qmodel, tokens, choose, report, teacher)
-        return _write_back(ir, tuned, report)
+        return _write_back(ir, {**tuned, **codes}, report)
 
     def end_to_end(self, ir: IR, tokens: np.ndarray, teacher: tuple, report: Report) -> IR:
         """The end-to-end stage alone, on a quantized ``ir`` whose block stage ran elsewhere
@@ -186,8 +194,10 @@ class Tune(Pass):
         """The seconds of :attr:`max_seconds` that the block stage may spend."""
         return self.max_seconds * (self.block_share if self.e2e_steps else 1.0)
 
-    def _blocks(self, fmodel, qmodel, tokens, choose, report: Report) -> None:
-        n = len(qmodel.layers)
+    def _blocks(self, fmodel, qmodel, tokens, choose, report: Report) -> dict:
+        """Tunes ``qmodel``'s blocks in place; returns the re-assigned codes ``{(path, "codes"):
+        packed}`` (empty unless :attr:`recode_lr`)."""
+        n, codes = len(qmodel.layers), {}
         budget = self.block_budget()
         fwd_f = block_runner(fmodel)
         tuner = BlockTuner(self, qmodel)
@@ -200,7 +210,10 @@ class Tune(Pass):
             done = tuner(*nnx.split(qmodel.layers[i]), xq, side_q, yf, i, choose, deadline=t0 + share)
             nnx.update(qmodel.layers[i], done.state)
             xq, side_q, xf = done.y, done.side, yf
-            report.block(i, n, done.before, done.after, done.steps, time.perf_counter() - t0, done.paths)
+            codes.update({k: v for k, v in done.values.items() if k[1] == "codes"})
+            report.block(i, n, done.before, done.after, done.steps, time.perf_counter() - t0, done.paths,
+                         done.recoded)
+        return codes
 
     # ----------------------------------------------------------------------------- end to end
 
@@ -246,11 +259,14 @@ class Report:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def block(self, i, n, before, after, steps, seconds, paths) -> None:
+    def block(self, i, n, before, after, steps, seconds, paths, recoded=None) -> None:
         for p in paths:
             self.info.setdefault(p, {})["block_loss"] = [before, after]
+            if recoded is not None:
+                self.info[p]["recoded"] = recoded
         left = max(0.0, self.budget - self.elapsed())
-        self.ctx.log(f"tune block {i + 1}/{n}: relative error {before:.4g} -> {after:.4g} ({steps} steps, "
+        codes = "" if recoded is None else f", {100 * recoded:.2f}% of codes re-assigned"
+        self.ctx.log(f"tune block {i + 1}/{n}: relative error {before:.4g} -> {after:.4g} ({steps} steps{codes}, "
                      f"{seconds:.1f} s); {left / 60:.1f} min of the budget left")
 
     def e2e(self, before, after, steps) -> None:
@@ -288,7 +304,9 @@ class BlockResult:
       before, after: its relative MSE against the target before and after tuning.
       steps: the Adam steps taken.
       paths: the IR paths it tuned.
-      values: ``{(IR path, field): float32 array}`` of the tuned values (empty if no step ran).
+      values: ``{(IR path, field): array}`` of the tuned values (empty if no step ran): float32,
+        and the packed ``codes`` of re-assigned kernels (uint8).
+      recoded: the fraction of the block's CQ codes re-assigned (None: codes were held fixed).
     """
 
     state: Any
@@ -299,6 +317,7 @@ class BlockResult:
     steps: int
     paths: set
     values: dict
+    recoded: float | None = None
 
 
 class BlockTuner:
@@ -312,7 +331,11 @@ class BlockTuner:
 
     def __init__(self, tune: Tune, model):
         self.tune, self.run = tune, block_runner(model)
-        self.step = _block_step(model, optimizer(tune.lr, tune.steps), tune.step_dots())
+        opt = optimizer(tune.lr, tune.steps)
+        if tune.recode_lr:
+            opt = optax.multi_transform({"fields": opt, "codes": optimizer(tune.recode_lr, tune.steps)},
+                                        ("fields", "codes"))
+        self.step = _block_step(model, opt, tune.step_dots())
 
     def __call__(self, graphdef, state, x, side, y, i: int, choose, *, deadline: float) -> BlockResult:
         """Tunes block ``i`` (``(graphdef, state)``, quantized leaves in it) on the inputs ``(x,
@@ -320,34 +343,40 @@ class BlockTuner:
         tune = self.tune
         yq, side_q = self.run(graphdef, state, x, side, i)
         before = after = float(relative_mse(yq, y))
-        tun = Tunable.of(state, choose, prefix=f"layers/{i}/")
-        steps, values = 0, {}
+        prefix = f"layers/{i}/"
+        tun = Tunable.of(state, choose, prefix=prefix)
+        lat = recode.latents(state, choose, prefix) if tune.recode_lr else {}
+        steps, values, recoded = 0, {}, None
         rng = np.random.default_rng((tune.seed, i))  # per block: a resumed conversion draws the same
         if tun.base:
-            t = tun.zeros()
+            t = (tun.zeros(), {p: jnp.zeros_like(u0) for p, (u0, _) in lat.items()})
             opt_state = self.step.opt.init(t)
             while steps < tune.steps and time.perf_counter() < deadline:
                 idx = np.sort(rng.choice(len(x), min(tune.batch, len(x)), replace=False))
-                t, opt_state, loss = self.step(t, opt_state, *tun.args, x[idx], take_rows(side, idx), y[idx],
+                t, opt_state, loss = self.step(t, opt_state, *tun.args, lat, x[idx], take_rows(side, idx), y[idx],
                                                np.int32(i), treedef=tun.treedef, graphdef=graphdef)
                 jax.block_until_ready(loss)
                 steps += 1
             if steps:
-                state, values = tun.tree(t), tun.stored(t)
+                state, values = tun.tree(t[0]), tun.stored(t[0])
+                if lat:
+                    state, codes, recoded = recode.harden(state, lat, t[1])
+                    values.update({(prefix + p, "codes"): c for p, c in codes.items()})
                 yq, side_q = self.run(graphdef, state, x, side, i)
                 after = float(relative_mse(yq, y))
-        return BlockResult(state, yq, side_q, before, after, steps, {p for p, _ in tun.names.values()}, values)
+        return BlockResult(state, yq, side_q, before, after, steps, {p for p, _ in tun.names.values()}, values,
+                           recoded)
 
 
 def _block_step(model, opt: optax.GradientTransformation, dots: str):
-    """One jitted Adam step on a block's offsets against the float block's output (weight
-    dots on ``dots`` operands)."""
+    """One jitted Adam step on a block's offsets ``(fields, latents)`` against the float block's
+    output (weight dots on ``dots`` operands; ``lat``: :func:`cqjax.passes.recode.latents`)."""
 
     @functools.partial(jax.jit, static_argnames=("treedef", "graphdef"))
-    def step(t, opt_state, frozen, base, mult, scale, x, side, y, i, *, treedef, graphdef):
+    def step(t, opt_state, frozen, base, mult, scale, lat, x, side, y, i, *, treedef, graphdef):
         def loss(t):
-            layer = nnx.merge(graphdef, assemble(treedef, frozen, base, mult, scale, t))
-            return relative_mse(model.block(i, x, side, layer=layer)[0], y)
+            tree = recode.relax(assemble(treedef, frozen, base, mult, scale, t[0]), lat, t[1])
+            return relative_mse(model.block(i, x, side, layer=nnx.merge(graphdef, tree))[0], y)
 
         with backend.use_dot_dtype(dots):  # read while tracing
             value, grads = jax.value_and_grad(loss)(t)
