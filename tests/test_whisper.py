@@ -156,6 +156,12 @@ def test_log_mel_matches_transformers_feature_extractor():
         assert ours.shape == (80, 3000) and np.abs(ours - theirs).max() < 1e-4
 
 
+def test_calibration_sentences_are_not_evaluation_sentences():
+    evaluation = speech.sentences(200)
+    calibration = speech.calibration_sentences(16)
+    assert len(calibration) == 16 and not set(calibration) & set(evaluation)
+
+
 def test_word_error_rate_normalizes_both_sides():
     assert speech.word_error_rate(["Hello, World!"], ["hello world"]) == 0.0
     assert speech.word_error_rate(["the cat sat", "a dog"], ["the cat sat", "a frog"]) == pytest.approx(0.2)
@@ -194,28 +200,29 @@ def test_packaged_whisper_transcribes_and_8_bit_towers_keep_its_transcriptions()
 
 
 def test_cli_converts_and_evaluates_whisper(tmp_path):
-    """The issue's command on the packaged model (data-free CQ by default): report.json carries
-    the word error rate and the towers; mode=eval re-scores the artifact; calibrated recipes and
-    mode=generate are refused with the reason."""
+    """The issue's command on the packaged model (cq-ef, calibrated on spoken sentences the
+    evaluation does not read): report.json carries the word error rate and the towers; mode=eval
+    re-scores the artifact; cq-tune and mode=generate are refused with the reason."""
     directory = _whisper()
     run = tmp_path / "run"
-    common = ["eval=quick", "eval.speech.sentences=8", f"model.path={directory}"]
-    proc = run_cli(["+model=whisper-tiny-en", "quant.bits=8", *common, f"hydra.run.dir={run}"], tmp_path,
+    common = ["eval=quick", "eval.speech.sentences=8", "calib.rows=16", f"model.path={directory}"]
+    proc = run_cli(["+model=whisper-tiny-en", "quant.bits=8", "quant.embed_bits=8", *common, f"hydra.run.dir={run}"], tmp_path,
                    tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((run / "report.json").read_text())
     wer = report["evals"]["wer"]
     assert set(report["evals"]) == {"wer"} and wer["n"] == 8 and 0 <= wer["baseline"] < 0.35
-    assert wer["quantized"] <= wer["baseline"] + 0.05 and report["pipeline_name"] == "cq"
+    assert wer["quantized"] <= wer["baseline"] + 0.05 and report["pipeline_name"] == "cq-ef"
+    assert report["calibration"]["source"] == "espeak-ng BoolQ sentences" and report["calibration"]["rows"] == 16
     assert set(report["towers"]) == {"text", "audio"}
     assert "word error rate" in (run / "report.md").read_text()
     proc = run_cli(["mode=eval", f"artifact={run / 'artifact'}", "eval=quick", "eval.speech.sentences=8",
                     f"hydra.run.dir={tmp_path / 'eval'}"], tmp_path, tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "eval" / "report.json").read_text())["evals"]["wer"]["quantized"] == wer["quantized"]
-    proc = run_cli(["+model=whisper-tiny-en", "pipeline=cq-ef", *common, f"hydra.run.dir={tmp_path / 'x'}"],
+    proc = run_cli(["+model=whisper-tiny-en", "pipeline=cq-tune", *common, f"hydra.run.dir={tmp_path / 'x'}"],
                    tmp_path, tmp_path / "cache")
-    assert proc.returncode != 0 and "pipeline=cq" in proc.stderr
+    assert proc.returncode != 0 and "use pipeline=cq-ef" in proc.stderr
     proc = run_cli(["mode=generate", f"artifact={run / 'artifact'}", "prompt=hello", f"hydra.run.dir={tmp_path / 'g'}"],
                    tmp_path, tmp_path / "cache")
     assert proc.returncode != 0 and "not a causal language model" in proc.stderr

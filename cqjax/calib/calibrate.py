@@ -66,3 +66,25 @@ def calibrate(model, ir: IR, tokenizer, needs: Iterable[str], *, source: str = "
         timing["fisher_s"] = time.perf_counter() - t
     return Calibration(stats, source=source, tokens=int(tokens.size), seconds=time.perf_counter() - start,
                        timing=timing, rows=tokens)
+
+
+def calibrate_speech(model, ir: IR, tokenizer, rows: int, *, skip: int = 200, log=None,
+                     progress: bool = True) -> Calibration:
+    """Hessians of a speech recognizer's kernels (:func:`cqjax.calib.stats.collect_speech`) on
+    ``rows`` BoolQ sentences spoken by espeak-ng, after the first ``skip`` (the evaluation's),
+    each teacher-forced with its own text."""
+    import numpy as np
+
+    from cqjax.calib.stats import collect_speech
+    from cqjax.eval.speech import calibration_sentences, clips, log_mel, teacher_tokens
+
+    start = time.perf_counter()
+    texts, audio = clips(calibration_sentences(rows, skip=skip), log=log)
+    features = np.stack([log_mel(a, ir.config.num_mel_bins) for a in audio])
+    tokens, mask = teacher_tokens(tokenizer, ir.config, texts)
+    t = time.perf_counter()
+    calib = collect_speech(model, ir, features, tokens, mask, source="espeak-ng BoolQ sentences", progress=progress)
+    return Calibration(dict(calib.items()), source=calib.source, tokens=calib.tokens,
+                       seconds=time.perf_counter() - start, rows=calib.rows,
+                       timing={"audio_s": t - start, "hessian_s": time.perf_counter() - t})
+

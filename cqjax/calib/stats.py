@@ -21,6 +21,7 @@ tokens count. The reductions run inside jit; only ``[K, K]`` sums leave the devi
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -148,6 +149,18 @@ class Calibration(Mapping):
                 **{k: round(v, 1) for k, v in self.timing.items()}}
 
 
+def _sums(tape: Tape, layout: dict, reduce, forward) -> list[jax.Array]:
+    """Runs ``forward`` (a probed model's call, traced) with ``reduce`` applied to each layer's
+    input as it is made; returns the distinct sums and records each path's index in ``layout``."""
+    tape.clear()
+    tape.reduce = reduce
+    forward()
+    sums, paths = tape.distinct()
+    layout.update(paths)
+    tape.clear()
+    return sums
+
+
 def _probed(model: nnx.Module, ir: IR, tape: Tape):
     graphdef, state = nnx.split(nnx.clone(model))  # the caller's model keeps its leaves
     probed = []
@@ -194,13 +207,7 @@ def collect(model: nnx.Module, ir: IR, tokens: np.ndarray, *, mask: np.ndarray |
             f = jnp.where(keep, x.reshape(-1, x.shape[-1]).astype(jnp.float32), 0.0)
             return f.T @ f
 
-        tape.clear()
-        tape.reduce = hessian_sum  # each layer's sum as its input is made
-        nnx.merge(graphdef, state)(tok, m)
-        sums, paths = tape.distinct()
-        layout.update(paths)
-        tape.clear()
-        return sums
+        return _sums(tape, layout, hessian_sum, lambda: nnx.merge(graphdef, state)(tok, m))
 
     jstep = jax.jit(step)
     sums: list[np.ndarray] | None = None
@@ -230,3 +237,41 @@ def collect(model: nnx.Module, ir: IR, tokens: np.ndarray, *, mask: np.ndarray |
         if len(entry) > 1:
             stats[path] = entry
     return Calibration(stats, source=source, tokens=n_tokens, seconds=time.perf_counter() - start)
+
+
+def collect_speech(model: nnx.Module, ir: IR, features: np.ndarray, tokens: np.ndarray, mask: np.ndarray, *,
+                   batch_size: int = 4, source: str = "?", progress: bool = True) -> Calibration:
+    """:func:`collect` for a speech recognizer (:class:`cqjax.models.whisper.SpeechToText`):
+    Hessians of every kernel's input over log-mel ``features [n, mels, frames]`` (every encoder
+    position counts: Whisper always reads 30 s windows, silence included) and teacher-forced
+    decoder ``tokens [n, T]`` (only ``mask``ed positions count)."""
+    start = time.perf_counter()
+    tape = Tape()
+    graphdef, state, probed = _probed(model, ir, tape)
+    layout: dict[str, Any] = {}
+
+    def step(state, feats, toks, counted):
+        def hessian_sum(x):
+            f = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+            if x.shape[:-1] == counted.shape:  # a decoder activation
+                f = jnp.where(counted.reshape(-1)[:, None], f, 0.0)
+            return f.T @ f
+
+        return _sums(tape, layout, hessian_sum, lambda: nnx.merge(graphdef, state)(feats, toks))
+
+    jstep = jax.jit(step)
+    sums = None
+    bar = Progress("statistics", total=len(tokens), unit="clips", enabled=progress, tag="cqjax.calib")
+    for i in range(0, len(tokens), batch_size):
+        sums = add_sums(sums, jstep(state, features[i:i + batch_size], tokens[i:i + batch_size], mask[i:i + batch_size]))
+        bar.update(len(tokens[i:i + batch_size]))
+    bar.close()
+    enc_tokens = len(tokens) * model.config.max_source_positions
+    dec_tokens = int(mask.sum())
+    stats: dict[str, dict[str, Any]] = {}
+    for path in probed:
+        if path in layout:  # encoder kernels and the decoder's cross-attention keys/values read audio positions
+            audio = path.startswith("encoder/") or re.search(r"/encoder_attn/[kv]_proj/", path)
+            n = enc_tokens if audio else dec_tokens
+            stats[path] = {"hessian": sums[layout[path]] / max(n, 1), "tokens": n}
+    return Calibration(stats, source=source, tokens=dec_tokens, seconds=time.perf_counter() - start, rows=tokens)

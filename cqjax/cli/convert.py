@@ -113,7 +113,7 @@ def run(cfg: DictConfig, out_dir: Path, recipe) -> dict[str, Any]:
     if recipe is not None and not (streamed or blockwise):
         if recipe.needs.calibration:
             with t("calibrate"):
-                calib = _calibrate(cfg, model, ir, tokenizer, recipe.needs)
+                calib = getattr(task, "calibrate", _calibrate)(cfg, model, ir, tokenizer, recipe.needs)
         with t("quantize"):
             log(f"quantizing: {', '.join(name for name, _ in recipe.steps)}")
             ctx = pl.Context(rng_seed=cfg.seed, calibration=calib or {}, rows=None if calib is None else calib.rows,

@@ -17,13 +17,6 @@ from omegaconf import DictConfig
 from cqjax.errors import ConfigError
 
 
-def is_encoder(family: str) -> bool:
-    """Whether the registered family ``family`` embeds sentences rather than predicting tokens."""
-    from cqjax.models import registry
-
-    return registry.FAMILIES[family].kind == "encoder"
-
-
 def task_of(family: str):
     """The module that evaluates a family that is not a causal language model: this one for
     sentence encoders, :mod:`cqjax.cli.speech` for speech recognizers; None for a causal LM."""

@@ -1,7 +1,7 @@
 """What ``mode=convert`` and ``mode=eval`` do differently for speech recognizers (family kind
 ``speech_to_text``, e.g. ``+model=whisper-tiny-en``): the word error rate of greedy
 transcriptions of synthesized speech (:mod:`cqjax.eval.speech`) instead of perplexity and
-tasks. Calibration would need audio, which is not drawn yet: calibrated recipes are refused."""
+tasks, and calibration (Hessians) on spoken sentences that the evaluation never reads."""
 
 from __future__ import annotations
 
@@ -14,10 +14,14 @@ from cqjax.errors import ConfigError
 
 
 def check_calibration(cfg: DictConfig, recipe) -> None:
-    """A speech recognizer is calibrated on audio, which cqjax does not draw yet."""
-    if recipe is not None and recipe.needs.calibration:
-        raise ConfigError("pipeline: a speech recognizer (whisper) has no calibration audio in cqjax yet, so only "
-                          "data-free recipes run on it: pipeline=cq (its default) or pipeline=rtn")
+    """A speech recognizer is calibrated on its own audio (:func:`calibrate`): Hessians only, so
+    ``calib.source`` does not apply and a recipe that needs calibration token rows (``cq-tune``)
+    or Fisher statistics (``quant.bpw``) is refused."""
+    if recipe is None or not recipe.needs.calibration:
+        return
+    if set(recipe.needs.statistics) - {"hessian"} or recipe.needs.rows:
+        raise ConfigError("pipeline: a speech recognizer is calibrated with Hessians of spoken sentences only, so "
+                          "cq-tune and quant.bpw do not run on it yet: use pipeline=cq-ef (its default), cq or rtn")
 
 
 def enabled(cfg: DictConfig) -> bool:
@@ -57,3 +61,16 @@ def quantized_model(qir, *, packed: bool) -> nnx.Module:
     from cqjax.cli.encoders import quantized_model as decoded_or_packed
 
     return decoded_or_packed(qir, packed=packed)
+
+
+def calibrate(cfg: DictConfig, model, ir, tokenizer, needs):
+    """:func:`cqjax.calib.calibrate.calibrate_speech` on ``calib.rows`` spoken sentences that no
+    evaluation of ``eval.speech.sentences`` reads."""
+    from cqjax.calib.calibrate import calibrate_speech
+    from cqjax.cli.common import log
+
+    log(f"calibrating (hessian) on {cfg.calib.rows} sentences spoken by espeak-ng (not among the evaluation's)")
+    calib = calibrate_speech(model, ir, tokenizer, cfg.calib.rows, skip=max(200, cfg.eval.speech.sentences),
+                             log=log, progress=cfg.eval.progress)
+    log(f"calibration: {calib.describe()}")
+    return calib

@@ -133,12 +133,12 @@ def resample(audio: np.ndarray, rate: int) -> np.ndarray:
     return (np.fft.irfft(keep, n) * (n / audio.size)).astype(np.float32)
 
 
-def clips(n: int, cache: Path | None = None, *, log=None) -> tuple[list[str], list[np.ndarray]]:
-    """``(sentences, 16 kHz audio)`` of the first ``n`` :func:`sentences`, synthesized once into
-    ``<cache>/speech/<hash>.npz`` (written atomically)."""
+def clips(n: int | list[str], cache: Path | None = None, *, log=None) -> tuple[list[str], list[np.ndarray]]:
+    """``(sentences, 16 kHz audio)`` of the first ``n`` :func:`sentences` (or of the sentences
+    ``n``), synthesized once into ``<cache>/speech/<hash>.npz`` (written atomically)."""
     from cqjax.data import registry
 
-    texts = sentences(n)
+    texts = sentences(n) if isinstance(n, int) else list(n)
     cache = (cache or registry.cache_dir()) / "speech"
     key = hashlib.sha256("\n".join([CLIPS_VERSION, *texts]).encode()).hexdigest()[:16]
     path = cache / f"espeak-{key}.npz"
@@ -146,7 +146,7 @@ def clips(n: int, cache: Path | None = None, *, log=None) -> tuple[list[str], li
         with np.load(path) as z:
             return texts, [z[f"a{i}"] for i in range(len(texts))]
     if log:
-        log(f"speech: synthesizing {n} sentences with espeak-ng -> {path}")
+        log(f"speech: synthesizing {len(texts)} sentences with espeak-ng -> {path}")
     audio = [synthesize(t) for t in texts]
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
@@ -233,3 +233,22 @@ def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
     refs, hyps = [norm(r) for r in references], [norm(h) for h in hypotheses]
     keep = [i for i, r in enumerate(refs) if r.strip()]
     return float(jiwer.wer([refs[i] for i in keep], [hyps[i] or "<empty>" for i in keep]))
+
+
+def calibration_sentences(n: int, skip: int = 200) -> list[str]:
+    """``n`` sentences for calibration, disjoint from every evaluation (which reads the first
+    ``skip`` of :func:`sentences`)."""
+    return sentences(skip + n)[skip:]
+
+
+def teacher_tokens(tokenizer, config, texts: list[str], length: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens [n, length], mask)``: each text as the decoder reads it when transcribing it,
+    ``<|startoftranscript|> <|notimestamps|>`` + its tokens + ``<|endoftext|>``, padded with
+    ``<|endoftext|>`` (mask False) and cut at ``length``."""
+    prompt = [config.decoder_start_token_id, int(tokenizer.convert_tokens_to_ids("<|notimestamps|>"))]
+    tokens = np.full((len(texts), length), config.eos_token_id, np.int32)
+    mask = np.zeros((len(texts), length), bool)
+    for i, text in enumerate(texts):
+        ids = (prompt + tokenizer.encode(" " + text, add_special_tokens=False) + [config.eos_token_id])[:length]
+        tokens[i, :len(ids)], mask[i, :len(ids)] = ids, True
+    return tokens, mask

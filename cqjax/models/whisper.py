@@ -85,6 +85,9 @@ def parse_whisper(raw: dict, source: str) -> WhisperConfig:
     act = expect(raw, "activation_function", ("gelu",), source, "gelu")
     if raw.get("scale_embedding"):
         raise ConfigError(f"{source}: config key 'scale_embedding' = true is not supported")
+    if raw.get("tie_word_embeddings") is False:
+        raise ConfigError(f"{source}: config key 'tie_word_embeddings' = false: only Whisper's tied output head "
+                          "(proj_out = the token table) is supported")
     d = require(raw, "d_model", source)
     for key in ("encoder_attention_heads", "decoder_attention_heads"):
         if d % require(raw, key, source):
