@@ -65,8 +65,8 @@ class QuantizedKVCache:
     ``pos`` / ``valid`` / ``index`` mean what they mean in :class:`cqjax.runtime.KVCache`.
     """
 
-    k_codes: jax.Array   # uint8 [B, S, KV, P·bits/8]
-    k_norm: jax.Array    # float32 [B, S, KV]
+    k_codes: jax.Array   # uint8 [B·KV, S, P·bits/8] (heads-major, as attention reads it)
+    k_norm: jax.Array    # float32 [B·KV, S]
     v_codes: jax.Array
     v_norm: jax.Array
     pos: jax.Array
@@ -90,8 +90,8 @@ class QuantizedKVCache:
         P = _pow2(head_dim)
         r = make_rotation(P, (P,), seed)
         width = P * bits // 8
-        codes = lambda: jnp.zeros((batch, size, kv_heads, width), jnp.uint8)  # noqa: E731
-        norm = lambda: jnp.zeros((batch, size, kv_heads), jnp.float32)  # noqa: E731
+        codes = lambda: jnp.zeros((batch * kv_heads, size, width), jnp.uint8)  # noqa: E731
+        norm = lambda: jnp.zeros((batch * kv_heads, size), jnp.float32)  # noqa: E731
         return cls(k_codes=codes(), k_norm=norm(), v_codes=codes(), v_norm=norm(),
                    pos=jnp.zeros((batch, size), jnp.int32), valid=jnp.zeros((batch, size), bool),
                    index=jnp.zeros((), jnp.int32), k_mean=jnp.zeros((batch, kv_heads, P), jnp.float32),
@@ -142,10 +142,16 @@ class QuantizedKVCache:
         return unit * norm[..., None]
 
     def update(self, k, v, positions, valid):
-        """Writes ``T`` new entries at ``index``; returns every slot's decoded rotated, centered
-        keys and values ``[B, S, KV, P]``, positions, validity, and the new cache."""
+        """Writes ``T`` new entries ``k/v [B, T, KV, head_dim]`` at ``index``; returns every slot's
+        decoded rotated, centered keys and values ``[B·KV, S, P]`` (heads-major), positions,
+        validity, and the new cache."""
         i = self.index
         upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), i, axis=1)  # noqa: E731
+
+        def per_head(buf, new):  # [B, T, KV, ...] -> [B·KV, T, ...]
+            new = new.swapaxes(1, 2)
+            return upd(buf, new.reshape(-1, *new.shape[2:]))
+
         kr, vr = self.query(k.astype(jnp.float32)), self.query(v.astype(jnp.float32))
         w = valid.astype(jnp.float32)[:, :, None, None]
         mean = lambda x: jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)  # noqa: E731
@@ -154,15 +160,16 @@ class QuantizedKVCache:
         v_mean = jnp.where(first, mean(vr), self.v_mean)
         kc, kn = self._encode_rotated(kr - k_mean[:, None])
         vc, vn = self._encode_rotated(vr - v_mean[:, None])
-        new = self.replace(k_codes=upd(self.k_codes, kc), k_norm=upd(self.k_norm, kn), v_codes=upd(self.v_codes, vc),
-                           v_norm=upd(self.v_norm, vn), pos=upd(self.pos, positions), valid=upd(self.valid, valid),
+        new = self.replace(k_codes=per_head(self.k_codes, kc), k_norm=per_head(self.k_norm, kn),
+                           v_codes=per_head(self.v_codes, vc), v_norm=per_head(self.v_norm, vn),
+                           pos=upd(self.pos, positions), valid=upd(self.valid, valid),
                            index=i + k.shape[1], k_mean=k_mean, v_mean=v_mean)
         return (new.decode(new.k_codes, new.k_norm), new.decode(new.v_codes, new.v_norm), new.pos, new.valid, new)
 
     def nbytes_per_token(self) -> int:
         """Stored bytes of one position of this layer (keys and values, all heads)."""
-        kv = self.k_codes.shape[2]
-        return 2 * kv * (self.k_codes.shape[3] + 4)  # the means are per head, not per position
+        heads = self.k_codes.shape[0] // self.pos.shape[0]
+        return 2 * heads * (self.k_codes.shape[2] + 4)  # the means are per head, not per position
 
 
 def cache_bytes_per_token(caches) -> int:
@@ -172,5 +179,5 @@ def cache_bytes_per_token(caches) -> int:
         if isinstance(c, QuantizedKVCache):
             total += c.nbytes_per_token()
         else:
-            total += 2 * int(np.prod(c.k.shape[2:])) * c.k.dtype.itemsize
+            total += 2 * (c.k.shape[0] // c.pos.shape[0]) * c.k.shape[2] * c.k.dtype.itemsize  # [B·KV, S, D]
     return total

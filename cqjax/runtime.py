@@ -111,7 +111,9 @@ def dequantized_model(qir) -> nnx.Module:
 
 @struct.dataclass
 class KVCache:
-    """One attention layer's keys and values for ``size`` positions.
+    """One attention layer's keys and values for ``size`` positions, heads-major
+    ``[B·KV, size, D]`` (as :func:`cqjax.models.layers.dot_product_attention` reads them, so a
+    decode step reads the cache where it lies and updates it in place).
 
     ``pos`` holds each slot's token position and ``valid`` whether the slot holds a real
     token; the attention mask is built from them, so empty slots are never attended.
@@ -125,8 +127,8 @@ class KVCache:
 
     @classmethod
     def empty(cls, batch: int, size: int, kv_heads: int, head_dim: int, dtype=jnp.float32) -> KVCache:
-        return cls(k=jnp.zeros((batch, size, kv_heads, head_dim), dtype),
-                   v=jnp.zeros((batch, size, kv_heads, head_dim), dtype),
+        return cls(k=jnp.zeros((batch * kv_heads, size, head_dim), dtype),
+                   v=jnp.zeros((batch * kv_heads, size, head_dim), dtype),
                    pos=jnp.zeros((batch, size), jnp.int32), valid=jnp.zeros((batch, size), bool),
                    index=jnp.zeros((), jnp.int32))
 
@@ -139,10 +141,13 @@ class KVCache:
         return out
 
     def update(self, k, v, positions, valid):
-        """Writes ``T`` new entries at ``index``; returns all keys/values/positions/validity."""
+        """Writes ``T`` new entries ``k/v [B, T, KV, D]`` at ``index``; returns all keys and
+        values (heads-major), positions, validity and the new cache."""
+        from cqjax.models.layers import heads_major
+
         i = self.index
-        upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), i, axis=1)
-        new = KVCache(k=upd(self.k, k), v=upd(self.v, v), pos=upd(self.pos, positions),
+        upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), i, axis=1)  # noqa: E731
+        new = KVCache(k=upd(self.k, heads_major(k)), v=upd(self.v, heads_major(v)), pos=upd(self.pos, positions),
                       valid=upd(self.valid, valid), index=i + k.shape[1])
         return new.k, new.v, new.pos, new.valid, new
 

@@ -127,6 +127,8 @@ class Attention(nnx.Module):
         if cache is not None:  # a quantized cache attends in its rotated basis (cqjax.kv_cache)
             q = cache.query(q)
             k, v, k_pos, k_valid, cache = cache.update(k, v, positions, valid)
+        else:
+            k, v = layers.heads_major(k), layers.heads_major(v)
         mask = layers.attention_mask(positions, k_pos, k_valid, self.window)
         out = layers.dot_product_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
         if cache is not None:

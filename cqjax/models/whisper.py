@@ -135,9 +135,11 @@ class Attention(nnx.Module):
         self.heads = heads
 
     def kv(self, source):
+        """Keys and values of ``source [B, S, d]``, heads-major ``[B, heads, S, d / heads]``."""
         b, s, d = source.shape
         split = (b, s, self.heads, d // self.heads)
-        return self.k_proj(source).reshape(split), self.v_proj(source).reshape(split)
+        return (layers.heads_major(self.k_proj(source).reshape(split)),
+                layers.heads_major(self.v_proj(source).reshape(split)))
 
     def __call__(self, x, kv, mask):
         b, t, d = x.shape
@@ -188,7 +190,7 @@ class DecoderLayer(_Block):
         x = x + self.self_attn(h, self.self_attn.kv(h), mask)
         b, t, _ = x.shape
         x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), cross_kv,
-                                  jnp.ones((b, t, cross_kv[0].shape[1]), bool))
+                                  jnp.ones((b, t, cross_kv[0].shape[2]), bool))
         return x + self.fc(self.final_layer_norm(x))
 
 
