@@ -143,8 +143,9 @@ class QuantizedKVCache:
 
     def update(self, k, v, positions, valid):
         """Writes ``T`` new entries ``k/v [B, T, KV, head_dim]`` at ``index``; returns every slot's
-        decoded rotated, centered keys and values ``[B·KV, S, P]`` (heads-major), positions,
-        validity, and the new cache."""
+        decoded rotated, centered keys ``[B·KV, P, S]`` and values ``[B·KV, S, P]`` (as
+        :func:`cqjax.models.layers.dot_product_attention` reads them), positions, validity, and
+        the new cache."""
         i = self.index
         upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), i, axis=1)  # noqa: E731
 
@@ -164,7 +165,8 @@ class QuantizedKVCache:
                            v_codes=per_head(self.v_codes, vc), v_norm=per_head(self.v_norm, vn),
                            pos=upd(self.pos, positions), valid=upd(self.valid, valid),
                            index=i + k.shape[1], k_mean=k_mean, v_mean=v_mean)
-        return (new.decode(new.k_codes, new.k_norm), new.decode(new.v_codes, new.v_norm), new.pos, new.valid, new)
+        keys = new.decode(new.k_codes, new.k_norm).swapaxes(1, 2)
+        return keys, new.decode(new.v_codes, new.v_norm), new.pos, new.valid, new
 
     def nbytes_per_token(self) -> int:
         """Stored bytes of one position of this layer (keys and values, all heads)."""
@@ -179,5 +181,5 @@ def cache_bytes_per_token(caches) -> int:
         if isinstance(c, QuantizedKVCache):
             total += c.nbytes_per_token()
         else:
-            total += 2 * (c.k.shape[0] // c.pos.shape[0]) * c.k.shape[2] * c.k.dtype.itemsize  # [B·KV, S, D]
+            total += 2 * (c.k.shape[0] // c.pos.shape[0]) * c.k.shape[1] * c.k.dtype.itemsize  # [B·KV, D, S]
     return total

@@ -111,9 +111,9 @@ def dequantized_model(qir) -> nnx.Module:
 
 @struct.dataclass
 class KVCache:
-    """One attention layer's keys and values for ``size`` positions, heads-major
-    ``[B·KV, size, D]`` (as :func:`cqjax.models.layers.dot_product_attention` reads them, so a
-    decode step reads the cache where it lies and updates it in place).
+    """One attention layer's keys ``[B·KV, D, size]`` and values ``[B·KV, size, D]``, the
+    layout :func:`cqjax.models.layers.dot_product_attention` reads (so a decode step reads the
+    cache where it lies and XLA updates it in place).
 
     ``pos`` holds each slot's token position and ``valid`` whether the slot holds a real
     token; the attention mask is built from them, so empty slots are never attended.
@@ -127,7 +127,7 @@ class KVCache:
 
     @classmethod
     def empty(cls, batch: int, size: int, kv_heads: int, head_dim: int, dtype=jnp.float32) -> KVCache:
-        return cls(k=jnp.zeros((batch * kv_heads, size, head_dim), dtype),
+        return cls(k=jnp.zeros((batch * kv_heads, head_dim, size), dtype),
                    v=jnp.zeros((batch * kv_heads, size, head_dim), dtype),
                    pos=jnp.zeros((batch, size), jnp.int32), valid=jnp.zeros((batch, size), bool),
                    index=jnp.zeros((), jnp.int32))
@@ -142,13 +142,14 @@ class KVCache:
 
     def update(self, k, v, positions, valid):
         """Writes ``T`` new entries ``k/v [B, T, KV, D]`` at ``index``; returns all keys and
-        values (heads-major), positions, validity and the new cache."""
-        from cqjax.models.layers import heads_major
+        values (in the cache's layout), positions, validity and the new cache."""
+        from cqjax.models.layers import kv_layout
 
         i = self.index
-        upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), i, axis=1)  # noqa: E731
-        new = KVCache(k=upd(self.k, heads_major(k)), v=upd(self.v, heads_major(v)), pos=upd(self.pos, positions),
-                      valid=upd(self.valid, valid), index=i + k.shape[1])
+        upd = lambda buf, new, axis=1: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), i, axis)  # noqa: E731
+        k, v = kv_layout(k, v)
+        new = KVCache(k=upd(self.k, k, 2), v=upd(self.v, v), pos=upd(self.pos, positions),
+                      valid=upd(self.valid, valid), index=i + k.shape[2])
         return new.k, new.v, new.pos, new.valid, new
 
 

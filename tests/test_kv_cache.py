@@ -97,7 +97,7 @@ def test_a_shared_offset_costs_no_code_range():
     for center in (True, False):
         cache = QuantizedKVCache.empty(1, 8, 1, 16, 4, center_keys=center)
         keys, values, _, _, new = cache.update(jnp.asarray(k), jnp.asarray(k), pos, valid)
-        keys, values = keys[None].swapaxes(1, 2), values[None].swapaxes(1, 2)  # [B·KV, S, P] -> [B, S, KV, P]
+        keys, values = keys.swapaxes(1, 2)[:, :, None], values[:, :, None]  # [B·KV, P, S], [B·KV, S, P] -> [B, S, KV, P]
         exact = new.query(jnp.asarray(k)) - new.k_mean[:, None]
         errors[center] = float(jnp.linalg.norm(keys - exact) / jnp.linalg.norm(exact - exact.mean(1)))
         # values are always centered, and output() adds the mean back

@@ -116,8 +116,7 @@ class SelfAttention(nnx.Module):
         b, t, _ = x.shape
         q, k, v = (proj(x).reshape(b, t, self.num_heads, self.head_dim) for proj in (self.query, self.key, self.value))
         mask = jnp.broadcast_to(valid[:, None, :], (b, t, t))
-        out = layers.dot_product_attention(q, layers.heads_major(k), layers.heads_major(v), mask,
-                                           scale=self.head_dim ** -0.5)
+        out = layers.dot_product_attention(q, *layers.kv_layout(k, v), mask, scale=self.head_dim ** -0.5)
         return self.output(out.reshape(b, t, -1))
 
 

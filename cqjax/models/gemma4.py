@@ -297,7 +297,7 @@ class Attention(nnx.Module):
             if cache is not None:
                 k, v, k_pos, k_valid, cache = cache.update(k, v, positions, valid)
             else:
-                k, v = layers.heads_major(k), layers.heads_major(v)
+                k, v = layers.kv_layout(k, v)
         mask = layers.attention_mask(positions, k_pos, k_valid, self.window)
         out = layers.dot_product_attention(q, k, v, mask, scale=1.0)
         return self.o_proj(out.reshape(b, t, -1)), cache, (k, v, k_pos, k_valid)

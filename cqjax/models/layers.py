@@ -211,21 +211,23 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array,
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
                           scale: float, softcap: float | None = None) -> jax.Array:
-    """Grouped-query attention. ``q [B,T,H,D]``, ``k/v [B·KV,S,D]`` (heads-major, the layout
-    of a KV cache: :func:`heads_major`), ``mask [B,T,S]``.
+    """Grouped-query attention. ``q [B,T,H,D]``, keys ``k [B·KV,D,S]`` and values
+    ``v [B·KV,S,D]`` (the layout of a KV cache: :func:`kv_layout`), ``mask [B,T,S]``.
 
-    Both products are plain batched matmuls over ``B·KV`` with the ``H/KV`` query heads of a
-    group and their ``T`` positions as the rows, so XLA's CPU dot reads a cache as it lies and
-    XLA updates it in place: a sequence-major cache cost a transpose of the whole cache on
-    every decode step, and a 4-D ``[B, KV, S, D]`` one a copy (its batch of 1 is squeezed out,
-    and the in-place update was then duplicated into the dot's operand).
+    Both products are plain ``[rows, K] @ [K, cols]`` matmuls batched over ``B·KV``, with the
+    ``H/KV`` query heads of a group and their ``T`` positions as the rows, so XLA's CPU dot
+    reads a cache as it lies and XLA updates it in place. Measured on a 544-token decode step
+    of SmolLM2: a sequence-major ``[B, S, KV, D]`` cache cost a transpose of every layer's whole
+    cache per step, a 4-D ``[B, KV, S, D]`` one a copy (its batch of 1 is squeezed out and the
+    in-place update was then duplicated into the dot's operand), and keys stored ``[S, D]``
+    a repacking of every key per step (YNNPACK's dot wants them ``[D, S]``).
     Fully masked query rows (padding) give finite values, never NaN.
     """
     b, t, h, d = q.shape
     kv = k.shape[0] // b
-    g, s = h // kv, k.shape[1]
+    g, s = h // kv, k.shape[2]
     qg = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, g * t, d).astype(jnp.float32)
-    scores = jnp.einsum("nqd,nsd->nqs", qg, k.astype(jnp.float32)).reshape(b, kv, g, t, s) * scale
+    scores = jnp.einsum("nqd,nds->nqs", qg, k.astype(jnp.float32)).reshape(b, kv, g, t, s) * scale
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
@@ -235,7 +237,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return out.reshape(b, kv, g, t, dv).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dv).astype(q.dtype)
 
 
-def heads_major(x: jax.Array) -> jax.Array:
-    """``[B, T, H, D] -> [B·H, T, D]``: keys and values as :func:`dot_product_attention` reads them."""
-    b, t, h, d = x.shape
-    return x.swapaxes(1, 2).reshape(b * h, t, d)
+def kv_layout(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys and values ``[B, T, H, D]`` as :func:`dot_product_attention` reads them: keys
+    ``[B·H, D, T]``, values ``[B·H, T, D]``."""
+    b, t, h, d = v.shape
+    return k.transpose(0, 2, 3, 1).reshape(b * h, k.shape[-1], t), v.swapaxes(1, 2).reshape(b * h, t, d)

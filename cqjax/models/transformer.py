@@ -128,7 +128,7 @@ class Attention(nnx.Module):
             q = cache.query(q)
             k, v, k_pos, k_valid, cache = cache.update(k, v, positions, valid)
         else:
-            k, v = layers.heads_major(k), layers.heads_major(v)
+            k, v = layers.kv_layout(k, v)
         mask = layers.attention_mask(positions, k_pos, k_valid, self.window)
         out = layers.dot_product_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
         if cache is not None:

@@ -135,11 +135,10 @@ class Attention(nnx.Module):
         self.heads = heads
 
     def kv(self, source):
-        """Keys and values of ``source [B, S, d]``, heads-major ``[B, heads, S, d / heads]``."""
+        """Keys and values of ``source [B, S, d]`` as attention reads them (:func:`layers.kv_layout`)."""
         b, s, d = source.shape
         split = (b, s, self.heads, d // self.heads)
-        return (layers.heads_major(self.k_proj(source).reshape(split)),
-                layers.heads_major(self.v_proj(source).reshape(split)))
+        return layers.kv_layout(self.k_proj(source).reshape(split), self.v_proj(source).reshape(split))
 
     def __call__(self, x, kv, mask):
         b, t, d = x.shape
@@ -190,7 +189,7 @@ class DecoderLayer(_Block):
         x = x + self.self_attn(h, self.self_attn.kv(h), mask)
         b, t, _ = x.shape
         x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), cross_kv,
-                                  jnp.ones((b, t, cross_kv[0].shape[2]), bool))
+                                  jnp.ones((b, t, cross_kv[1].shape[1]), bool))
         return x + self.fc(self.final_layer_norm(x))
 
 
