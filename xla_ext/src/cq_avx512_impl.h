@@ -81,6 +81,7 @@ CQ512_TARGET void Rows512(const Plan& p, const Prepared& q, const uint8_t* codes
     for (int mi = 0; mi < MB; ++mi) facc[mi] = _mm512_setzero_ps();
     for (int c = 0; c < nch; ++c) {
       const bool last = c == nch - 1;
+      _mm_prefetch(reinterpret_cast<const char*>(row + c * 64 + kPrefetchBytes), _MM_HINT_T0);
       const __m512i v = last ? _mm512_maskz_loadu_epi8(tmask, row + c * 64)
                              : _mm512_loadu_si512(row + c * 64);
       __m512i e = _mm512_setzero_si512();

@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -22,6 +23,10 @@ namespace cq {
 namespace {
 
 constexpr int kMaxMB = 4;  // activation rows per pass over the weights
+// The code rows are read once, in order: each chunk asks for the bytes this far ahead (the
+// hardware prefetcher alone left batch-1 calls waiting on the code loads: 576x576 4-bit
+// 37.8 -> 24.9 us per call on a Xeon; 512-4096 measured alike).
+constexpr int kPrefetchBytes = 1024;
 
 #define CQ512_TARGET CQ_AVX512
 #define CQ512_NS avx512_shuffle
@@ -88,6 +93,7 @@ CQ_AVX2 void Rows256(const Plan& p, const Prepared& q, const uint8_t* codes,
     #pragma GCC unroll 8
     for (int mi = 0; mi < MB; ++mi) facc[mi] = _mm256_setzero_ps();
     for (int c = 0; c < nch; ++c) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + c * 32 + kPrefetchBytes), _MM_HINT_T0);
       const uint8_t* lo = row + c * 32;
       const uint8_t* hp = row + p.hi_offset + c * 16;
       if (c == nch - 1 && tail < 32) {  // never read past the row's last byte
@@ -163,6 +169,45 @@ CQ_AVX2 void Dispatch256(const Plan& p, const Prepared& q, const uint8_t* codes,
 }
 
 }  // namespace
+
+CQ_AVX2 int QuantizeBlockAvx2(const float* v, int b, int8_t* xq, float* amax, bool* finite) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 mx = _mm256_setzero_ps(), poison = _mm256_setzero_ps();
+  for (int k = 0; k < b; k += 8) {
+    const __m256 x = _mm256_loadu_ps(v + k);
+    poison = _mm256_add_ps(poison, _mm256_mul_ps(x, _mm256_setzero_ps()));
+    mx = _mm256_max_ps(_mm256_andnot_ps(sign, x), mx);  // a NaN lane keeps mx (second operand)
+  }
+  alignas(32) float lanes[8], bad[8];
+  _mm256_store_ps(lanes, mx);
+  _mm256_store_ps(bad, poison);
+  float m = 0.0f;
+  bool ok = true;
+  for (int i = 0; i < 8; ++i) {
+    m = std::max(m, lanes[i]);
+    ok = ok && bad[i] == 0.0f;
+  }
+  const float inv = m > 0.0f && std::isfinite(m) ? 127.0f / m : 0.0f;
+  const __m256 vinv = _mm256_set1_ps(inv);
+  const __m256 hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+  __m256i acc = _mm256_setzero_si256();
+  for (int k = 0; k < b; k += 8) {
+    // round half to even (as nearbyint in the default mode), then clamp as the reference does
+    // (max/min return their second operand for a NaN lane: -127, as std::max(-127.f, NaN))
+    __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(v + k), vinv),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm256_min_ps(_mm256_max_ps(q, lo), hi);
+    const __m256i qi = _mm256_cvttps_epi32(q);
+    acc = _mm256_add_epi32(acc, qi);
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(xq + k), _mm_packs_epi16(w, w));
+  }
+  alignas(32) int32_t s[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(s), acc);
+  *amax = m;
+  *finite = ok;
+  return s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7];
+}
 
 void MatmulRowsAvx512(const Plan& plan, const Prepared& prep, const uint8_t* codes,
                       const uint16_t* norms, int n0, int n1, float* y, int N, bool vbmi) {

@@ -119,7 +119,12 @@ void MatmulRows(const Plan& plan, const Prepared& prep, const uint8_t* codes,
 // Reference-path pieces (also used by tests).
 void MatmulRowsRef(const Plan& plan, const Prepared& prep, const uint8_t* codes,
                    const uint16_t* norms, int n0, int n1, float* y, int N);
+// One block of a rotated activation row to int8: xq[k] = round(v[k] * 127 / amax) (ties to
+// even), returned: the sum of xq, *amax = max |v[k]| (non-finite values skipped) and
+// *finite = whether every v[k] is finite. The scalar version is the reference.
+int QuantizeBlockRef(const float* v, int b, int8_t* xq, float* amax, bool* finite);
 #if defined(__x86_64__) || defined(__i386__)
+int QuantizeBlockAvx2(const float* v, int b, int8_t* xq, float* amax, bool* finite);  // b % 8 == 0
 void MatmulRowsAvx2(const Plan& plan, const Prepared& prep, const uint8_t* codes,
                     const uint16_t* norms, int n0, int n1, float* y, int N);
 void MatmulRowsAvx512(const Plan& plan, const Prepared& prep, const uint8_t* codes,
