@@ -87,6 +87,16 @@ def test_unknown_config_key_names_it(tmp_path):
         hf.import_checkpoint(write(tmp_path / "k", config={**CONFIG, "use_magic_attention": True}))
 
 
+def test_bookkeeping_config_keys_do_not_block_an_import(tmp_path):
+    """Keys transformers itself writes when it saves (private ``_``-prefixed ones, version
+    stamps) change no math: the import accepts them and builds the same model."""
+    extra = {"_model_name_or_path": "some/model", "_commit_hash": "abc", "mlx_version": "0.1"}
+    ir = hf.import_checkpoint(write(tmp_path / "b", config={**CONFIG, **extra}))
+    ref = hf.import_checkpoint(write(tmp_path / "r"))
+    tokens = np.arange(6, dtype=np.int32)[None]
+    np.testing.assert_array_equal(np.asarray(hf.to_model(ir)(tokens)), np.asarray(hf.to_model(ref)(tokens)))
+
+
 def test_unsupported_value_names_key(tmp_path):
     with pytest.raises(ConfigError, match="'hidden_act' = 'relu'"):
         hf.import_checkpoint(write(tmp_path / "v", config={**CONFIG, "hidden_act": "relu"}))

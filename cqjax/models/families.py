@@ -35,12 +35,20 @@ GENERIC_KEYS = frozenset({
 ROPE_KEYS = frozenset({"rope_theta", "rope_scaling", "rope_parameters"})
 
 
+def bookkeeping(key: str) -> bool:
+    """Whether a config key is bookkeeping that no family's math reads: transformers' private
+    ``_``-prefixed keys (``_name_or_path``, ``_commit_hash``, a saved ``_model_name_or_path``)
+    and ``*_version`` stamps."""
+    return key.startswith("_") or key.endswith("_version")
+
+
 def check_keys(raw: dict, allowed: frozenset[str], source: str) -> None:
-    """Raises ConfigError naming the first key of ``raw`` that is neither generic nor allowed."""
+    """Raises ConfigError naming the first key of ``raw`` that is neither generic, bookkeeping
+    (:func:`bookkeeping`) nor allowed."""
     if "quantization_config" in raw:
         raise ConfigError(f"{source}: key 'quantization_config': the checkpoint is already quantized; "
                           "cqjax imports float (fp32/bf16/fp16) checkpoints")
-    unknown = sorted(set(raw) - GENERIC_KEYS - allowed)
+    unknown = sorted(k for k in set(raw) - GENERIC_KEYS - allowed if not bookkeeping(k))
     if unknown:
         raise ConfigError(f"{source}: config key {unknown[0]!r} is not understood by the "
                           f"{raw.get('model_type')} importer (unknown keys: {unknown})")
