@@ -165,17 +165,21 @@ template <int BITS>
 CQ512_TARGET void Dispatch512(const Plan& p, const Prepared& q, const uint8_t* codes,
                            const uint16_t* norms, int n0, int n1, float* y, int N) {
   const int nb = p.nblocks;
-  std::vector<float> nf(nb + 16, 0.0f), wsc(static_cast<size_t>(kMaxMB) * (nb + 16), 0.0f);
+  std::vector<float> nf(nb + 16, 0.0f), wsc(static_cast<size_t>(kMaxMB512) * (nb + 16), 0.0f);
   const bool reg = nb <= 16;
-  for (int m0 = 0; m0 < q.M; m0 += kMaxMB) {
+  for (int m0 = 0; m0 < q.M; m0 += kMaxMB512) {
 #define CQ512_ROWS(MB_)                                                                        \
   (reg ? Rows512<BITS, MB_, true>(p, q, codes, norms, n0, n1, m0, y, N, nf.data(), wsc.data()) \
        : Rows512<BITS, MB_, false>(p, q, codes, norms, n0, n1, m0, y, N, nf.data(), wsc.data()))
-    switch (std::min(kMaxMB, q.M - m0)) {
+    switch (std::min(kMaxMB512, q.M - m0)) {
       case 1: CQ512_ROWS(1); break;
       case 2: CQ512_ROWS(2); break;
       case 3: CQ512_ROWS(3); break;
-      default: CQ512_ROWS(4);
+      case 4: CQ512_ROWS(4); break;
+      case 5: CQ512_ROWS(5); break;
+      case 6: CQ512_ROWS(6); break;
+      case 7: CQ512_ROWS(7); break;
+      default: CQ512_ROWS(8);
     }
 #undef CQ512_ROWS
   }

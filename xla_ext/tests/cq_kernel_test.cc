@@ -136,7 +136,8 @@ std::vector<cq::Path> Paths() {
 void TestPathsAgainstReference() {
   std::mt19937 rng(42);
   const int sizes[][3] = {{1, 5, 100}, {3, 7, 576}, {7, 129, 200}, {2, 9, 17},
-                          {1, 3, 8},   {129, 6, 256}, {5, 33, 1000}, {4, 11, 4096}};
+                          {1, 3, 8},   {129, 6, 256}, {5, 33, 1000}, {4, 11, 4096},
+                          {6, 10, 300}, {8, 12, 640}};  // every row-tile width of the AVX-512 path (1-8)
   for (int bits = 1; bits <= 4; ++bits) {
     for (auto& s : sizes) {
       for (int layout = 0; layout < 2; ++layout) {
