@@ -27,10 +27,12 @@ def setup(tmp_path_factory):
     cfg = {**CFG, "tie_word_embeddings": True}
     ir = hf.import_checkpoint(write(tmp_path_factory.mktemp("seq") / "ckpt", config=cfg, weights={
         k: v for k, v in _weights().items() if not k.startswith("lm_head")}))
+    # 16 calibration and 16 held-out rows: with 6 and 4, which variant beat the data-free recipe
+    # depended on the seed and even on float summation order (seeds 0-3: each variant lost on one)
     rng = np.random.default_rng(0)
-    rows, held_out = rng.integers(0, 37, (6, 32)).astype(np.int32), rng.integers(0, 37, (4, 32)).astype(np.int32)
+    rows, held_out = rng.integers(0, 37, (16, 32)).astype(np.int32), rng.integers(0, 37, (16, 32)).astype(np.int32)
     front = pl.chain(Rotate(block=32), FitCodebook(bits=2))
-    seq = {a: pl.run(pl.chain(front, SequentialErrorFeedbackPack(asymmetric=a, rows=6)), ir,
+    seq = {a: pl.run(pl.chain(front, SequentialErrorFeedbackPack(asymmetric=a, rows=16)), ir,
                      Context(rows=rows), progress=False)[0] for a in (0.0, 1.0)}
     calib = collect(hf.to_model(ir), ir, rows, progress=False)
     ef, _ = pl.run(pl.chain(front, ErrorFeedbackPack()), ir, Context(calibration=calib), progress=False)
