@@ -176,10 +176,4 @@ class QuantizedKVCache:
 
 def cache_bytes_per_token(caches) -> int:
     """Bytes one position takes in a list of caches (float or quantized)."""
-    total = 0
-    for c in caches:
-        if isinstance(c, QuantizedKVCache):
-            total += c.nbytes_per_token()
-        else:
-            total += 2 * (c.k.shape[0] // c.pos.shape[0]) * c.k.shape[1] * c.k.dtype.itemsize  # [B·KV, D, S]
-    return total
+    return sum(c.nbytes_per_token() for c in caches)

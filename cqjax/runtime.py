@@ -152,6 +152,11 @@ class KVCache:
                       valid=upd(self.valid, valid), index=i + k.shape[2])
         return new.k, new.v, new.pos, new.valid, new
 
+    def nbytes_per_token(self) -> int:
+        """Stored bytes of one position of this layer (keys and values, all heads)."""
+        heads = self.k.shape[0] // self.pos.shape[0]
+        return 2 * heads * self.k.shape[1] * self.k.dtype.itemsize
+
 
 def empty_caches(model: nnx.Module, batch: int, size: int, kv_bits: int | None = None) -> list:
     """One empty cache per layer, sized from each layer's attention module: float32, or
