@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -165,3 +166,86 @@ def test_config_sizes_are_bounded_before_anything_is_built(tmp_path, key, value)
     path = write(tmp_path / "c", config={**CONFIG, key: value})
     with pytest.raises(ConfigError, match=r"config.json: config\.\w+=\d+ is out of bounds"):
         hf.import_checkpoint(path)
+
+
+# -- mistral, phi3, gemma2: every config key is understood or refused by name ------------------
+
+NEW_FAMILIES = {
+    "mistral": dict(CONFIG, model_type="mistral", sliding_window=4),
+    "phi3": dict(CONFIG, model_type="phi3", original_max_position_embeddings=16, resid_pdrop=0.0,
+                 embd_pdrop=0.0, auto_map={"AutoModelForCausalLM": "modeling_phi3.Phi3ForCausalLM"}),
+    "gemma2": dict(CONFIG, model_type="gemma2", head_dim=4, query_pre_attn_scalar=4, sliding_window=4,
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0, hidden_act="gelu_pytorch_tanh",
+                   cache_implementation="hybrid", sliding_window_size=4),
+}
+
+
+def parse(config):
+    from cqjax.models import registry
+
+    return registry.for_model_type(config["model_type"], "config.json").parse_config(config, "config.json")
+
+
+@pytest.mark.parametrize("family", sorted(NEW_FAMILIES))
+def test_new_families_accept_their_keys(family):
+    """Dropout rates, remote-code names and generation-time cache settings change no math."""
+    cfg = parse(NEW_FAMILIES[family])
+    assert cfg.family == family
+
+
+@pytest.mark.parametrize("family, key, value", [
+    ("mistral", "layer_types", ["sliding_attention", "full_attention"]),  # Ministral's alternation
+    ("mistral", "attn_logit_softcapping", 30.0),
+    ("mistral", "use_sliding_window", True),
+    ("phi3", "full_attn_mod", 2),  # Phi-4-mini remote code
+    ("phi3", "qk_layernorm", True),
+    ("gemma2", "rope_local_base_freq", 10000.0),  # Gemma3's local rope
+    ("gemma2", "use_adarms", True),
+])
+def test_new_families_refuse_unknown_math_keys_by_name(tmp_path, family, key, value):
+    with pytest.raises(ConfigError, match=f"config key '{key}' is not understood by the {family} importer"):
+        hf.import_checkpoint(write(tmp_path / "k", config={**NEW_FAMILIES[family], key: value}))
+
+
+@pytest.mark.parametrize("family, key, value, message", [
+    ("mistral", "attention_bias", True, "'attention_bias' = True"),
+    ("mistral", "rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "'rope_type' = 'yarn'"),
+    ("phi3", "mlp_bias", True, "'mlp_bias' = True"),
+    ("phi3", "rope_scaling", {"type": "dynamic", "factor": 2.0}, "'rope_type' = 'dynamic'"),
+    ("phi3", "rope_scaling", {"type": "longrope", "short_factor": [1.0], "long_factor": [2.0, 2.0]},
+     "'short_factor' must list 2 factors"),
+    ("phi3", "partial_rotary_factor", 0.3, "'partial_rotary_factor' = 0.3"),
+    ("gemma2", "use_bidirectional_attention", True, "'use_bidirectional_attention' = True"),
+    ("gemma2", "hidden_activation", "relu", "'hidden_activation' = 'relu'"),
+])
+def test_new_families_refuse_unsupported_values_by_name(family, key, value, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        parse({**NEW_FAMILIES[family], key: value})
+
+
+def phi3_tensors():
+    """The llama-shaped tensors of CONFIG with q/k/v and gate/up fused as Phi-3 saves them."""
+    w = tensors()
+    attn, mlp = "model.layers.0.self_attn.", "model.layers.0.mlp."
+    w[attn + "qkv_proj.weight"] = np.concatenate([w.pop(attn + f"{p}_proj.weight") for p in "qkv"])
+    w[mlp + "gate_up_proj.weight"] = np.concatenate([w.pop(mlp + "gate_proj.weight"), w.pop(mlp + "up_proj.weight")])
+    return w
+
+
+def test_phi3_fused_tensor_is_split_lazily(tmp_path):
+    w = phi3_tensors()
+    ir = hf.import_checkpoint(write(tmp_path / "ok", config=NEW_FAMILIES["phi3"], weights=w))
+    k = ir.params["layers/0/self_attn/k_proj/kernel"]
+    assert k.source == "model.safetensors:model.layers.0.self_attn.qkv_proj.weight[8:12]"
+    np.testing.assert_array_equal(k.load(), w["model.layers.0.self_attn.qkv_proj.weight"][8:12].T)
+
+
+@pytest.mark.parametrize("rows, match", [
+    (14, r"has shape \[14, 8\]; rows 12:16 \(for layers/0/self_attn/v_proj/kernel\) are outside it"),
+    (20, r"has 20 rows; the phi3 model uses rows \[\(0, 8\), \(8, 12\), \(12, 16\)\]")])
+def test_phi3_fused_tensor_of_the_wrong_size_names_it(tmp_path, rows, match):
+    w = phi3_tensors()
+    qkv = "model.layers.0.self_attn.qkv_proj.weight"
+    w[qkv] = np.resize(w[qkv], (rows, 8))
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{re.escape(qkv)}' " + match):
+        hf.import_checkpoint(write(tmp_path / "bad", config=NEW_FAMILIES["phi3"], weights=w))

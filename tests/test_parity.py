@@ -34,16 +34,39 @@ CASES = {
                                                    "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}}),
     "gemma3-softcap": lambda: transformers.Gemma3TextConfig(
         **TINY, head_dim=16, sliding_window=4, attn_logit_softcapping=20.0, final_logit_softcapping=5.0),
+    "mistral-sliding": lambda: transformers.MistralConfig(**TINY, sliding_window=5),
+    "mistral-full": lambda: transformers.MistralConfig(**TINY, sliding_window=None, tie_word_embeddings=True),
+    "phi3": lambda: transformers.Phi3Config(**TINY, pad_token_id=0, eos_token_id=1),
+    # Partial rotary (half of each 16-wide head), a sliding window of 6, and longrope with an
+    # original length of 12: the 19-token batch takes the long factors, a short one the short.
+    "phi3-partial-longrope-sliding": lambda: transformers.Phi3Config(
+        **{**TINY, "max_position_embeddings": 48}, pad_token_id=0, eos_token_id=1, partial_rotary_factor=0.5,
+        sliding_window=6, original_max_position_embeddings=12, tie_word_embeddings=True,
+        rope_scaling={"type": "longrope", "short_factor": [1.0, 1.3, 2.1, 3.7],
+                      "long_factor": [1.5, 2.9, 5.3, 9.1]}),
+    "gemma2": lambda: transformers.Gemma2Config(
+        **TINY, head_dim=16, sliding_window=5, query_pre_attn_scalar=24, attn_logit_softcapping=4.0,
+        final_logit_softcapping=3.0),
+    "gemma2-nocap-gelu": lambda: transformers.Gemma2Config(
+        **TINY, head_dim=32, sliding_window=3, attn_logit_softcapping=None, final_logit_softcapping=None,
+        hidden_activation="gelu", layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+        tie_word_embeddings=False),
 }
 
+#: Cases whose q/k projections are scaled up, so attention logits reach their soft cap (at the
+#: default init they stay near 0, where ``tanh`` is the identity and a missing cap would pass).
+QK_GAIN = {"gemma2": 12.0}
 
-def write_checkpoint(config, directory, dtype=torch.float32, seed=0):
+
+def write_checkpoint(config, directory, dtype=torch.float32, seed=0, qk_gain=1.0):
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # random norm weights, so a wrong norm offset cannot hide
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.normal_(0.0, 0.5)
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(qk_gain)
     model.to(dtype).save_pretrained(directory)
     return model.float()
 
@@ -63,9 +86,10 @@ def torch_logits(model, tokens, mask):
                      attention_mask=torch.tensor(mask, dtype=torch.long)).logits.float().numpy()
 
 
-def assert_matches(model, ref, vocab, name, seed=0, atol=1e-4):
+def assert_matches(model, ref, vocab, name, seed=0, atol=1e-4, length=19):
     """Our logits vs transformers' on a right-padded batch, compared on real tokens only."""
     tokens, mask = batch(vocab, seed)
+    tokens, mask = tokens[:, :length], mask[:, :length]
     ours = np.asarray(model(tokens, mask))
     theirs = torch_logits(ref, tokens, mask)
     assert ours.shape == theirs.shape
@@ -75,7 +99,7 @@ def assert_matches(model, ref, vocab, name, seed=0, atol=1e-4):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_matches_transformers(name, tmp_path):
-    ref = write_checkpoint(CASES[name](), tmp_path)
+    ref = write_checkpoint(CASES[name](), tmp_path, qk_gain=QK_GAIN.get(name, 1.0))
     model, ir = hf.load(tmp_path)
     assert_matches(model, ref, TINY["vocab_size"], name)
 
@@ -98,3 +122,60 @@ def test_ir_roles_and_layout(tmp_path):
     assert ir.meta["embed_tokens/embedding"].role == "embedding"
     assert ir.meta["lm_head/kernel"].role == "lm_head"
     assert ir.meta["norm/scale"].role == "norm"
+
+
+def test_gemma2_parity_sees_the_attention_softcap(tmp_path):
+    """transformers' Gemma2 caps attention logits (Gemma3 does not): dropping the cap from the
+    imported config moves the logits far past the parity tolerance, so the parity case checks it."""
+    import dataclasses
+
+    ref = write_checkpoint(CASES["gemma2"](), tmp_path, qk_gain=QK_GAIN["gemma2"])
+    ir = hf.import_checkpoint(tmp_path)
+    assert (ir.config.attn_softcap, ir.config.final_softcap) == (4.0, 3.0)
+    uncapped = hf.to_model(dataclasses.replace(ir, config=dataclasses.replace(ir.config, attn_softcap=None)))
+    tokens, mask = batch(TINY["vocab_size"])
+    diff = np.abs(np.asarray(uncapped(tokens, mask)) - torch_logits(ref, tokens, mask))[mask]
+    assert diff.max() > 1e-2
+
+
+def test_phi3_longrope_short_and_long_factors(tmp_path):
+    """longrope picks its factor set per call from the longest position, as transformers does:
+    12 tokens (within the original 12) take the short factors, 13 the long ones."""
+    ref = write_checkpoint(CASES["phi3-partial-longrope-sliding"](), tmp_path)
+    model, ir = hf.load(tmp_path)
+    assert ir.config.rotary_dim == 8
+    for length in (12, 13):
+        assert_matches(model, ref, TINY["vocab_size"], f"phi3 longrope, {length} tokens", length=length)
+
+
+def test_phi3_fused_tensors_split_into_plain_linears(tmp_path):
+    write_checkpoint(CASES["phi3"](), tmp_path)
+    ir = hf.import_checkpoint(tmp_path)
+    q, k, v = (ir.meta[f"layers/1/self_attn/{p}_proj/kernel"] for p in "qkv")
+    assert (q.role, q.shape, q.hf_name) == ("linear", (64, 64), "model.layers.1.self_attn.qkv_proj.weight[0:64]")
+    assert (k.shape, k.hf_name) == ((64, 32), "model.layers.1.self_attn.qkv_proj.weight[64:96]")
+    assert v.hf_name == "model.layers.1.self_attn.qkv_proj.weight[96:128]"
+    assert ir.meta["layers/1/mlp/up_proj/kernel"].hf_name == "model.layers.1.mlp.gate_up_proj.weight[96:192]"
+    fused = np.asarray(ir.params["layers/1/mlp/gate_proj/kernel"].reader())
+    np.testing.assert_array_equal(hf.load_leaf(ir, "layers/1/mlp/gate_proj/kernel"), fused.T)
+
+
+@pytest.mark.parametrize("name", ["mistral-sliding", "gemma2"])
+def test_cached_decode_matches_recompute_and_transformers(name, tmp_path):
+    """Greedy decoding with the KV cache past the sliding window equals recomputing every step
+    and transformers' own cached generation."""
+    from cqjax import runtime
+
+    ref = write_checkpoint(CASES[name](), tmp_path, qk_gain=QK_GAIN.get(name, 1.0))
+    model, _ = hf.load(tmp_path)
+    prompt = np.array([[5, 17, 3, 42, 8, 9, 60]], np.int32)
+    out = runtime.generate(model, prompt, max_new_tokens=6)
+    forward, ids = runtime.forward_fn(model), prompt
+    for _ in range(6):
+        logits = np.asarray(forward(ids, np.ones_like(ids, bool)))
+        ids = np.concatenate([ids, logits[:, -1].argmax(-1)[:, None].astype(np.int32)], 1)
+    np.testing.assert_array_equal(out, ids)
+    with torch.no_grad():
+        theirs = ref.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=6, do_sample=False,
+                              min_new_tokens=6, pad_token_id=0)
+    np.testing.assert_array_equal(out, theirs.numpy())

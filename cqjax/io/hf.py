@@ -188,27 +188,47 @@ def import_checkpoint(path_or_id: str | Path) -> IR:
     registry.check_bounds(raw, str(directory / "config.json"))  # before a parser computes anything from it
     cfg = family.parse_config(raw, str(directory / "config.json"))
     tensors = open_shards(directory)
-    params, meta, used = {}, {}, set()
+    params, meta, used, fused = {}, {}, set(), {}
     for path, (shape, role) in param_roles(abstract_model(family, cfg)).items():
         name = family.hf_name(path, cfg)
+        # A family may map a leaf to rows [start, stop) of a fused checkpoint tensor (Phi-3's
+        # qkv_proj): hf_name then returns (name, (start, stop)), and meta.hf_name is 'name[start:stop]'.
+        name, rows = name if isinstance(name, tuple) else (name, None)
         if name not in tensors:
             raise CheckpointError(f"{directory}: tensor {name!r} (for {path}) is missing from the checkpoint")
         f = tensors[name]
+        stored, label = f.shape(name), name
+        if rows is not None:
+            if not (stored and 0 <= rows[0] < rows[1] <= stored[0]):
+                raise CheckpointError(f"{f.path}: tensor {name!r} has shape {list(stored)}; rows "
+                                      f"{rows[0]}:{rows[1]} (for {path}) are outside it")
+            stored, label = (rows[1] - rows[0], *stored[1:]), f"{name}[{rows[0]}:{rows[1]}]"
+            fused.setdefault(name, []).append(rows)
         # Kernels are [..., in, out]; checkpoints store [..., out, in] (3-D: stacked experts).
         transpose = role in TRANSPOSED_ROLES and len(shape) >= 2
         expected = (*shape[:-2], shape[-1], shape[-2]) if transpose else shape
         transform = _swap_last_axes if transpose else None
         if role == "conv":
-            expected, transform = _conv_layout(f.shape(name), shape, f.path, name)
-        if f.shape(name) != expected:
-            raise CheckpointError(f"{f.path}: tensor {name!r} has shape {list(f.shape(name))}, "
+            expected, transform = _conv_layout(stored, shape, f.path, name)
+        if stored != expected:
+            raise CheckpointError(f"{f.path}: tensor {label!r} has shape {list(stored)}, "
                                   f"expected {list(expected)} from config.json")
         params[path] = LazyTensor(
-            shape=shape, dtype=f.dtype(name).name, source=f"{f.path.name}:{name}",
-            reader=(lambda f=f, name=name: f.read(name)), transform=transform)
-        meta[path] = TensorMeta(role=role, hf_name=name, shape=shape, dtype=f.dtype(name).name,
+            shape=shape, dtype=f.dtype(name).name, source=f"{f.path.name}:{label}",
+            reader=(lambda f=f, name=name, rows=rows: f.read(name) if rows is None else f.read(name)[rows[0]:rows[1]]),
+            transform=transform)
+        meta[path] = TensorMeta(role=role, hf_name=label, shape=shape, dtype=f.dtype(name).name,
                                 tower=family.tower(path))
         used.add(name)
+    for name, spans in fused.items():  # the slices of a fused tensor must tile all its rows
+        ends = [0]
+        for start, stop in sorted(spans):
+            if start != ends[-1]:
+                break
+            ends.append(stop)
+        if ends[-1] != tensors[name].shape(name)[0]:
+            raise CheckpointError(f"{tensors[name].path}: tensor {name!r} has {tensors[name].shape(name)[0]} rows; "
+                                  f"the {family.name} model uses rows {sorted(spans)} of it")
     unused = sorted(n for n in set(tensors) - used if not family.ignorable(n, cfg))
     if unused:
         raise CheckpointError(f"{directory}: {len(unused)} checkpoint tensors are not used by the "

@@ -1,4 +1,5 @@
-"""Hugging Face config → :class:`DecoderConfig` for the llama, qwen2, qwen3 and gemma3 families.
+"""Hugging Face config → :class:`DecoderConfig` for the llama, qwen2, qwen3, gemma3, mistral, phi3
+and gemma2 families.
 
 Each family lists every config key it understands. A key outside that list, or a value that
 would change the model in a way cqjax does not implement, raises :class:`ConfigError` naming
@@ -7,6 +8,7 @@ the key: silently ignoring a key risks a model that imports fine and computes th
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from cqjax.errors import ConfigError
@@ -196,6 +198,127 @@ def parse_gemma3(raw: dict, source: str) -> DecoderConfig:
         rope=rope_parameters(raw, source, local_theta=raw.get("rope_local_base_freq", 10000.0)), **c)
 
 
+MISTRAL_KEYS = frozenset({"hidden_act", "hidden_size", "intermediate_size", "num_attention_heads",
+                          "num_hidden_layers", "num_key_value_heads", "head_dim", "rms_norm_eps",
+                          "vocab_size", "sliding_window", "attention_bias"}) | ROPE_KEYS
+
+
+def _rope_types(rope: dict[str, dict], source: str, allowed: tuple[str, ...]) -> None:
+    for params in rope.values():
+        expect({"rope_type": params.get("rope_type", "default")}, "rope_type", allowed, source)
+
+
+def parse_mistral(raw: dict, source: str) -> DecoderConfig:
+    """Mistral: llama with an optional sliding window on every layer (``sliding_window: null``
+    is full attention). transformers' Mistral ignores ``layer_types`` (Ministral reads it), so
+    a config that has one is refused as an unknown key."""
+    check_keys(raw, MISTRAL_KEYS, source)
+    expect(raw, "attention_bias", (None, False), source)
+    c = _common(raw, source)
+    window = raw.get("sliding_window")
+    rope = rope_parameters(raw, source)
+    _rope_types(rope, source, ("default", "linear", "llama3"))
+    return DecoderConfig(
+        family="mistral", act=expect(raw, "hidden_act", ("silu",), source, "silu"),
+        query_scale=c["head_dim"] ** -0.5,
+        layer_types=("full_attention" if window is None else "sliding_attention",) * c["num_layers"],
+        sliding_window=window, rope=rope, **c)
+
+
+PHI3_KEYS = frozenset({"hidden_act", "hidden_size", "intermediate_size", "num_attention_heads",
+                       "num_hidden_layers", "num_key_value_heads", "head_dim", "rms_norm_eps",
+                       "vocab_size", "resid_pdrop", "embd_pdrop", "original_max_position_embeddings",
+                       "partial_rotary_factor", "sliding_window", "attention_bias", "mlp_bias",
+                       "lm_head_bias", "auto_map"}) | ROPE_KEYS
+
+
+def _phi3_rope(raw: dict, rotary_dim: int, source: str) -> dict:
+    """Phi-3's single rope entry, with a ``longrope`` entry's ``original_max_position_embeddings``,
+    ``factor`` and ``attention_factor`` resolved as transformers resolves them."""
+    params = dict(rope_parameters(raw, source)["full_attention"])
+    rope_type = params.pop("type", None) or "default"
+    rope_type = params.get("rope_type", rope_type)
+    rope_type = "longrope" if rope_type in ("su", "yarn") else rope_type  # transformers' legacy names
+    expect({"rope_type": rope_type}, "rope_type", ("default", "longrope"), source)
+    out = {"rope_type": rope_type, "rope_theta": float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))}
+    if rope_type == "default":
+        return out
+    original = params.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings")
+    if not original:
+        raise ConfigError(f"{source}: config key 'original_max_position_embeddings' is required by longrope")
+    factor = params.get("factor") or raw.get("max_position_embeddings", 4096) / original
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    for key in ("short_factor", "long_factor"):
+        value = params.get(key)
+        if not isinstance(value, (list, tuple)) or len(value) != rotary_dim // 2:
+            raise ConfigError(f"{source}: rope key {key!r} must list {rotary_dim // 2} factors "
+                              f"(rotary dim {rotary_dim} / 2), got {value!r}")
+        out[key] = tuple(float(v) for v in value)
+    return {**out, "original_max_position_embeddings": int(original), "factor": float(factor),
+            "attention_factor": float(attention)}
+
+
+def parse_phi3(raw: dict, source: str) -> DecoderConfig:
+    """Phi-3: llama with fused ``qkv_proj`` / ``gate_up_proj`` checkpoint tensors (split at import,
+    :func:`phi3_hf_name`), partial rotary embeddings and ``longrope``; an optional sliding window
+    on every layer. Dropout keys and ``auto_map`` (remote code names) change no inference math."""
+    check_keys(raw, PHI3_KEYS, source)
+    for key in ("attention_bias", "mlp_bias", "lm_head_bias"):
+        expect(raw, key, (None, False), source)
+    c = _common(raw, source)
+    hd = c["head_dim"]
+    given = raw.get("rope_parameters") or raw.get("rope_scaling") or {}  # its value wins, as in transformers
+    partial = float(given.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)))
+    rotary_dim = int(hd * partial)
+    if not (0 < rotary_dim <= hd and rotary_dim % 2 == 0):
+        raise ConfigError(f"{source}: config key 'partial_rotary_factor' = {partial} gives a rotary dim "
+                          f"of {rotary_dim} for head_dim {hd}; it must be even and positive")
+    rope = _phi3_rope(raw, rotary_dim, source)
+    window = raw.get("sliding_window")
+    return DecoderConfig(
+        family="phi3", act=expect(raw, "hidden_act", ("silu",), source, "silu"),
+        query_scale=hd ** -0.5, rotary_dim=None if rotary_dim == hd else rotary_dim,
+        layer_types=("full_attention" if window is None else "sliding_attention",) * c["num_layers"],
+        sliding_window=window, rope={t: rope for t in LAYER_TYPES}, **c)
+
+
+GEMMA2_KEYS = frozenset({"hidden_activation", "hidden_act", "hidden_size", "intermediate_size",
+                         "num_attention_heads", "num_hidden_layers", "num_key_value_heads",
+                         "head_dim", "rms_norm_eps", "vocab_size", "query_pre_attn_scalar",
+                         "sliding_window", "sliding_window_size", "layer_types", "cache_implementation",
+                         "attn_logit_softcapping", "final_logit_softcapping", "attention_bias",
+                         "use_bidirectional_attention"}) | ROPE_KEYS
+
+
+def parse_gemma2(raw: dict, source: str) -> DecoderConfig:
+    """Gemma 2: sandwich norms, ``1 + weight`` norms, √d embedding scale, sliding/full layers
+    alternating (even layers slide), and soft-capping of both attention and output logits
+    (transformers' Gemma2 applies ``attn_logit_softcapping``, unlike Gemma3). transformers reads
+    ``hidden_activation`` only; a legacy ``hidden_act`` beside it changes nothing, and
+    ``sliding_window_size`` / ``cache_implementation`` are generation-time settings."""
+    check_keys(raw, GEMMA2_KEYS, source)
+    expect(raw, "use_bidirectional_attention", (None, False), source)
+    raw = {"head_dim": 256, "tie_word_embeddings": True, **raw}
+    c = _common(raw, source)
+    types = raw.get("layer_types") or [
+        "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(c["num_layers"])]
+    act = expect(raw, "hidden_activation", ("gelu_pytorch_tanh", "gelu"), source, "gelu_pytorch_tanh")
+    bias = bool(raw.get("attention_bias", False))
+    rope = rope_parameters(raw, source)
+    _rope_types(rope, source, ("default", "linear", "llama3"))
+    window = raw.get("sliding_window", 4096)
+    if window is None and "sliding_attention" in types:
+        raise ConfigError(f"{source}: config key 'sliding_window' is required by sliding_attention layers")
+    return DecoderConfig(
+        family="gemma2", act=act, norm_offset=1.0, qkv_bias=bias, o_bias=bias, sandwich_norms=True,
+        embed_scale=c["hidden_size"] ** 0.5,
+        query_scale=float(raw.get("query_pre_attn_scalar", 256)) ** -0.5,
+        attn_softcap=raw.get("attn_logit_softcapping"), final_softcap=raw.get("final_logit_softcapping"),
+        layer_types=tuple(types), sliding_window=window, rope=rope, **c)
+
+
 def decoder_hf_name(path: str, cfg: DecoderConfig) -> str:
     """``layers/0/self_attn/q_proj/kernel`` → ``model.layers.0.self_attn.q_proj.weight``."""
     parts = path.split("/")
@@ -205,6 +328,34 @@ def decoder_hf_name(path: str, cfg: DecoderConfig) -> str:
     return name if name.startswith("lm_head.") else "model." + name
 
 
+PHI3_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+              "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def phi3_hf_name(path: str, cfg: DecoderConfig) -> str | tuple[str, tuple[int, int]]:
+    """Phi-3 stores q/k/v as one ``qkv_proj`` and gate/up as one ``gate_up_proj``; each IR linear
+    is its rows ``[start, stop)`` of the fused tensor (output features), so every pass sees
+    ordinary q/k/v/gate/up linears:
+
+    =============  ==============================  ===============================
+    IR path        checkpoint tensor               rows
+    =============  ==============================  ===============================
+    ``q_proj``     ``self_attn.qkv_proj.weight``   ``0 : H·hd``
+    ``k_proj``     ``self_attn.qkv_proj.weight``   ``H·hd : (H+KV)·hd``
+    ``v_proj``     ``self_attn.qkv_proj.weight``   ``(H+KV)·hd : (H+2·KV)·hd``
+    ``gate_proj``  ``mlp.gate_up_proj.weight``     ``0 : I``
+    ``up_proj``    ``mlp.gate_up_proj.weight``     ``I : 2·I``
+    =============  ==============================  ===============================
+    """
+    parts = path.split("/")
+    if len(parts) < 2 or parts[-2] not in PHI3_FUSED:
+        return decoder_hf_name(path, cfg)
+    q, kv, i = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    rows = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv),
+            "gate_proj": (0, i), "up_proj": (i, 2 * i)}[parts[-2]]
+    return decoder_hf_name("/".join([*parts[:-2], PHI3_FUSED[parts[-2]], parts[-1]]), cfg), rows
+
+
 def decoder_ignorable(name: str, cfg: DecoderConfig) -> bool:
     """A tied model's saved output head and RoPE buffers are not parameters."""
     return (cfg.tie_word_embeddings and name == "lm_head.weight") or name.endswith("rotary_emb.inv_freq")
@@ -212,7 +363,11 @@ def decoder_ignorable(name: str, cfg: DecoderConfig) -> bool:
 
 for _name, _types, _parse in [("llama", ("llama",), parse_llama), ("qwen2", ("qwen2",), parse_qwen2),
                               ("qwen3", ("qwen3",), parse_qwen3),
-                              ("gemma3", ("gemma3_text",), parse_gemma3)]:
+                              ("gemma3", ("gemma3_text",), parse_gemma3),
+                              ("mistral", ("mistral",), parse_mistral),
+                              ("phi3", ("phi3",), parse_phi3),
+                              ("gemma2", ("gemma2",), parse_gemma2)]:
     registry.register(registry.Family(name=_name, model_types=_types, parse_config=_parse,
-                                      build=CausalLM, hf_name=decoder_hf_name,
+                                      build=CausalLM,
+                                      hf_name=phi3_hf_name if _name == "phi3" else decoder_hf_name,
                                       ignorable=decoder_ignorable))

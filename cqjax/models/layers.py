@@ -138,22 +138,28 @@ class GatedMLP(nnx.Module):
 # Rotary position embedding
 # ---------------------------------------------------------------------------------------------
 
-ROPE_TYPES = ("default", "linear", "llama3", "proportional")
+ROPE_TYPES = ("default", "linear", "llama3", "proportional", "longrope")
 
 
-def rope_inv_freq(params: Mapping[str, Any], head_dim: int) -> np.ndarray:
+def rope_inv_freq(params: Mapping[str, Any], head_dim: int, *, long: bool = False) -> np.ndarray:
     """Inverse frequencies ``[head_dim // 2]`` for one layer type, as transformers computes them.
 
     Args:
       params: a transformers ``rope_parameters`` entry (``rope_type``, ``rope_theta``, and the
         type's own keys).
-      head_dim: the attention head size.
+      head_dim: the rotated size of a head (all of it, or its rotated part: ``rotary_dim``).
+      long: for ``longrope``, the ``long_factor`` set (used once a sequence is longer than
+        ``original_max_position_embeddings``) instead of ``short_factor``.
 
     Raises:
       ValueError: for a rope type this module does not implement.
     """
     rope_type = params.get("rope_type", "default")
     base = float(params["rope_theta"])
+    if rope_type == "longrope":
+        ext = np.asarray(params["long_factor" if long else "short_factor"], np.float32)
+        shape = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
+        return (1.0 / (ext * base ** shape)).astype(np.float32)
     if rope_type == "proportional":
         # Only the first ``partial_rotary_factor`` of the head is rotated; the rest get
         # frequency 0 (cos = 1, sin = 0), exponent still taken over the whole head.
@@ -180,14 +186,32 @@ def rope_inv_freq(params: Mapping[str, Any], head_dim: int) -> np.ndarray:
     raise ValueError(f"rope_type {rope_type!r} is not supported; supported: {ROPE_TYPES}")
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotates ``x [B, T, H, D]`` by ``positions [B, T]`` (half-split layout, as transformers)."""
+def rope_attention_factor(params: Mapping[str, Any]) -> float:
+    """The factor transformers multiplies ``cos`` and ``sin`` by (``longrope``'s
+    ``attention_factor``, which the family importer resolves; 1 for every other type)."""
+    if params.get("rope_type", "default") == "longrope":
+        return float(params["attention_factor"])
+    return 1.0
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scale: float = 1.0) -> jax.Array:
+    """Rotates ``x [B, T, H, D]`` by ``positions [B, T]`` (half-split layout, as transformers).
+
+    Only the first ``2 * len(inv_freq)`` features of a head are rotated (all of them unless the
+    family rotates part of the head, as phi3's ``partial_rotary_factor``); the rest pass
+    through. ``scale`` multiplies ``cos`` and ``sin`` (:func:`rope_attention_factor`).
+    """
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(emb), jnp.sin(emb)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    rot = emb.shape[-1]
+    x_rot, x_pass = (x, None) if rot == x.shape[-1] else (x[..., :rot], x[..., rot:])
+    half = rot // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = (x_rot.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+    return out if x_pass is None else jnp.concatenate([out, x_pass], axis=-1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,9 @@ class Family:
       parse_config: ``(raw config.json dict, source name) -> config``; raises
         :class:`cqjax.errors.ConfigError` naming any key it does not understand.
       build: ``config -> nnx.Module`` (parameters zero-initialized; the importer fills them).
-      hf_name: ``(IR path, config) -> checkpoint tensor name``.
+      hf_name: ``(IR path, config) -> checkpoint tensor name``, or ``(name, (start, stop))``
+        for rows ``start:stop`` of a fused tensor (Phi-3's ``qkv_proj``; the IR records it as
+        ``name[start:stop]``, and :mod:`cqjax.io.export` writes the slices back into one).
       ignorable: ``(checkpoint tensor name, config) -> bool`` for tensors the model does not use
         (e.g. a saved copy of a tied output head).
       kind: ``causal_lm`` (predicts tokens: perplexity, tasks, generation), ``encoder``
@@ -42,7 +44,7 @@ class Family:
     model_types: tuple[str, ...]
     parse_config: Callable[[dict, str], Any]
     build: Callable[[Any], nnx.Module]
-    hf_name: Callable[[str, Any], str]
+    hf_name: Callable[[str, Any], str | tuple[str, tuple[int, int]]]
     ignorable: Callable[[str, Any], bool] = lambda name, cfg: False
     kind: str = "causal_lm"
     tower: Callable[[str], str] = lambda path: "text"

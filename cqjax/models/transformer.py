@@ -1,4 +1,5 @@
-"""A decoder-only transformer that covers the llama, qwen2, qwen3 and gemma3 families.
+"""A decoder-only transformer that covers the llama, qwen2, qwen3, gemma3, mistral, phi3 and
+gemma2 families.
 
 Families differ only in the switches of :class:`DecoderConfig` (see the table there); each
 family's importer (:mod:`cqjax.models.families`) translates a Hugging Face config into one.
@@ -33,14 +34,20 @@ class DecoderConfig:
     ``qkv_bias``           biases on q/k/v projections                                qwen2
     ``o_bias``             bias on the output projection                              llama opt.
     ``qk_norm``            RMSNorm over head_dim on q and k before RoPE               qwen3, gemma3
-    ``sandwich_norms``     extra norms after attention and around the MLP             gemma3
+    ``sandwich_norms``     extra norms after attention and around the MLP             gemma2, gemma3
     ``embed_scale``        token embeddings multiplied by this                        gemma: √d
     ``query_scale``        attention logits multiplied by this                        all
-    ``attn_softcap``       ``tanh`` soft-capping of attention logits                  gemma2-style
-    ``final_softcap``      ``tanh`` soft-capping of output logits                     gemma2-style
-    ``layer_types``        per layer: full or sliding-window attention                qwen, gemma
+    ``attn_softcap``       ``tanh`` soft-capping of attention logits                  gemma2
+    ``final_softcap``      ``tanh`` soft-capping of output logits                     gemma2, gemma3
+    ``layer_types``        per layer: full or sliding-window attention                qwen, gemma, …
+    ``sliding_window``     a sliding layer's query sees keys ``q - k < window``       mistral, …
     ``rope``               per layer type: transformers ``rope_parameters``           all
+    ``rotary_dim``         RoPE rotates only a head's first ``rotary_dim`` features   phi3 partial
     =====================  =========================================================  ==========
+
+    A ``longrope`` rope entry (phi3) carries both factor sets: a call whose largest position
+    is at least ``original_max_position_embeddings`` uses ``long_factor``, as transformers
+    decides per forward call (``max(position_ids) + 1 > original``).
     """
 
     family: str
@@ -66,6 +73,7 @@ class DecoderConfig:
     layer_types: tuple[str, ...]
     sliding_window: int | None = None
     rope: Mapping[str, Mapping[str, Any]] | tuple
+    rotary_dim: int | None = None
     tie_word_embeddings: bool
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -85,6 +93,8 @@ class DecoderConfig:
                 raise ValueError(f"no rope parameters for layer type {t!r}")
         if self.act not in layers.ACTIVATIONS:
             raise ValueError(f"activation {self.act!r} is not supported; supported: {tuple(layers.ACTIVATIONS)}")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ValueError(f"rotary_dim {self.rotary_dim} must be even and in (0, head_dim={self.head_dim}]")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
@@ -110,7 +120,12 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
-        self.inv_freq = tuple(layers.rope_inv_freq(cfg.rope_for(layer_type), hd).tolist())
+        rope, rot = cfg.rope_for(layer_type), cfg.rotary_dim or hd
+        self.inv_freq = tuple(layers.rope_inv_freq(rope, rot).tolist())
+        self.rope_scale = layers.rope_attention_factor(rope)
+        longrope = rope.get("rope_type") == "longrope"
+        self.long_inv_freq = tuple(layers.rope_inv_freq(rope, rot, long=True).tolist()) if longrope else None
+        self.rope_switch = int(rope["original_max_position_embeddings"]) if longrope else None
         self.window = cfg.sliding_window if layer_type == "sliding_attention" else None
         self.scale, self.softcap = cfg.query_scale, cfg.attn_softcap
 
@@ -122,7 +137,11 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
-        q, k = layers.apply_rope(q, positions, inv_freq), layers.apply_rope(k, positions, inv_freq)
+        if self.long_inv_freq is not None:  # longrope: one factor set per call, as transformers
+            inv_freq = jnp.where(jnp.max(positions) >= self.rope_switch,
+                                 jnp.asarray(self.long_inv_freq, jnp.float32), inv_freq)
+        q = layers.apply_rope(q, positions, inv_freq, self.rope_scale)
+        k = layers.apply_rope(k, positions, inv_freq, self.rope_scale)
         k_pos, k_valid = positions, valid
         if cache is not None:  # a quantized cache attends in its rotated basis (cqjax.kv_cache)
             q = cache.query(q)
