@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -201,33 +201,47 @@ def load(directory: str | os.PathLike, dtype=jnp.float32, *, verify: bool = True
                      recipe=dict(extra.get("recipe", {})))
 
 
-def generate(model: Quantized | nnx.Module, tokenizer: Any, prompt: str | Sequence[int] | np.ndarray, *,
-             max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
-             stop_at_eos: bool = True, kv_bits: int | None = None) -> str | np.ndarray:
+def generate(model: Quantized | nnx.Module, tokenizer: Any, prompt: str | Sequence[str] | Sequence[int] | np.ndarray, *,
+             max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0, stop: Sequence[str] = (),
+             stream: Callable[[str], None] | None = None, chat: bool = False, system: str | None = None,
+             stop_at_eos: bool = True, kv_bits: int | None = None) -> str | list[str] | np.ndarray:
     """Continues ``prompt`` with :func:`cqjax.runtime.generate` (KV cache, jitted steps).
 
     Args:
       model: a :class:`Quantized` or any cqjax Flax model.
       tokenizer: a transformers tokenizer, or None to use the :class:`Quantized`'s own.
-      prompt: text (needs a tokenizer) or token ids ``[T]`` / ``[B, T]``.
-      max_new_tokens, temperature, top_k, seed, kv_bits: as in :func:`cqjax.runtime.generate`.
-      stop_at_eos: stop at the tokenizer's EOS token (when there is a tokenizer).
+      prompt: text, a list of texts (one left-padded batch: each gets the tokens it would get
+        alone; needs a tokenizer), or token ids ``[T]`` / ``[B, T]``.
+      max_new_tokens, temperature, top_k, top_p, seed, kv_bits: as in :func:`cqjax.runtime.generate`.
+      stop: text only: strings that end a completion (cut before the first one).
+      stream: text only: called with each piece of the completion as it is produced (one prompt).
+      chat: text only: wrap each prompt in the tokenizer's chat template as a user turn
+        (after ``system``, if given).
+      stop_at_eos: stop at the tokenizer's (and the model config's) EOS token.
 
     Returns:
-      For a text prompt, the generated continuation as text (special tokens skipped); for
-      token ids, ``[B, T + n]`` ids, prompt included.
+      For text, the generated continuation (special tokens skipped), or one per prompt of a
+      list; for token ids, ``[B, T + n]`` ids, prompt included.
     """
+    from cqjax import textgen
+
     if isinstance(model, Quantized):
         tokenizer = model.tokenizer if tokenizer is None else tokenizer
         model = model.model
-    eos = getattr(tokenizer, "eos_token_id", None) if stop_at_eos and tokenizer is not None else None
-    if isinstance(prompt, str):
+    text = isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], str))
+    if text:
         if tokenizer is None:
             raise ValueError("generate: a text prompt needs a tokenizer (pass one, or load an artifact or "
                              "checkpoint that has tokenizer files)")
-        ids = np.asarray(tokenizer(prompt)["input_ids"], np.int32)
-        out = runtime.generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                               seed=seed, eos_token_id=eos, kv_bits=kv_bits)
-        return tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+        if chat:
+            prompt = (textgen.chat_prompt(tokenizer, prompt, system=system) if isinstance(prompt, str)
+                      else [textgen.chat_prompt(tokenizer, p, system=system) for p in prompt])
+        return textgen.complete(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_k=top_k, top_p=top_p, seed=seed, stop=stop, stream=stream,
+                                stop_at_eos=stop_at_eos, kv_bits=kv_bits, add_special_tokens=not chat)
+    if stop or stream is not None or chat:
+        raise ValueError("generate: stop, stream and chat need a text prompt (token ids were given)")
+    eos = textgen.eos_ids(tokenizer, model) if stop_at_eos and tokenizer is not None else None
     return runtime.generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                            seed=seed, eos_token_id=eos, kv_bits=kv_bits)
+                            top_p=top_p, seed=seed, eos_token_id=eos or None, kv_bits=kv_bits)

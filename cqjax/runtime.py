@@ -204,30 +204,42 @@ def _cached_forward(graphdef):
     return run
 
 
+def sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None = None,
+           top_p: float | None = None) -> jax.Array:
+    """Next token ids ``[B]`` from ``logits [B, V]``: the argmax when ``temperature <= 0``, else a
+    draw from ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens
+    and to the smallest set of most likely tokens whose probability reaches ``top_p``."""
+    if temperature <= 0:
+        return jnp.argmax(logits, -1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None and top_p < 1:
+        ranked = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(ranked, axis=-1)
+        kept = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # the mass before a token is short of top_p
+        cutoff = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits).astype(jnp.int32)
+
+
 @functools.lru_cache(maxsize=16)
-def _decode_step(graphdef, treedef, temperature: float, top_k: int | None):
+def _decode_step(graphdef, treedef, temperature: float, top_k: int | None, top_p: float | None = None):
     """One jitted decode step per (model structure, sampling settings): compiled once, reused.
 
     It takes the model state as its flat list of leaves (``treedef`` rebuilds it inside the
     trace: flattening an NNX state in Python on every token costs more than the step's smaller
-    fusions), the first position as a scalar, and the sampling key, which it splits itself; so
+    fusions), the tokens' mask and positions, and the sampling key, which it splits itself; so
     a token costs one dispatch. The caches are donated: XLA updates them in place instead of
     copying every layer's keys and values on every token."""
 
     @functools.partial(jax.jit, donate_argnums=(1,))
-    def step(leaves, caches, tokens, start, key):
+    def step(leaves, caches, tokens, mask, positions, key):
         m = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
-        positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        h, caches = m.hidden_states(tokens, jnp.ones(tokens.shape, bool), positions, caches)
-        logits = m.logits(h[:, -1])
+        h, caches = m.hidden_states(tokens, mask, positions, caches)
         key, sub = jax.random.split(key)
-        if temperature <= 0:
-            return jnp.argmax(logits, -1).astype(jnp.int32), caches, key
-        logits = logits / temperature
-        if top_k is not None:
-            kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-            logits = jnp.where(logits < kth, -jnp.inf, logits)
-        return jax.random.categorical(sub, logits).astype(jnp.int32), caches, key
+        return sample(m.logits(h[:, -1]), sub, temperature, top_k, top_p), caches, key
 
     return step
 
@@ -238,68 +250,114 @@ class Decoder:
     two apart). Quantized leaves run in the layout of the kernel mode current at construction
     (:func:`prepare`).
 
+    Prompts of different lengths share a batch left-padded: ``prefill(tokens, mask)`` with
+    ``mask`` False on each row's leading pad slots; every row's positions start at 0 on its
+    first real token and pad slots are never attended, so a row decodes the tokens it would
+    decode alone.
+
     >>> dec = Decoder(model, batch=1, max_len=48)   # doctest: +SKIP
     >>> nxt = dec.prefill(prompt_ids)                # [B] next token ids
     >>> nxt = dec.step(nxt)                          # one more token per row
     """
 
     def __init__(self, model: nnx.Module, *, batch: int, max_len: int, temperature: float = 0.0,
-                 top_k: int | None = None, seed: int = 0, kv_bits: int | None = None):
+                 top_k: int | None = None, seed: int = 0, kv_bits: int | None = None, top_p: float | None = None):
         self.graphdef, state = nnx.split(prepare(model))
         self._leaves, treedef = jax.tree_util.tree_flatten(state)
         self.caches = empty_caches(model, batch, max_len, kv_bits)
         self.batch, self.max_len = batch, max_len
-        self._step = _decode_step(self.graphdef, treedef, float(temperature), top_k)
+        self._step = _decode_step(self.graphdef, treedef, float(temperature), top_k,
+                                  None if top_p is None else float(top_p))
         self._key = jax.random.PRNGKey(seed)
+        self._pads = np.zeros(batch, np.int32)
         self.length = 0
 
-    def _run(self, tokens: np.ndarray) -> np.ndarray:
+    def _run(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
         b, t = tokens.shape
         if b != self.batch or self.length + t > self.max_len:
             raise ValueError(f"Decoder: {b} rows of {t} tokens after {self.length} do not fit batch={self.batch}, "
                              f"max_len={self.max_len}")
-        nxt, self.caches, self._key = self._step(self._leaves, self.caches, tokens.astype(np.int32),
-                                                 np.int32(self.length), self._key)
+        positions = np.maximum(self.length + np.arange(t, dtype=np.int32)[None, :] - self._pads[:, None], 0)
+        nxt, self.caches, self._key = self._step(self._leaves, self.caches, tokens.astype(np.int32), mask,
+                                                 positions.astype(np.int32), self._key)
         self.length += t
         return np.asarray(nxt)
 
-    def prefill(self, prompt: np.ndarray) -> np.ndarray:
-        """Reads ``prompt [B, T]`` into the cache; returns the next token of every row ``[B]``."""
-        return self._run(np.atleast_2d(np.asarray(prompt, np.int32)))
+    def prefill(self, prompt: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """Reads ``prompt [B, T]`` into the cache (``mask [B, T]``: False on left padding);
+        returns the next token of every row ``[B]``."""
+        prompt = np.atleast_2d(np.asarray(prompt, np.int32))
+        mask = np.ones(prompt.shape, bool) if mask is None else np.atleast_2d(np.asarray(mask, bool))
+        if mask.shape != prompt.shape or not mask[:, -1].all() or (np.diff(mask.astype(np.int8), axis=1) < 0).any():
+            raise ValueError(f"Decoder.prefill: mask {mask.shape} must match the prompt {prompt.shape} and be False "
+                             "only on each row's leading (left) padding")
+        if self.length == 0:
+            self._pads = (~mask).sum(1).astype(np.int32)
+        elif not mask.all():
+            raise ValueError("Decoder.prefill: padding is allowed only in the first call")
+        return self._run(prompt, mask)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Feeds one token per row ``[B]``; returns the next ``[B]``."""
-        return self._run(np.asarray(tokens, np.int32).reshape(self.batch, 1))
+        return self._run(np.asarray(tokens, np.int32).reshape(self.batch, 1), np.ones((self.batch, 1), bool))
 
 
-def generate(model: nnx.Module, prompt: Sequence[int] | np.ndarray, *, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
-             eos_token_id: int | Sequence[int] | None = None,
-             on_step: Callable[[int], None] | None = None, kv_bits: int | None = None) -> np.ndarray:
-    """Generates continuations of ``prompt`` (``[T]`` or ``[B, T]`` token ids, equal lengths).
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens [B, T], mask [B, T])`` of prompts of different lengths, right-aligned (each
+    row's padding, ``pad_id`` and mask False, comes first)."""
+    rows = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
+    if not rows or min(len(r) for r in rows) == 0:
+        raise ValueError("left_pad: expected one or more non-empty prompts")
+    width = max(len(r) for r in rows)
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), bool)
+    for i, r in enumerate(rows):
+        tokens[i, width - len(r):], mask[i, width - len(r):] = r, True
+    return tokens, mask
+
+
+def generate(model: nnx.Module, prompt: Sequence[int] | Sequence[Sequence[int]] | np.ndarray, *,
+             max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
+             on_step: Callable[[int], None] | None = None,
+             on_tokens: Callable[[np.ndarray], bool | None] | None = None,
+             kv_bits: int | None = None) -> np.ndarray | list[np.ndarray]:
+    """Generates continuations of ``prompt``: token ids ``[T]`` or ``[B, T]``, or a list of
+    prompts of different lengths (decoded as one left-padded batch, :class:`Decoder`).
 
     Args:
-      temperature: 0 for greedy decoding, else sampling from ``softmax(logits / temperature)``.
-      top_k: sample only among the ``top_k`` most likely tokens.
+      temperature, top_k, top_p: sampling (:func:`sample`); temperature 0 is greedy.
       eos_token_id: stop when every row has produced one of these.
       on_step: called with the batch size after each decoding step (for progress reports).
+      on_tokens: called with each step's new tokens ``[B]``; returning True stops (a stop
+        string was seen, say).
       kv_bits: None for a float32 KV cache, 8 or 4 for a quantized one (:mod:`cqjax.kv_cache`).
 
     Returns:
-      ``[B, T + n]`` token ids (``n <= max_new_tokens``), prompt included.
+      ``[B, T + n]`` token ids (``n <= max_new_tokens``), prompt included; for a list of
+      prompts of different lengths, one such row per prompt without its padding.
     """
-    ids = np.atleast_2d(np.asarray(prompt, np.int32))
+    ragged = not isinstance(prompt, np.ndarray) and len(prompt) > 0 and not np.isscalar(prompt[0]) \
+        and len({len(p) for p in prompt}) > 1
+    if ragged:
+        ids, mask = left_pad(prompt)
+    else:
+        ids = np.atleast_2d(np.asarray(prompt, np.int32))
+        mask = np.ones(ids.shape, bool)
     b, t = ids.shape
     dec = Decoder(model, batch=b, max_len=t + max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
-                  kv_bits=kv_bits)
+                  kv_bits=kv_bits, top_p=top_p)
     eos = set(np.atleast_1d(eos_token_id).tolist()) if eos_token_id is not None else set()
     out = [ids]
     nxt = None
     for n in range(max_new_tokens):
-        nxt = dec.prefill(ids) if n == 0 else dec.step(nxt)
+        nxt = dec.prefill(ids, mask) if n == 0 else dec.step(nxt)
         out.append(nxt[:, None])
         if on_step is not None:
             on_step(b)
+        if on_tokens is not None and on_tokens(nxt):
+            break
         if eos and all(int(x) in eos for x in nxt):
             break
-    return np.concatenate(out, axis=1)
+    out = np.concatenate(out, axis=1)
+    return [row[~pad] for row, pad in zip(out, np.pad(~mask, ((0, 0), (0, out.shape[1] - t))))] if ragged else out
