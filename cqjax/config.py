@@ -10,7 +10,8 @@ allowed values.
 =============  ===================================  ============================================
 key            group (``conf/<group>/``)            what
 =============  ===================================  ============================================
-``mode``       —                                    ``convert`` | ``eval`` | ``generate``
+``mode``       —                                    ``convert`` | ``eval`` | ``generate`` |
+                                                    ``chat`` | ``export``
 ``model``      ``model/`` (``+model=<name>``)       :class:`ModelConfig`: hub id, packaged
                                                     model, local ``path``
 ``quant``      ``quant/``                           :class:`QuantConfig`: bits, embed_bits,
@@ -25,7 +26,8 @@ key            group (``conf/<group>/``)            what
 ``eval``       ``eval/`` (``default`` | ``quick``   :class:`EvalSettings` (perplexity text and
                | ``none``: convert only)            windows, tasks, documents per task)
 ``report``     —                                    :class:`ReportConfig` (plots on/off)
-``generate``   —                                    :class:`GenerateConfig` (``mode=generate``)
+``generate``   —                                    :class:`GenerateConfig` (``mode=generate``, ``chat``)
+``export``     —                                    :class:`ExportConfig` (``mode=export``)
 ``runtime``    —                                    :class:`RuntimeConfig` (threads, kernel path, KV cache)
 ``mesh``       —                                    :class:`MeshConfig`: devices to split weights
                                                     (``model``) and token rows (``data``) over
@@ -89,6 +91,8 @@ class Mode(enum.Enum):
     convert = "convert"     # import, quantize, evaluate float and quantized, write artifact + report
     eval = "eval"           # evaluate an existing artifact (vs its float model when known)
     generate = "generate"   # continue `prompt` with an existing artifact
+    chat = "chat"           # talk with an existing artifact through its chat template (a terminal)
+    export = "export"       # write an existing artifact as a Hugging Face checkpoint or a GGUF
 
 
 @dataclasses.dataclass
@@ -265,19 +269,50 @@ class EvalSettings:
 
 @dataclasses.dataclass
 class GenerateConfig:
-    """Decoding settings of ``mode=generate`` (the prompt is the top-level ``prompt``).
+    """Decoding settings of ``mode=generate`` and ``mode=chat`` (the prompt, or a list of
+    prompts decoded as one batch, is the top-level ``prompt``).
 
     Attributes:
-      max_new_tokens: tokens to generate at most.
+      max_new_tokens: tokens to generate at most (per prompt, per chat turn).
       temperature: 0 = greedy; else sample from ``softmax(logits / temperature)``.
       top_k: sample among the ``top_k`` most likely tokens only; null = all.
+      top_p: sample from the smallest set of most likely tokens whose probability reaches
+        ``top_p`` (nucleus sampling); null = all.
       seed: sampling seed.
+      stop: strings that end a completion (the completion is cut before the first one).
+      stream: print tokens as they are produced (one prompt; a batch prints when done).
+      chat: wrap the prompt in the tokenizer's chat template as a user turn (``mode=chat``
+        always does).
+      system: a system message for the chat template; null = none.
     """
 
     max_new_tokens: int = 32
     temperature: float = 0.0
     top_k: Optional[int] = None
+    top_p: Optional[float] = None
     seed: int = 0
+    stop: List[str] = dataclasses.field(default_factory=list)
+    stream: bool = True
+    chat: bool = False
+    system: Optional[str] = None
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    """``mode=export``: what ``artifact=DIR`` is written as.
+
+    Attributes:
+      format: ``hf`` (a dequantized Hugging Face checkpoint: safetensors, config.json,
+        tokenizer) or ``gguf`` (a GGUF file llama.cpp loads).
+      out: the directory (``hf``) or file (``gguf``) to write; null = ``export/`` (or
+        ``model.gguf``) in the run directory.
+      dtype: ``hf``: ``float32``, ``bfloat16`` or ``float16``; ``gguf``: ``F32``, ``F16``,
+        ``Q8_0`` or ``Q4_0`` (re-quantized, lossy: CQ's rotated levels lie on no llama.cpp grid).
+    """
+
+    format: str = "hf"
+    out: Optional[str] = None
+    dtype: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -335,11 +370,16 @@ class Config:
     artifact: Optional[str] = None
     verify: bool = True
     resume: bool = False
-    prompt: Optional[str] = None
+    prompt: Any = None
     generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     seed: int = 0
+
+
+#: ``export.dtype`` values of each ``export.format`` (the first is the default).
+EXPORT_DTYPES = {"hf": ("float32", "bfloat16", "float16"), "gguf": ("F16", "F32", "Q8_0", "Q4_0")}
 
 
 def register() -> None:
@@ -478,20 +518,32 @@ def validate_inputs(cfg: DictConfig) -> None:
     if mode == "convert" and cfg.model is None:
         raise ConfigError("no model chosen: add +model=<name> (one of conf/model/: see `python -m cqjax "
                           "--help`) or +model=hf model.path=DIR")
-    if mode in ("eval", "generate"):
+    if mode in ("eval", "generate", "chat", "export"):
         if not cfg.artifact:
             raise ConfigError(f"mode={mode} needs artifact=DIR (a directory written by mode=convert or "
                               "cqjax.save)")
         if not os.path.isfile(os.path.join(os.path.expanduser(cfg.artifact), "manifest.json")):
             raise ConfigError(f"artifact={cfg.artifact!r}: not an artifact directory (no manifest.json)")
     if mode == "generate":
-        if cfg.prompt is None:
-            raise ConfigError('mode=generate needs prompt="..." (the text to continue)')
+        prompts = [cfg.prompt] if isinstance(cfg.prompt, str) else cfg.prompt
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ConfigError('mode=generate needs prompt="..." (the text to continue) or prompt=[...] (several, '
+                              f"decoded as one batch); got {cfg.prompt!r}")
+    if mode in ("generate", "chat"):
         g = cfg.generate
         _positive("generate.max_new_tokens", g.max_new_tokens)
         _positive("generate.top_k", g.top_k, optional=True)
         if g.temperature < 0:
             raise ConfigError(f"generate.temperature={g.temperature!r}: expected >= 0 (0 = greedy)")
+        if g.top_p is not None and not 0 < g.top_p <= 1:
+            raise ConfigError(f"generate.top_p={g.top_p!r}: expected 0 < top_p <= 1 (null = all tokens)")
+        if any(not s for s in g.stop):
+            raise ConfigError(f"generate.stop={list(g.stop)!r}: stop strings must not be empty")
+    if mode == "export":
+        e = cfg.export
+        _allowed("export.format", e.format, list(EXPORT_DTYPES))
+        if e.dtype is not None:
+            _allowed("export.dtype", e.dtype, EXPORT_DTYPES[e.format], f" for export.format={e.format}")
 
 
 def eval_config(e: DictConfig):

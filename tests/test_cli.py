@@ -178,6 +178,57 @@ def test_generate_mode(converted, tmp_path):
     assert out["completion"] == api.generate(q, None, "the quick brown", max_new_tokens=5)
 
 
+def test_generate_a_batch_with_stop_strings(converted, tmp_path):
+    run_dir, _ = converted
+    proc = cqjax(["mode=generate", f"artifact={run_dir / 'artifact'}", "prompt=[the quick brown,a]",
+                  "generate.max_new_tokens=6", "generate.stop=[o]", f"hydra.run.dir={tmp_path / 'g'}"], tmp_path,
+                 tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "g" / "generation.json").read_text())
+    from cqjax import api
+
+    q = api.load(run_dir / "artifact")
+    alone = [api.generate(q, None, p, max_new_tokens=6, stop=["o"]) for p in ("the quick brown", "a")]
+    assert out["completion"] == alone and not any("o" in c for c in alone)
+    assert proc.stdout.splitlines() == ["the quick brown" + alone[0], "a" + alone[1]]
+
+
+def test_chat_needs_a_chat_template(converted, tmp_path):
+    run_dir, _ = converted
+    proc = cqjax(["mode=chat", f"artifact={run_dir / 'artifact'}", f"hydra.run.dir={tmp_path / 'c'}"], tmp_path,
+                 tmp_path / "cache")
+    assert proc.returncode != 0 and "no chat template" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_export_hf_mode(converted, tmp_path):
+    """The exported checkpoint loads in transformers and computes cqjax's logits (pure-JAX runtime)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import numpy as np
+
+    from cqjax import api
+    from cqjax.kernels import backend
+    from cqjax.runtime import forward_fn
+
+    run_dir, _ = converted
+    proc = cqjax(["mode=export", f"artifact={run_dir / 'artifact'}", f"export.out={tmp_path / 'hf'}",
+                  f"hydra.run.dir={tmp_path / 'e'}"], tmp_path, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "e" / "export.json").read_text())
+    assert record["format"] == "hf" and record["dtype"] == "float32"
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    tokens = np.arange(3, 40, dtype=np.int32)[None]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = ref(input_ids=torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    with backend.use_kernel("jax"):
+        ours = np.asarray(forward_fn(api.load(run_dir / "artifact").model)(tokens, np.ones(tokens.shape, bool)))
+    assert np.abs(ours - theirs).max() <= 1e-3
+    bad = cqjax(["mode=export", f"artifact={run_dir / 'artifact'}", "export.dtype=Q8_0",
+                 f"hydra.run.dir={tmp_path / 'b'}"], tmp_path, tmp_path / "cache")
+    assert bad.returncode != 0 and "export.dtype" in bad.stderr and "float32" in bad.stderr
+
+
 def test_multirun_sweep_writes_summary_and_pareto(checkpoint, tmp_path):
     path, text = checkpoint
     sweep = tmp_path / "sweep"

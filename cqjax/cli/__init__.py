@@ -13,9 +13,15 @@ mode                       does                                        module
 ``eval``                   evaluates ``artifact=DIR``, against its     :mod:`cqjax.cli.evaluate`
                            float model when the artifact records one
                            (or ``+model=...`` names it)
-``generate``               continues ``prompt="..."`` with             :mod:`cqjax.cli.generate`
-                           ``artifact=DIR`` (KV cache; greedy or
-                           sampled)
+``generate``               continues ``prompt="..."`` (or a list,      :mod:`cqjax.cli.generate`
+                           one batch) with ``artifact=DIR`` (KV
+                           cache; greedy or sampled; streamed; stop
+                           strings; ``generate.chat=true``)
+``chat``                   talks with ``artifact=DIR`` through its     :mod:`cqjax.cli.generate`
+                           chat template, one stdin line per turn
+``export``                 writes ``artifact=DIR`` as a dequantized    :mod:`cqjax.cli.export`
+                           Hugging Face checkpoint or a GGUF
+                           (``export.format``, ``.out``, ``.dtype``)
 =========================  ==========================================  ==========================
 
 Every config value is checked (:func:`cqjax.config.validate`) and the pipeline is built
@@ -42,7 +48,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
     from cqjax import recipes, sharding
-    from cqjax.cli import convert, evaluate, generate
+    from cqjax.cli import convert, evaluate, export, generate
 
     validate(cfg)
     _apply_runtime(cfg.runtime)
@@ -59,7 +65,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with sharding.use_mesh(mesh):
         if cfg.mode == Mode.convert:
             return convert.run(cfg, out_dir, recipe)
-        return {Mode.eval: evaluate.run, Mode.generate: generate.run}[cfg.mode](cfg, out_dir)
+        return {Mode.eval: evaluate.run, Mode.generate: generate.run, Mode.chat: generate.chat,
+                Mode.export: export.run}[cfg.mode](cfg, out_dir)
 
 
 def _apply_runtime(r: DictConfig) -> None:
