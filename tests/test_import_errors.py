@@ -98,6 +98,21 @@ def test_bookkeeping_config_keys_do_not_block_an_import(tmp_path):
     np.testing.assert_array_equal(np.asarray(hf.to_model(ir)(tokens)), np.asarray(hf.to_model(ref)(tokens)))
 
 
+def test_stale_quantization_config_of_a_dequantized_checkpoint_is_accepted(tmp_path):
+    """A checkpoint dequantized to float keeps its quantization_config: the tensors decide."""
+    stale = {"quantization_config": {"quant_method": "gptq", "bits": 4}}
+    ir = hf.import_checkpoint(write(tmp_path / "d", config={**CONFIG, **stale}))
+    ref = hf.import_checkpoint(write(tmp_path / "r"))
+    tokens = np.arange(6, dtype=np.int32)[None]
+    np.testing.assert_array_equal(np.asarray(hf.to_model(ir)(tokens)), np.asarray(hf.to_model(ref)(tokens)))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    packed = {**tensors(), name: np.zeros(tensors()[name].shape, np.int8)}
+    with pytest.raises(CheckpointError, match=rf"{name}' is int8, not floating point: the checkpoint is quantized \(gptq\)"):
+        hf.import_checkpoint(write(tmp_path / "q", config={**CONFIG, **stale}, weights=packed))
+    with pytest.raises(CheckpointError, match=rf"{name}' is int8, not floating point; cqjax imports float"):
+        hf.import_checkpoint(write(tmp_path / "i", weights=packed))
+
+
 def test_unsupported_value_names_key(tmp_path):
     with pytest.raises(ConfigError, match="'hidden_act' = 'relu'"):
         hf.import_checkpoint(write(tmp_path / "v", config={**CONFIG, "hidden_act": "relu"}))

@@ -213,6 +213,13 @@ def import_checkpoint(path_or_id: str | Path) -> IR:
         if stored != expected:
             raise CheckpointError(f"{f.path}: tensor {label!r} has shape {list(stored)}, "
                                   f"expected {list(expected)} from config.json")
+        if not jnp.issubdtype(f.dtype(name), jnp.floating):
+            method = (raw.get("quantization_config") or {}).get("quant_method") if isinstance(
+                raw.get("quantization_config"), dict) else None
+            raise CheckpointError(f"{f.path}: tensor {name!r} is {f.dtype(name).name}, not floating point"
+                                  + (f": the checkpoint is quantized ({method or 'quantization_config'}); "
+                                     if "quantization_config" in raw else "; ")
+                                  + "cqjax imports float (fp32/bf16/fp16) checkpoints")
         params[path] = LazyTensor(
             shape=shape, dtype=f.dtype(name).name, source=f"{f.path.name}:{label}",
             reader=(lambda f=f, name=name, rows=rows: f.read(name) if rows is None else f.read(name)[rows[0]:rows[1]]),

@@ -46,11 +46,12 @@ def bookkeeping(key: str) -> bool:
 
 def check_keys(raw: dict, allowed: frozenset[str], source: str) -> None:
     """Raises ConfigError naming the first key of ``raw`` that is neither generic, bookkeeping
-    (:func:`bookkeeping`) nor allowed."""
-    if "quantization_config" in raw:
-        raise ConfigError(f"{source}: key 'quantization_config': the checkpoint is already quantized; "
-                          "cqjax imports float (fp32/bf16/fp16) checkpoints")
-    unknown = sorted(k for k in set(raw) - GENERIC_KEYS - allowed if not bookkeeping(k))
+    (:func:`bookkeeping`) nor allowed.
+
+    ``quantization_config`` is accepted here: a checkpoint dequantized to float keeps it as
+    stale metadata; the importer refuses the checkpoint only if a tensor it reads is not
+    floating point (:func:`cqjax.io.hf.import_checkpoint`), i.e. really still quantized."""
+    unknown = sorted(k for k in set(raw) - GENERIC_KEYS - allowed - {"quantization_config"} if not bookkeeping(k))
     if unknown:
         raise ConfigError(f"{source}: config key {unknown[0]!r} is not understood by the "
                           f"{raw.get('model_type')} importer (unknown keys: {unknown})")
