@@ -130,7 +130,8 @@ def test_gemma3_config_translation():
 @pytest.mark.parametrize(
     "meta,tensors,match",
     [
-        (_meta("llama", **{"general.architecture": "phi3"}), set(), r"m\.gguf: architecture 'phi3'"),
+        (_meta("llama", **{"general.architecture": "phi2"}), set(), r"m\.gguf: architecture 'phi2'"),
+        (_meta("phi3"), {"rope_factors_long.weight"}, "longrope"),
         (_meta("llama", **{"llama.expert_count": 8}), set(), r"llama\.expert_count"),
         (_meta("llama", **{"llama.rope.scaling.type": "yarn"}), set(), "yarn"),
         ({k: v for k, v in _meta("llama").items() if k != "llama.block_count"}, set(), "llama.block_count"),
@@ -162,7 +163,11 @@ _QK_NORMS = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm
 #: Each architecture's norms (HF name -> GGUF name) and whether q/k/v carry biases.
 _NORMS = {"llama": _LLAMA_BLOCK, "qwen2": _LLAMA_BLOCK, "qwen3": {**_LLAMA_BLOCK, **_QK_NORMS},
           "gemma2": {k: v for k, v in _GEMMA_BLOCK.items() if k not in _QK_NORMS}, "gemma3": _GEMMA_BLOCK}
+_NORMS["phi3"] = _LLAMA_BLOCK
 _BIASES = {"qwen2": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
+#: Phi-3's fused tensors: HF name -> (GGUF name, the projections stacked in it, in row order).
+_FUSED = {"self_attn.qkv_proj": ("attn_qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+          "mlp.gate_up_proj": ("ffn_up", ("mlp.gate_proj", "mlp.up_proj"))}
 _PROJ = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
          "mlp.down_proj": "ffn_down"}
@@ -187,6 +192,11 @@ def _tiny_hf_tensors(arch: str, rng: np.random.Generator, *, untied: bool) -> di
             out[f"model.layers.{i}.{name}.weight"] = rng.standard_normal(n) * 0.1
         for name in _BIASES.get(arch, ()):
             out[f"model.layers.{i}.{name}.bias"] = rng.standard_normal(shapes[name][0]) * 0.1
+    if arch == "phi3":
+        for i in range(t["layers"]):
+            for fused, (_, parts) in _FUSED.items():
+                out[f"model.layers.{i}.{fused}.weight"] = np.concatenate(
+                    [out.pop(f"model.layers.{i}.{p}.weight") for p in parts])
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 
@@ -207,9 +217,11 @@ def _write_tiny_gguf(path: Path, arch: str, hf: dict[str, np.ndarray], *, qtype=
     w.add_value_length(t["head_dim"])
     if arch in ("gemma2", "gemma3"):
         w.add_sliding_window(16)
+    if arch == "phi3":  # Phi3Config's default pad id (32000) is outside the tiny vocabulary
+        w.add_pad_token_id(0)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
-    block = {**_PROJ, **_NORMS[arch]}
+    block = {**_PROJ, **_NORMS[arch], **{k: g for k, (g, _) in _FUSED.items()}}
     for name, arr in hf.items():
         if name.startswith("model.layers."):
             _, _, i, rest = name.split(".", 3)
@@ -237,7 +249,7 @@ def _write_tiny_gguf(path: Path, arch: str, hf: dict[str, np.ndarray], *, qtype=
 
 
 @pytest.mark.parametrize("arch,untied", [("llama", False), ("llama", True), ("gemma3", False), ("qwen2", True),
-                                         ("qwen3", False), ("gemma2", False)])
+                                         ("qwen3", False), ("gemma2", False), ("phi3", True)])
 def test_tiny_roundtrip_recovers_tensors(tmp_path, arch, untied):
     from safetensors.numpy import load_file
 
@@ -257,7 +269,7 @@ def test_tiny_roundtrip_recovers_tensors(tmp_path, arch, untied):
     gguf_to_hf(tmp_path / "m.gguf", out, tokenizer=False, overwrite=True)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2", "qwen3", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2", "qwen3", "gemma2", "phi3"])
 def test_tiny_matches_transformers_loader(tmp_path, arch):
     """Quantized tiny file: our tensors and config equal what transformers reads from the GGUF."""
     torch = pytest.importorskip("torch")
@@ -288,27 +300,30 @@ def test_tiny_matches_transformers_loader(tmp_path, arch):
     assert set(ref) <= set(ours)
     for name, t in ref.items():
         torch.testing.assert_close(ours[name], t, rtol=0, atol=0, msg=name)
-    q = ours["model.layers.0.self_attn.q_proj.weight"].numpy()
-    np.testing.assert_allclose(q, hf["model.layers.0.self_attn.q_proj.weight"], atol=0.02)  # Q8_0 error only
+    q = "model.layers.0.self_attn." + ("qkv_proj" if arch == "phi3" else "q_proj") + ".weight"
+    np.testing.assert_allclose(ours[q].numpy(), hf[q], atol=0.02)  # Q8_0 error only
 
 
 #: Config keys where transformers' GGUF loader keeps its config class's default and llama.cpp
 #: (and the file) decide otherwise; what cqjax writes is what llama.cpp computes.
 GGUF_LOADER_DEFAULTS = {
     "qwen3": {"head_dim": "the loader ignores attention.key_length (default 128; the file says 16)"},
+    "phi3": {"head_dim": "the loader leaves it unset (hidden / heads); cqjax writes that value, 16"},
 }
 
 
-def test_tiny_gguf_imports_with_transformers_logits(tmp_path):
-    """A converted qwen2 file (biases, tied head) runs in cqjax with transformers' logits."""
+@pytest.mark.parametrize("arch", ["qwen2", "phi3", "gemma2"])
+def test_tiny_gguf_imports_with_transformers_logits(tmp_path, arch):
+    """A converted file (qwen2: biases; phi3: fused tensors; gemma2: soft-caps) runs in cqjax
+    with transformers' logits."""
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
     from cqjax.io import hf as hf_io
     from cqjax.runtime import forward_fn
 
-    hf = _tiny_hf_tensors("qwen2", np.random.default_rng(4), untied=False)
-    _write_tiny_gguf(tmp_path / "m.gguf", "qwen2", hf)
+    hf = _tiny_hf_tensors(arch, np.random.default_rng(4), untied=False)
+    _write_tiny_gguf(tmp_path / "m.gguf", arch, hf)
     out = gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf", tokenizer=False)
     tokens = np.arange(1, 20, dtype=np.int32)[None]
     ref = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()

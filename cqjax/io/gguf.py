@@ -13,10 +13,12 @@ qwen2,      nothing (llama.cpp keeps their q/k rows: NeoX-style RoPE); qwen2's q
 qwen3       biases and qwen3's ``attn_q_norm`` / ``attn_k_norm`` map by name
 gemma2,     every ``*norm.weight`` (input / post-attention / pre- and post-feedforward
 gemma3      norms, the final norm, gemma3's ``q_norm`` and ``k_norm``) was stored as ``w + 1``
+phi3        nothing: its fused ``attn_qkv`` / ``ffn_up`` (gate and up) are Hugging Face's
+            ``qkv_proj`` / ``gate_up_proj``; a longrope file (``rope_factors_*`` tensors) is refused
 ==========  ========================================================================
 
 Mistral GGUFs are written by llama.cpp as ``llama`` (permuted q/k; a sliding window is not
-recorded) and convert as llama. Phi-3 (fused ``attn_qkv``) is not converted yet.
+recorded) and convert as llama.
 
 The config is built from the GGUF metadata by a whitelist: an ``<arch>.*`` key this module
 does not understand is an error, so a file with features we would silently drop (MoE,
@@ -46,7 +48,7 @@ from cqjax.io.atomic import write_json
 #: Bumped whenever the conversion output changes; recorded in ``cqjax_import.json``.
 CONVERTER_VERSION = 1
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 
 # GGUF per-block tensor name -> HF name (after "model.layers.N."), per architecture.
 _BLOCK_NAMES: dict[str, dict[str, str]] = {
@@ -80,6 +82,9 @@ _BLOCK_NAMES: dict[str, dict[str, str]] = {
 _BLOCK_NAMES["qwen2"] = dict(_BLOCK_NAMES["llama"])  # + q/k/v biases (.bias of the same names)
 _BLOCK_NAMES["qwen3"] = {**_BLOCK_NAMES["llama"], "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 _BLOCK_NAMES["gemma2"] = {k: v for k, v in _BLOCK_NAMES["gemma3"].items() if k not in ("attn_q_norm", "attn_k_norm")}
+_BLOCK_NAMES["phi3"] = {  # fused q/k/v and gate/up, as in Hugging Face's Phi-3 checkpoints
+    "attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"}
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -113,8 +118,15 @@ _KNOWN_KEYS: dict[str, frozenset[str]] = {
     }),
 }
 _KNOWN_KEYS["qwen2"] = _KNOWN_KEYS["qwen3"] = _KNOWN_KEYS["llama"]
+_KNOWN_KEYS["phi3"] = frozenset({
+    "context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
+    "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "attention.sliding_window",
+    "attention.key_length", "attention.value_length", "rope.dimension_count", "rope.freq_base",
+    "rope.scaling.original_context_length", "vocab_size",
+})
 #: The architecture of each ``model_type`` this module writes into ``config.json``.
-_ARCH_OF_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+_ARCH_OF_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3_text": "gemma3",
+                       "phi3": "phi3"}
 
 # llama.cpp's defaults for gemma3 when the file has no attention.sliding_window_pattern /
 # rope.freq_base_swa (src/llama-model.cpp, LLM_ARCH_GEMMA3).
@@ -206,6 +218,9 @@ def hf_config_from_metadata(meta: Mapping[str, Any], tensor_names: set[str], *, 
         raise GGUFConversionError(f"{source}: attention.key_length != attention.value_length is not supported")
     if "rope_freqs.weight" in tensor_names:
         raise GGUFConversionError(f"{source}: tensor 'rope_freqs.weight' (llama3-style RoPE scaling) is not supported")
+    if {"rope_factors_long.weight", "rope_factors_short.weight"} & tensor_names:
+        raise GGUFConversionError(f"{source}: tensors 'rope_factors_long/short.weight' (Phi-3 longrope) are not "
+                                  "supported; convert the Hugging Face checkpoint instead")
     vocab = meta.get(f"{arch}.vocab_size")
     if vocab is None:
         tokens = meta.get("tokenizer.ggml.tokens")
@@ -259,6 +274,14 @@ def hf_config_from_metadata(meta: Mapping[str, Any], tensor_names: set[str], *, 
                 raise GGUFConversionError(f"{source}: a qwen2 file needs attn_q/attn_k/attn_v biases in every block")
         else:
             cfg["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+    elif arch == "phi3":  # NeoX RoPE in llama.cpp: q/k rows as Hugging Face stores them
+        rotary = int(get("rope.dimension_count", head_dim))
+        del cfg["attention_bias"]
+        cfg.update(architectures=["Phi3ForCausalLM"], model_type="phi3", hidden_act="silu", rope_parameters=full_rope,
+                   sliding_window=int(get("attention.sliding_window")) if f"{arch}.attention.sliding_window" in meta
+                   else None)
+        if rotary != head_dim:
+            cfg["partial_rotary_factor"] = rotary / head_dim
     elif arch == "gemma2":
         # llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B model (hidden/heads), and
         # alternates sliding (even layers) and global attention (set_swa_pattern(2)).
@@ -375,8 +398,8 @@ def _check_shapes(tensors: Mapping[str, np.ndarray], cfg: Mapping[str, Any], sou
         if want is not None and tuple(w.shape) != want:
             raise GGUFConversionError(f"{source}: tensor {name!r} has shape {w.shape}, config implies {want}")
     for layer in range(cfg["num_hidden_layers"]):
-        if f"model.layers.{layer}.self_attn.q_proj.weight" not in tensors:
-            raise GGUFConversionError(f"{source}: layer {layer} has no attn_q tensor")
+        if not {f"model.layers.{layer}.self_attn.{p}.weight" for p in ("q_proj", "qkv_proj")} & set(tensors):
+            raise GGUFConversionError(f"{source}: layer {layer} has no attn_q (or attn_qkv) tensor")
 
 
 # ----------------------------------------------------------------------------- writing
