@@ -334,6 +334,20 @@ def test_tiny_gguf_imports_with_transformers_logits(tmp_path, arch):
                                atol=1e-4, rtol=0)
 
 
+def test_a_gguf_file_is_a_model_path(tmp_path, monkeypatch):
+    """model.path=file.gguf (hf.resolve): converted once into the cache, then reused."""
+    from cqjax.io import hf as hf_io
+
+    monkeypatch.setenv("CQJAX_CACHE", str(tmp_path / "cache"))
+    _write_tiny_gguf(tmp_path / "m.gguf", "qwen3", _tiny_hf_tensors("qwen3", np.random.default_rng(5), untied=False))
+    first = hf_io.resolve(tmp_path / "m.gguf")
+    assert first.parent == tmp_path / "cache" / "gguf" and (first / "config.json").is_file()
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert hf_io.resolve(tmp_path / "m.gguf") == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp  # not converted again
+    assert hf_io.import_checkpoint(tmp_path / "m.gguf").family == "qwen3"
+
+
 def test_unsupported_quant_type_names_file_and_tensor(tmp_path):
     hf = _tiny_hf_tensors("llama", np.random.default_rng(3), untied=False)
     hf.pop("model.layers.1.mlp.down_proj.weight")

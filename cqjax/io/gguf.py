@@ -498,3 +498,25 @@ def gguf_to_hf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def cached_checkpoint(gguf_path: str | os.PathLike) -> Path:
+    """The Hugging Face checkpoint directory of a GGUF file, converted once (:func:`gguf_to_hf`)
+    into ``<cache>/gguf/`` (``$CQJAX_CACHE``, default ``~/.cache/cqjax``) and reused while the
+    file (name, size, modification time) and the converter version are the same. What lets
+    ``model.path=file.gguf`` and ``cqjax.quantize("file.gguf")`` take a GGUF directly."""
+    import hashlib
+
+    from cqjax.data.registry import cache_dir
+
+    gguf_path = Path(gguf_path)
+    st = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{CONVERTER_VERSION}".encode())
+    out = cache_dir() / "gguf" / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
+    if not (out / "config.json").is_file():
+        import gguf
+
+        has_tokenizer = "tokenizer.ggml.tokens" in gguf.GGUFReader(str(gguf_path)).fields
+        gguf_to_hf(gguf_path, out, tokenizer=has_tokenizer, overwrite=True)
+    return out
+

@@ -35,11 +35,17 @@ TRANSPOSED_ROLES = ("linear", "lm_head", "router")
 
 
 def resolve(path_or_id: str | Path) -> Path:
-    """A local checkpoint directory, downloading a hub id only where the network allows it."""
+    """A local checkpoint directory (a ``.gguf`` file: its conversion, cached), downloading a hub
+    id only where the network allows it."""
     path = Path(path_or_id).expanduser()
     if path.exists():
+        if path.is_file() and path.suffix == ".gguf":  # converted once into the cache (cqjax.io.gguf)
+            from cqjax.io.gguf import cached_checkpoint
+
+            return cached_checkpoint(path)
         if not path.is_dir():
-            raise CheckpointError(f"{path}: expected a checkpoint directory (config.json + *.safetensors)")
+            raise CheckpointError(f"{path}: expected a checkpoint directory (config.json + *.safetensors) "
+                                  "or a .gguf file")
         return path
     if str(path_or_id).count("/") != 1 or str(path_or_id).startswith((".", "/", "~")):
         raise CheckpointError(f"{path}: checkpoint directory not found")
@@ -162,6 +168,77 @@ def _unfolded_conv(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(array, (2, 1, 0)).reshape(width * cin, out))
 
 
+def _choose(found: Any, tensors: dict) -> tuple[str, tuple[int, ...] | None]:
+    """``(name, index)`` of a family's ``hf_name`` answer: a name, ``(name, index)``, or a list of
+    those alternatives, of which the first the checkpoint holds is taken (else the first)."""
+    options = found if isinstance(found, list) else [found]
+    options = [o if isinstance(o, tuple) else (o, None) for o in options]
+    return next((o for o in options if o[0] in tensors), options[0])
+
+
+def slice_label(index: tuple[int, ...] | None) -> str:
+    """The ``meta.hf_name`` suffix of a slice index (see :func:`import_checkpoint`)::
+
+        (start, stop)     -> '[start:stop]'     rows of a fused 2-D tensor
+        (e,)              -> '[e]'              expert e of a stacked 3-D tensor
+        (e, start, stop)  -> '[e][start:stop]'  rows of expert e
+    """
+    if index is None:
+        return ""
+    expert = f"[{index[0]}]" if len(index) % 2 else ""
+    return expert + (f"[{index[-2]}:{index[-1]}]" if len(index) >= 2 else "")
+
+
+def _slice(index: tuple[int, ...] | None) -> tuple:
+    """The numpy index of a slice index: a view of the memory map, nothing read."""
+    if index is None:
+        return ()
+    expert = (index[0],) if len(index) % 2 else ()
+    return expert + ((slice(index[-2], index[-1]),) if len(index) >= 2 else ())
+
+
+def _slice_shape(f: SafetensorsFile, name: str, index: tuple[int, ...], path: str) -> tuple[int, ...]:
+    stored = f.shape(name)
+    if not (isinstance(index, tuple) and 1 <= len(index) <= 3 and all(isinstance(i, int) for i in index)):
+        raise CheckpointError(f"{name}: slice index {index!r} (for {path}) is not (start, stop), (e,) or (e, start, stop)")
+    rows = stored[1:] if len(index) % 2 else stored
+    ok = len(stored) >= (1 + len(index) % 2) and (not len(index) % 2 or 0 <= index[0] < stored[0]) and (
+        len(index) < 2 or 0 <= index[-2] < index[-1] <= rows[0])
+    if not ok:
+        what = f"rows {index[0]}:{index[1]}" if len(index) == 2 else f"the slice {slice_label(index)}"
+        raise CheckpointError(f"{f.path}: tensor {name!r} has shape {list(stored)}; {what} (for {path}) "
+                              f"{'are' if len(index) == 2 else 'is'} outside it")
+    rows = rows if len(index) < 2 else (index[-1] - index[-2], *rows[1:])
+    return tuple(rows)
+
+
+def check_tiling(name: str, shape: tuple[int, ...], slices: list[tuple[int, ...]], source: str, family: str) -> None:
+    """Raises :class:`CheckpointError` unless ``slices`` (slice indices, see :func:`slice_label`)
+    cover tensor ``name`` of ``shape`` exactly once: every expert of a stacked tensor, and the
+    rows of each expert (or of the tensor) end to end."""
+    experts: dict[int | None, list[tuple[int, int]]] = {}
+    for index in slices:
+        e = index[0] if len(index) % 2 else None
+        rows_of = shape[1] if e is not None else shape[0]
+        experts.setdefault(e, []).append(tuple(index[-2:]) if len(index) >= 2 else (0, rows_of))
+    want = [None] if None in experts else list(range(shape[0]))
+    problem = sorted(experts, key=str) != sorted(want, key=str)
+    for e, spans in experts.items():
+        ends = [0]
+        for start, stop in sorted(spans):
+            if start != ends[-1]:
+                break
+            ends.append(stop)
+        problem |= ends[-1] != (shape[0] if e is None else shape[1]) or len(ends) != len(spans) + 1
+    if problem and None in experts:
+        raise CheckpointError(f"{source}: tensor {name!r} has {shape[0]} rows; the {family} model uses "
+                              f"rows {sorted(experts[None])} of it")
+    if problem:
+        used = {e: sorted(s) for e, s in sorted(experts.items(), key=lambda kv: str(kv[0]))}
+        raise CheckpointError(f"{source}: tensor {name!r} has shape {list(shape)} ({shape[0]} experts of "
+                              f"{shape[1]} rows); the {family} model uses {{expert: rows}} {used} of it")
+
+
 def abstract_model(family: registry.Family, cfg: Any) -> nnx.Module:
     return nnx.eval_shape(lambda: family.build(cfg))
 
@@ -188,22 +265,20 @@ def import_checkpoint(path_or_id: str | Path) -> IR:
     registry.check_bounds(raw, str(directory / "config.json"))  # before a parser computes anything from it
     cfg = family.parse_config(raw, str(directory / "config.json"))
     tensors = open_shards(directory)
+    # A family may map a leaf to a slice of a checkpoint tensor (hf_name answers (name, index),
+    # see slice_label): rows of a fused tensor (Phi-3's qkv_proj), an expert of a stacked 3-D
+    # tensor (Qwen3-MoE's experts.down_proj) or rows of one (experts.gate_up_proj); meta.hf_name
+    # is then 'name[start:stop]', 'name[e]' or 'name[e][start:stop]'.
     params, meta, used, fused = {}, {}, set(), {}
     for path, (shape, role) in param_roles(abstract_model(family, cfg)).items():
-        name = family.hf_name(path, cfg)
-        # A family may map a leaf to rows [start, stop) of a fused checkpoint tensor (Phi-3's
-        # qkv_proj): hf_name then returns (name, (start, stop)), and meta.hf_name is 'name[start:stop]'.
-        name, rows = name if isinstance(name, tuple) else (name, None)
+        name, index = _choose(family.hf_name(path, cfg), tensors)
         if name not in tensors:
             raise CheckpointError(f"{directory}: tensor {name!r} (for {path}) is missing from the checkpoint")
         f = tensors[name]
         stored, label = f.shape(name), name
-        if rows is not None:
-            if not (stored and 0 <= rows[0] < rows[1] <= stored[0]):
-                raise CheckpointError(f"{f.path}: tensor {name!r} has shape {list(stored)}; rows "
-                                      f"{rows[0]}:{rows[1]} (for {path}) are outside it")
-            stored, label = (rows[1] - rows[0], *stored[1:]), f"{name}[{rows[0]}:{rows[1]}]"
-            fused.setdefault(name, []).append(rows)
+        if index is not None:
+            stored, label = _slice_shape(f, name, index, path), name + slice_label(index)
+            fused.setdefault(name, []).append(index)
         # Kernels are [..., in, out]; checkpoints store [..., out, in] (3-D: stacked experts).
         transpose = role in TRANSPOSED_ROLES and len(shape) >= 2
         expected = (*shape[:-2], shape[-1], shape[-2]) if transpose else shape
@@ -222,20 +297,13 @@ def import_checkpoint(path_or_id: str | Path) -> IR:
                                   + "cqjax imports float (fp32/bf16/fp16) checkpoints")
         params[path] = LazyTensor(
             shape=shape, dtype=f.dtype(name).name, source=f"{f.path.name}:{label}",
-            reader=(lambda f=f, name=name, rows=rows: f.read(name) if rows is None else f.read(name)[rows[0]:rows[1]]),
+            reader=(lambda f=f, name=name, index=index: f.read(name)[_slice(index)]),
             transform=transform)
         meta[path] = TensorMeta(role=role, hf_name=label, shape=shape, dtype=f.dtype(name).name,
                                 tower=family.tower(path))
         used.add(name)
-    for name, spans in fused.items():  # the slices of a fused tensor must tile all its rows
-        ends = [0]
-        for start, stop in sorted(spans):
-            if start != ends[-1]:
-                break
-            ends.append(stop)
-        if ends[-1] != tensors[name].shape(name)[0]:
-            raise CheckpointError(f"{tensors[name].path}: tensor {name!r} has {tensors[name].shape(name)[0]} rows; "
-                                  f"the {family.name} model uses rows {sorted(spans)} of it")
+    for name, slices in fused.items():  # the slices of a fused tensor must tile all of it
+        check_tiling(name, tensors[name].shape(name), slices, f"{tensors[name].path}", family.name)
     unused = sorted(n for n in set(tensors) - used if not family.ignorable(n, cfg))
     if unused:
         raise CheckpointError(f"{directory}: {len(unused)} checkpoint tensors are not used by the "
