@@ -33,10 +33,12 @@ Role = Literal[
 Tower = Literal["text", "vision", "audio"]
 ROLES: tuple[str, ...] = Role.__args__  # type: ignore[attr-defined]
 TOWERS: tuple[str, ...] = Tower.__args__  # type: ignore[attr-defined]
-#: Roles of the tensors that recipes quantize (2-D ones: :data:`cqjax.quant_stats.ELIGIBLE`).
-ELIGIBLE_ROLES: tuple[str, ...] = ("linear", "embedding", "per_layer_embedding", "lm_head")
+#: Roles of the tensors that recipes quantize (2-D ones: :data:`cqjax.quant_stats.ELIGIBLE`). A
+#: convolution's kernel is the linear of its unfolded input, ``[width x in, out]``, so it is
+#: rotated and quantized over that input dimension like any linear.
+ELIGIBLE_ROLES: tuple[str, ...] = ("linear", "embedding", "per_layer_embedding", "lm_head", "conv")
 #: Roles stored as ``[in, out]`` kernels (a quantized kernel's rows are its columns).
-KERNEL_ROLES: tuple[str, ...] = ("linear", "lm_head")
+KERNEL_ROLES: tuple[str, ...] = ("linear", "lm_head", "conv")
 #: Gathered tables and the output head (``quant.embed_bits`` covers these).
 EMBED_ROLES: tuple[str, ...] = ("embedding", "per_layer_embedding", "lm_head")
 

@@ -103,6 +103,29 @@ def _ct2_dir(tmp_path, variables, aliases=None):
     return src
 
 
+def test_convolutions_are_quantized_like_linears(tiny):
+    """A convolution's kernel (the linear of its unfolded input) is rotated and quantized over
+    that input like any linear, and runs on both kernel paths."""
+    from cqjax import api
+    from cqjax.kernels import backend
+    from cqjax.kernels.qarrays import is_quantized
+
+    path, _ = tiny
+    float_model = hf.load(path)[0]
+    q = api.quantize(path, bits=8, embed_bits=8)
+    assert all(is_quantized(q.ir.params[f"encoder/conv{n}/kernel"]) for n in (1, 2))
+    features, tokens = _inputs(1)
+    want = np.asarray(float_model(features, tokens))
+    with backend.use_kernel("jax"):
+        got = np.asarray(q.model(features, tokens))
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()  # 8 bits: close to float
+    conv = q.ir.params["encoder/conv1/kernel"]
+    x = np.random.default_rng(2).standard_normal((3, conv.K)).astype(np.float32)
+    with backend.use_kernel("jax"):
+        ref = np.asarray(conv.matmul(x))
+    np.testing.assert_allclose(ref, x @ np.asarray(conv.dequantize()), atol=1e-4)
+
+
 def test_ctranslate2_whisper_converts_to_the_hugging_face_checkpoint(tiny, tmp_path):
     path, ref = tiny
     variables = _ct2_variables(ref)
