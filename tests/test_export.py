@@ -92,3 +92,31 @@ def test_packaged_model_export_matches_the_quantized_runtime(tmp_path):
         kernel, _ = logits_both(q, tmp_path / "hf", tokens, kernel="ffi")
         print(f"... and {np.abs(kernel - theirs).max():.2e} against the C++ kernel's")
         assert (kernel.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
+
+
+def test_stacked_expert_slices_are_written_back_into_one_tensor(tmp_path):
+    """Slices ``name[e][start:stop]`` / ``name[e]`` of stacked 3-D expert tensors (Qwen3-MoE)
+    reassemble into ``[E, rows, in]``; a missing expert or row slice is refused by name."""
+    import dataclasses
+
+    from test_import_errors import NEW_FAMILIES, qwen3_moe_tensors, write
+
+    w = qwen3_moe_tensors()
+    ir = hf.import_checkpoint(write(tmp_path / "ckpt", config=NEW_FAMILIES["qwen3_moe"], weights=w))
+    assert export.split_name("m.experts.gate_up_proj[3][6:12]") == ("m.experts.gate_up_proj", 3, 6)
+    assert export.split_name("m.experts.down_proj[1]") == ("m.experts.down_proj", 1, None)
+    shapes = export.checkpoint_shapes(ir)
+    assert shapes["model.layers.0.mlp.experts.gate_up_proj"] == (4, 12, 8)
+    assert shapes["model.layers.0.mlp.experts.down_proj"] == (4, 8, 6)
+    export.export_hf(ir, tmp_path / "hf", config_from=tmp_path / "ckpt")
+    from safetensors.numpy import load_file
+
+    written = load_file(tmp_path / "hf" / "model.safetensors")
+    assert set(written) == set(w)
+    for name, array in w.items():
+        np.testing.assert_array_equal(written[name], array)
+    for drop, match in [("layers/0/mlp/experts/2/down_proj/kernel", r"cover experts \[0, 1, 3\]"),
+                        ("layers/0/mlp/experts/1/up_proj/kernel", r"row slices of expert 1 \[\(0, 6\)\] do not tile")]:
+        partial = dataclasses.replace(ir, meta={p: m for p, m in ir.meta.items() if p != drop})
+        with pytest.raises(CheckpointError, match=match):
+            export.checkpoint_shapes(partial)

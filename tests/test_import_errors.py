@@ -192,6 +192,10 @@ NEW_FAMILIES = {
     "gemma2": dict(CONFIG, model_type="gemma2", head_dim=4, query_pre_attn_scalar=4, sliding_window=4,
                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, hidden_act="gelu_pytorch_tanh",
                    cache_implementation="hybrid", sliding_window_size=4),
+    "qwen3_moe": dict(CONFIG, model_type="qwen3_moe", num_local_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=6, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                      router_aux_loss_coef=0.001, output_router_logits=False, max_window_layers=1,
+                      use_sliding_window=False, sliding_window=None),
 }
 
 
@@ -216,6 +220,9 @@ def test_new_families_accept_their_keys(family):
     ("phi3", "qk_layernorm", True),
     ("gemma2", "rope_local_base_freq", 10000.0),  # Gemma3's local rope
     ("gemma2", "use_adarms", True),
+    ("qwen3_moe", "shared_expert_intermediate_size", 16),  # Qwen2-MoE's shared expert
+    ("qwen3_moe", "layer_types", ["sliding_attention"]),  # transformers' Qwen3-MoE ignores it
+    ("qwen3_moe", "first_k_dense_replace", 1),  # DeepSeek's dense-first layers
 ])
 def test_new_families_refuse_unknown_math_keys_by_name(tmp_path, family, key, value):
     with pytest.raises(ConfigError, match=f"config key '{key}' is not understood by the {family} importer"):
@@ -232,6 +239,10 @@ def test_new_families_refuse_unknown_math_keys_by_name(tmp_path, family, key, va
     ("phi3", "partial_rotary_factor", 0.3, "'partial_rotary_factor' = 0.3"),
     ("gemma2", "use_bidirectional_attention", True, "'use_bidirectional_attention' = True"),
     ("gemma2", "hidden_activation", "relu", "'hidden_activation' = 'relu'"),
+    ("qwen3_moe", "num_experts_per_tok", 5, "'num_experts_per_tok' = 5 must be in 1..4"),
+    ("qwen3_moe", "decoder_sparse_step", 0, "'decoder_sparse_step' = 0"),
+    ("qwen3_moe", "num_experts", 8, "'num_experts' and 'num_local_experts' disagree"),
+    ("qwen3_moe", "hidden_act", "gelu", "'hidden_act' = 'gelu'"),
 ])
 def test_new_families_refuse_unsupported_values_by_name(family, key, value, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
@@ -264,3 +275,40 @@ def test_phi3_fused_tensor_of_the_wrong_size_names_it(tmp_path, rows, match):
     w[qkv] = np.resize(w[qkv], (rows, 8))
     with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{re.escape(qkv)}' " + match):
         hf.import_checkpoint(write(tmp_path / "bad", config=NEW_FAMILIES["phi3"], weights=w))
+
+
+def qwen3_moe_tensors(experts=4):
+    """CONFIG's attention with layer 0's 4 experts stacked as transformers' model holds them
+    (``experts`` of them in ``gate_up_proj``)."""
+    w = tensors()
+    rng, mlp = np.random.default_rng(1), "model.layers.0.mlp."
+    for p in ("gate", "up", "down"):
+        w.pop(mlp + f"{p}_proj.weight")
+    w[mlp + "gate.weight"] = rng.standard_normal((4, 8)).astype(np.float32)
+    w[mlp + "experts.gate_up_proj"] = rng.standard_normal((experts, 12, 8)).astype(np.float32)
+    w[mlp + "experts.down_proj"] = rng.standard_normal((4, 8, 6)).astype(np.float32)
+    for p in ("q", "k"):
+        w[f"model.layers.0.self_attn.{p}_norm.weight"] = np.ones(4, np.float32)
+    return w
+
+
+def test_qwen3_moe_stacked_experts_are_sliced_lazily(tmp_path):
+    w = qwen3_moe_tensors()
+    ir = hf.import_checkpoint(write(tmp_path / "ok", config=NEW_FAMILIES["qwen3_moe"], weights=w))
+    up = ir.params["layers/0/mlp/experts/2/up_proj/kernel"]
+    assert up.source == "model.safetensors:model.layers.0.mlp.experts.gate_up_proj[2][6:12]"
+    np.testing.assert_array_equal(up.load(), w["model.layers.0.mlp.experts.gate_up_proj"][2, 6:12].T)
+    np.testing.assert_array_equal(ir.params["layers/0/mlp/experts/3/down_proj/kernel"].load(),
+                                  w["model.layers.0.mlp.experts.down_proj"][3].T)
+
+
+@pytest.mark.parametrize("experts, match", [
+    (3, r"has shape \[3, 12, 8\]; the slice \[3\]\[0:6\] \(for layers/0/mlp/experts/3/gate_proj/kernel\) "
+        r"is outside it"),
+    (5, r"has shape \[5, 12, 8\] \(5 experts of 12 rows\); the qwen3_moe model uses \{expert: rows\} "
+        r"\{0: \[\(0, 6\), \(6, 12\)\], 1: ")])
+def test_qwen3_moe_stacked_tensor_of_the_wrong_expert_count_names_it(tmp_path, experts, match):
+    w = qwen3_moe_tensors(experts)
+    name = re.escape("model.layers.0.mlp.experts.gate_up_proj")
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{name}' " + match):
+        hf.import_checkpoint(write(tmp_path / "bad", config=NEW_FAMILIES["qwen3_moe"], weights=w))

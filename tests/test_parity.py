@@ -17,6 +17,8 @@ from cqjax.io import hf  # noqa: E402
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 
+MOE = dict(TINY, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
+
 CASES = {
     "llama": lambda: transformers.LlamaConfig(**TINY, tie_word_embeddings=False),
     "llama-tied-llama3rope-bias": lambda: transformers.LlamaConfig(
@@ -28,6 +30,11 @@ CASES = {
     "qwen3": lambda: transformers.Qwen3Config(**TINY, head_dim=32, tie_word_embeddings=False),
     "qwen3-sliding": lambda: transformers.Qwen3Config(
         **TINY, head_dim=16, use_sliding_window=True, sliding_window=5, max_window_layers=1),
+    # E=4 experts, top-2; layer 1 dense (mlp_only_layers), then with renormalized top-k weights,
+    # every other layer sparse (decoder_sparse_step) and a sliding window on every layer.
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**MOE, mlp_only_layers=[1], norm_topk_prob=False),
+    "qwen3_moe-normtopk-step-sliding": lambda: transformers.Qwen3MoeConfig(
+        **MOE, norm_topk_prob=True, decoder_sparse_step=2, use_sliding_window=True, sliding_window=5),
     "gemma3": lambda: transformers.Gemma3TextConfig(
         **TINY, head_dim=32, sliding_window=6, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         query_pre_attn_scalar=24, rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
@@ -56,6 +63,9 @@ CASES = {
 #: Cases whose q/k projections are scaled up, so attention logits reach their soft cap (at the
 #: default init they stay near 0, where ``tanh`` is the identity and a missing cap would pass).
 QK_GAIN = {"gemma2": 12.0}
+#: MoE router and expert weights scaled up from transformers' init (std 0.02): the router's
+#: top-k is then far from ties and the experts' outputs are far above the parity tolerance.
+ROUTER_GAIN, EXPERT_GAIN = 5.0, 10.0
 
 
 def write_checkpoint(config, directory, dtype=torch.float32, seed=0, qk_gain=1.0):
@@ -67,6 +77,10 @@ def write_checkpoint(config, directory, dtype=torch.float32, seed=0, qk_gain=1.0
                 p.normal_(0.0, 0.5)
             if "q_proj" in name or "k_proj" in name:
                 p.mul_(qk_gain)
+            if name.endswith("mlp.gate.weight"):  # a MoE router: decisive routing, not near-ties
+                p.mul_(ROUTER_GAIN)
+            if ".experts." in name:  # experts that move the logits, so a routing bug shows
+                p.mul_(EXPERT_GAIN)
     model.to(dtype).save_pretrained(directory)
     return model.float()
 
@@ -160,7 +174,34 @@ def test_phi3_fused_tensors_split_into_plain_linears(tmp_path):
     np.testing.assert_array_equal(hf.load_leaf(ir, "layers/1/mlp/gate_proj/kernel"), fused.T)
 
 
-@pytest.mark.parametrize("name", ["mistral-sliding", "gemma2"])
+def test_qwen3_moe_imports_experts_as_plain_linears(tmp_path):
+    write_checkpoint(CASES["qwen3_moe"](), tmp_path)
+    ir = hf.import_checkpoint(tmp_path)
+    assert ir.config.moe_layers == (0, 2) and (ir.config.num_experts, ir.config.top_k_experts) == (4, 2)
+    m = ir.meta["layers/2/mlp/experts/3/gate_proj/kernel"]
+    assert (m.role, m.shape, m.hf_name) == ("linear", (64, 48), "model.layers.2.mlp.experts.3.gate_proj.weight")
+    assert ir.meta["layers/2/mlp/experts/3/down_proj/kernel"].shape == (48, 64)
+    assert (ir.meta["layers/0/mlp/gate/kernel"].role, ir.meta["layers/0/mlp/gate/kernel"].shape) == ("router", (64, 4))
+    assert ir.meta["layers/1/mlp/gate_proj/kernel"].shape == (64, 96)  # mlp_only_layers: dense
+    assert not any(p.startswith("layers/1/mlp/experts") for p in ir.meta)
+
+
+@pytest.mark.parametrize("change", [dict(norm_topk_prob=False), dict(top_k_experts=1)])
+def test_qwen3_moe_parity_sees_the_routing(tmp_path, change):
+    """Renormalizing the top-k weights or not, or routing to one expert fewer, moves the logits
+    far past the parity tolerance (the routing is exercised, not drowned by the dense path)."""
+    import dataclasses
+
+    ref = write_checkpoint(CASES["qwen3_moe-normtopk-step-sliding"](), tmp_path)
+    ir = hf.import_checkpoint(tmp_path)
+    assert (ir.config.norm_topk_prob, ir.config.moe_layers, ir.config.sliding_window) == (True, (1,), 5)
+    changed = hf.to_model(dataclasses.replace(ir, config=dataclasses.replace(ir.config, **change)))
+    tokens, mask = batch(TINY["vocab_size"])
+    diff = np.abs(np.asarray(changed(tokens, mask)) - torch_logits(ref, tokens, mask))[mask]
+    assert diff.max() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["mistral-sliding", "gemma2", "qwen3_moe"])
 def test_cached_decode_matches_recompute_and_transformers(name, tmp_path):
     """Greedy decoding with the KV cache past the sliding window equals recomputing every step
     and transformers' own cached generation."""

@@ -121,55 +121,75 @@ def export_hf(ir: IR, out: str | os.PathLike, *, config_from: str | os.PathLike,
     return out
 
 
-def split_name(hf_name: str) -> tuple[str, int | None]:
-    """``(checkpoint tensor name, first row)`` of an IR tensor's ``meta.hf_name``: the importer
-    names a slice of a fused tensor (Phi-3's ``qkv_proj``) ``name[start:stop]``."""
-    match = _ROWS.fullmatch(hf_name)
-    return (match[1], int(match[2])) if match else (hf_name, None)
+def split_name(hf_name: str) -> tuple[str, int | None, int | None]:
+    """``(checkpoint tensor name, expert, first row)`` of an IR tensor's ``meta.hf_name``: the
+    importer names a slice of a fused tensor (Phi-3's ``qkv_proj``) ``name[start:stop]``, an
+    expert of a stacked 3-D tensor ``name[e]`` and rows of one ``name[e][start:stop]``
+    (:func:`cqjax.io.hf.slice_label`); ``None`` where the name has no such part.
+
+    >>> split_name("m.experts.gate_up_proj[3][8:16]"), split_name("m.qkv_proj.weight[0:64]")
+    (('m.experts.gate_up_proj', 3, 8), ('m.qkv_proj.weight', None, 0))
+    """
+    match = _SLICE.fullmatch(hf_name)
+    if not match or (match[2] is None and match[3] is None):
+        return hf_name, None, None
+    return match[1], None if match[2] is None else int(match[2]), None if match[3] is None else int(match[3])
 
 
-_ROWS = re.compile(r"(.+)\[(\d+):(\d+)\]")
+_SLICE = re.compile(r"(.+?)(?:\[(\d+)\])?(?:\[(\d+):(\d+)\])?")
 
 
 def checkpoint_shapes(ir: IR) -> dict[str, tuple[int, ...]]:
-    """``{checkpoint tensor name: shape}`` of ``ir``'s export, fused tensors whole.
+    """``{checkpoint tensor name: shape}`` of ``ir``'s export, fused and stacked tensors whole.
 
     Raises:
       CheckpointError: a tensor without a Hugging Face name, two tensors under one name, or
-        row slices that do not tile their fused tensor.
+        slices that do not tile their fused tensor (every expert, each one's rows end to end).
     """
     shapes: dict[str, tuple[int, ...]] = {}
-    spans: dict[str, list[tuple[int, int]]] = {}
+    spans: dict[str, dict[int | None, list[tuple[int, int]]]] = {}
     for path, meta in ir.meta.items():
         if not meta.hf_name:
             raise CheckpointError(f"{path}: has no Hugging Face name in the IR")
-        name, start = split_name(meta.hf_name)
+        name, expert, start = split_name(meta.hf_name)
         shape = tuple(checkpoint_layout(path, meta.role, np.empty(meta.shape, np.uint8)).shape)
-        if start is None:
+        if expert is None and start is None:
             if name in shapes:
                 raise CheckpointError(f"{path}: another IR tensor is also exported as {name!r}")
             shapes[name] = shape
             continue
-        spans.setdefault(name, []).append((start, start + shape[0]))
-        shapes[name] = (max(e for _, e in spans[name]), *shape[1:])
-    for name, rows in spans.items():
-        rows.sort()
-        if rows[0][0] != 0 or any(a[1] != b[0] for a, b in zip(rows, rows[1:])):
-            raise CheckpointError(f"{name}: the IR's row slices {rows} do not tile the fused tensor")
+        rows = spans.setdefault(name, {}).setdefault(expert, [])
+        rows.append((start or 0, (start or 0) + shape[0]))
+        height = max(e for r in spans[name].values() for _, e in r)
+        shapes[name] = (height, *shape[1:]) if expert is None else (
+            max(k for k in spans[name] if k is not None) + 1, height, *shape[1:])
+    for name, experts in spans.items():
+        whole = shapes[name][1] if None not in experts else shapes[name][0]
+        stacked = None not in experts
+        if (not stacked and len(experts) > 1) or (stacked and sorted(experts) != list(range(shapes[name][0]))):
+            raise CheckpointError(f"{name}: the IR's slices cover experts {sorted(experts, key=str)}, "
+                                  f"not each of 0..{shapes[name][0] - 1} once")
+        for expert, rows in experts.items():
+            rows.sort()
+            if rows[0][0] != 0 or any(a[1] != b[0] for a, b in zip(rows, rows[1:])) or rows[-1][1] != whole:
+                what = "row slices" if expert is None else f"row slices of expert {expert}"
+                raise CheckpointError(f"{name}: the IR's {what} {rows} do not tile the fused tensor")
     return shapes
 
 
 def _write_weights(path: Path, header: bytes, order: list[str], arrays: Iterator[tuple[str, np.ndarray]]) -> None:
     """Writes a safetensors file whose header is ``header`` (arrays in file ``order``) from
     ``(meta.hf_name, array)`` pairs as they come: each is written at its offset (a row slice of
-    a fused tensor at its rows' offset), so none waits for the others."""
+    a fused tensor at its rows' offset; expert ``e`` of a stacked ``[E, rows, ...]`` tensor at
+    ``e`` blocks of ``rows`` rows, its own row slice after that), so none waits for the others."""
     spec = json.loads(header[8:].decode())
     offsets = {name: spec[name]["data_offsets"][0] for name in order}
     with open(path, "wb") as f:
         f.write(header)
         for hf_name, array in arrays:
-            name, start = split_name(hf_name)
+            name, expert, start = split_name(hf_name)
             if name not in offsets:
                 raise CheckpointError(f"{hf_name}: not in the header of {path}")
-            f.seek(len(header) + offsets[name] + (start or 0) * array[0].nbytes)  # a slice: its rows' place
+            row = (start or 0) + (0 if expert is None else expert * spec[name]["shape"][1])
+            f.seek(len(header) + offsets[name] + row * array[0].nbytes)  # a slice: its rows' place
             f.write(raw_bytes(array).tobytes())

@@ -200,7 +200,8 @@ def _slice(index: tuple[int, ...] | None) -> tuple:
 def _slice_shape(f: SafetensorsFile, name: str, index: tuple[int, ...], path: str) -> tuple[int, ...]:
     stored = f.shape(name)
     if not (isinstance(index, tuple) and 1 <= len(index) <= 3 and all(isinstance(i, int) for i in index)):
-        raise CheckpointError(f"{name}: slice index {index!r} (for {path}) is not (start, stop), (e,) or (e, start, stop)")
+        raise CheckpointError(f"{name}: slice index {index!r} (for {path}) is not (start, stop), (e,) "
+                              "or (e, start, stop)")
     rows = stored[1:] if len(index) % 2 else stored
     ok = len(stored) >= (1 + len(index) % 2) and (not len(index) % 2 or 0 <= index[0] < stored[0]) and (
         len(index) < 2 or 0 <= index[-2] < index[-1] <= rows[0])

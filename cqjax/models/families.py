@@ -1,5 +1,5 @@
-"""Hugging Face config → :class:`DecoderConfig` for the llama, qwen2, qwen3, gemma3, mistral, phi3
-and gemma2 families.
+"""Hugging Face config → :class:`DecoderConfig` for the llama, qwen2, qwen3, qwen3_moe, gemma3,
+mistral, phi3 and gemma2 families.
 
 Each family lists every config key it understands. A key outside that list, or a value that
 would change the model in a way cqjax does not implement, raises :class:`ConfigError` naming
@@ -167,6 +167,47 @@ def parse_qwen3(raw: dict, source: str) -> DecoderConfig:
         family="qwen3", act=expect(raw, "hidden_act", ("silu",), source, "silu"),
         qkv_bias=bias, o_bias=bias, qk_norm=True, query_scale=c["head_dim"] ** -0.5,
         layer_types=types, sliding_window=window, rope=rope_parameters(raw, source), **c)
+
+
+QWEN3_MOE_KEYS = (QWEN_KEYS - {"layer_types"}) | {
+    "head_dim", "attention_bias", "num_experts", "num_local_experts", "num_experts_per_tok", "norm_topk_prob",
+    "moe_intermediate_size", "decoder_sparse_step", "mlp_only_layers",
+    "router_aux_loss_coef", "output_router_logits"}  # the last two only train the router
+
+
+def parse_qwen3_moe(raw: dict, source: str) -> DecoderConfig:
+    """Qwen3-MoE: qwen3 attention, and on every ``decoder_sparse_step``-th layer not listed in
+    ``mlp_only_layers`` a top-k routed mixture of experts (:class:`cqjax.models.transformer.SparseMoE`).
+
+    transformers 5 saves the expert count as ``num_local_experts`` (``num_experts`` is its
+    alias; older configs use that name). Its Qwen3-MoE slides the attention window on every
+    layer when ``use_sliding_window`` (``max_window_layers`` is read by no layer, and a
+    ``layer_types`` list is refused as unknown, since transformers' Qwen3-MoE ignores it).
+    """
+    check_keys(raw, QWEN3_MOE_KEYS, source)
+    c = _common(raw, source)
+    n = c["num_layers"]
+    given = {k: raw[k] for k in ("num_experts", "num_local_experts") if raw.get(k) is not None}
+    if len(set(given.values())) > 1:
+        raise ConfigError(f"{source}: config keys 'num_experts' and 'num_local_experts' disagree ({given})")
+    experts = int(next(iter(given.values()), 0))
+    step = int(raw.get("decoder_sparse_step", 1))
+    if step < 1:
+        raise ConfigError(f"{source}: config key 'decoder_sparse_step' = {step} must be at least 1")
+    only = set(raw.get("mlp_only_layers") or ())
+    moe = tuple(i for i in range(n) if experts > 0 and i not in only and (i + 1) % step == 0)
+    top_k = int(require(raw, "num_experts_per_tok", source)) if moe else 0
+    if moe and not 0 < top_k <= experts:
+        raise ConfigError(f"{source}: config key 'num_experts_per_tok' = {top_k} must be in 1..{experts} (the experts)")
+    window = raw.get("sliding_window") if raw.get("use_sliding_window", False) else None
+    bias = bool(raw.get("attention_bias", False))
+    return DecoderConfig(
+        family="qwen3_moe", act=expect(raw, "hidden_act", ("silu",), source, "silu"),
+        qkv_bias=bias, o_bias=bias, qk_norm=True, query_scale=c["head_dim"] ** -0.5,
+        layer_types=("full_attention" if window is None else "sliding_attention",) * n, sliding_window=window,
+        rope=rope_parameters(raw, source), moe_layers=moe, num_experts=experts if moe else 0, top_k_experts=top_k,
+        moe_intermediate_size=int(require(raw, "moe_intermediate_size", source)) if moe else 0,
+        norm_topk_prob=bool(raw.get("norm_topk_prob", False)), **c)
 
 
 GEMMA3_KEYS = frozenset({"hidden_activation", "hidden_act", "hidden_size", "intermediate_size",
@@ -357,6 +398,37 @@ def phi3_hf_name(path: str, cfg: DecoderConfig) -> str | tuple[str, tuple[int, i
     return decoder_hf_name("/".join([*parts[:-2], PHI3_FUSED[parts[-2]], parts[-1]]), cfg), rows
 
 
+MOE_STACKED = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
+
+
+def qwen3_moe_hf_name(path: str, cfg: DecoderConfig) -> str | list:
+    """An expert's linear (``layers/N/mlp/experts/e/{gate,up,down}_proj/kernel``) in either
+    checkpoint layout; the importer takes the first the checkpoint has:
+
+    1. transformers' saved layout (and the hub's): one 2-D tensor per expert,
+       ``model.layers.N.mlp.experts.e.gate_proj.weight`` and so on;
+    2. the stacked 3-D tensors of transformers' in-memory model, sliced per expert:
+
+    =============  ================================  =====================
+    IR linear      stacked tensor                    ``meta.hf_name``
+    =============  ================================  =====================
+    ``gate_proj``  ``…mlp.experts.gate_up_proj``     ``…[e][0:I]``
+    ``up_proj``    ``[E, 2I, D]`` (gate rows first)  ``…[e][I:2I]``
+    ``down_proj``  ``…mlp.experts.down_proj``        ``…[e]``
+                   ``[E, D, I]``
+    =============  ================================  =====================
+
+    Everything else (the router ``mlp/gate``, attention, norms) is named as in :func:`decoder_hf_name`.
+    """
+    parts = path.split("/")
+    if len(parts) != 7 or parts[2:4] != ["mlp", "experts"] or parts[5] not in MOE_STACKED:
+        return decoder_hf_name(path, cfg)
+    e, i = int(parts[4]), cfg.moe_intermediate_size
+    stacked = f"model.layers.{parts[1]}.mlp.experts.{MOE_STACKED[parts[5]]}"
+    index = {"gate_proj": (e, 0, i), "up_proj": (e, i, 2 * i), "down_proj": (e,)}[parts[5]]
+    return [decoder_hf_name(path, cfg), (stacked, index)]
+
+
 def decoder_ignorable(name: str, cfg: DecoderConfig) -> bool:
     """A tied model's saved output head and RoPE buffers are not parameters."""
     return (cfg.tie_word_embeddings and name == "lm_head.weight") or name.endswith("rotary_emb.inv_freq")
@@ -364,11 +436,13 @@ def decoder_ignorable(name: str, cfg: DecoderConfig) -> bool:
 
 for _name, _types, _parse in [("llama", ("llama",), parse_llama), ("qwen2", ("qwen2",), parse_qwen2),
                               ("qwen3", ("qwen3",), parse_qwen3),
+                              ("qwen3_moe", ("qwen3_moe",), parse_qwen3_moe),
                               ("gemma3", ("gemma3_text",), parse_gemma3),
                               ("mistral", ("mistral",), parse_mistral),
                               ("phi3", ("phi3",), parse_phi3),
                               ("gemma2", ("gemma2",), parse_gemma2)]:
     registry.register(registry.Family(name=_name, model_types=_types, parse_config=_parse,
                                       build=CausalLM,
-                                      hf_name=phi3_hf_name if _name == "phi3" else decoder_hf_name,
+                                      hf_name={"phi3": phi3_hf_name, "qwen3_moe": qwen3_moe_hf_name}.get(
+                                          _name, decoder_hf_name),
                                       ignorable=decoder_ignorable))

@@ -29,9 +29,19 @@ class Family:
       parse_config: ``(raw config.json dict, source name) -> config``; raises
         :class:`cqjax.errors.ConfigError` naming any key it does not understand.
       build: ``config -> nnx.Module`` (parameters zero-initialized; the importer fills them).
-      hf_name: ``(IR path, config) -> checkpoint tensor name``, or ``(name, (start, stop))``
-        for rows ``start:stop`` of a fused tensor (Phi-3's ``qkv_proj``; the IR records it as
-        ``name[start:stop]``, and :mod:`cqjax.io.export` writes the slices back into one).
+      hf_name: ``(IR path, config) -> checkpoint tensor name``, or ``(name, index)`` for a
+        slice of a checkpoint tensor, or a list of such answers of which the importer takes the
+        first the checkpoint holds (Qwen3-MoE's per-expert or stacked layouts). Slices, as the
+        IR records them in ``meta.hf_name`` (:mod:`cqjax.io.export` writes them back into one
+        tensor; together they must tile it):
+
+        ====================  =======================  =========================================
+        index                 ``meta.hf_name``         what
+        ====================  =======================  =========================================
+        ``(start, stop)``     ``name[start:stop]``     rows of a fused tensor (Phi-3's qkv_proj)
+        ``(e,)``              ``name[e]``              expert ``e`` of a stacked ``[E, out, in]``
+        ``(e, start, stop)``  ``name[e][start:stop]``  rows of expert ``e`` (gate of gate_up)
+        ====================  =======================  =========================================
       ignorable: ``(checkpoint tensor name, config) -> bool`` for tensors the model does not use
         (e.g. a saved copy of a tied output head).
       kind: ``causal_lm`` (predicts tokens: perplexity, tasks, generation), ``encoder``
@@ -44,7 +54,7 @@ class Family:
     model_types: tuple[str, ...]
     parse_config: Callable[[dict, str], Any]
     build: Callable[[Any], nnx.Module]
-    hf_name: Callable[[str, Any], str | tuple[str, tuple[int, int]]]
+    hf_name: Callable[[str, Any], str | tuple[str, tuple[int, ...]] | list]
     ignorable: Callable[[str, Any], bool] = lambda name, cfg: False
     kind: str = "causal_lm"
     tower: Callable[[str], str] = lambda path: "text"

@@ -1,12 +1,15 @@
-"""A decoder-only transformer that covers the llama, qwen2, qwen3, gemma3, mistral, phi3 and
-gemma2 families.
+"""A decoder-only transformer that covers the llama, qwen2, qwen3, qwen3_moe, gemma3, mistral,
+phi3 and gemma2 families.
 
 Families differ only in the switches of :class:`DecoderConfig` (see the table there); each
 family's importer (:mod:`cqjax.models.families`) translates a Hugging Face config into one.
 
 Parameter paths (the IR paths) follow transformers' module names, with ``kernel`` for linear
 weights stored ``[in, out]``, ``embedding`` for tables and ``scale`` for norm weights, e.g.
-``layers/0/self_attn/q_proj/kernel``, ``embed_tokens/embedding``, ``norm/scale``.
+``layers/0/self_attn/q_proj/kernel``, ``embed_tokens/embedding``, ``norm/scale``. A sparse MoE
+layer (qwen3_moe) holds its router at ``layers/0/mlp/gate/kernel`` (role ``router``, kept float)
+and each expert as an ordinary gated MLP, ``layers/0/mlp/experts/3/{gate,up,down}_proj/kernel``,
+so every pass quantizes an expert like any other 2-D linear (:class:`SparseMoE`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -43,6 +47,10 @@ class DecoderConfig:
     ``sliding_window``     a sliding layer's query sees keys ``q - k < window``       mistral, …
     ``rope``               per layer type: transformers ``rope_parameters``           all
     ``rotary_dim``         RoPE rotates only a head's first ``rotary_dim`` features   phi3 partial
+    ``moe_layers``         indices of layers whose MLP is a :class:`SparseMoE`        qwen3_moe
+    ``num_experts``        experts per MoE layer, each ``moe_intermediate_size`` wide qwen3_moe
+    ``top_k_experts``      experts a token is routed to                               qwen3_moe
+    ``norm_topk_prob``     top-k router weights renormalized to sum to 1              qwen3_moe
     =====================  =========================================================  ==========
 
     A ``longrope`` rope entry (phi3) carries both factor sets: a call whose largest position
@@ -74,6 +82,11 @@ class DecoderConfig:
     sliding_window: int | None = None
     rope: Mapping[str, Mapping[str, Any]] | tuple
     rotary_dim: int | None = None
+    moe_layers: tuple[int, ...] = ()
+    num_experts: int = 0
+    top_k_experts: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
     tie_word_embeddings: bool
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -84,6 +97,12 @@ class DecoderConfig:
         object.__setattr__(self, "rope", tuple(
             (t, tuple(sorted(dict(p).items()))) for t, p in dict(self.rope).items()))
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "moe_layers", tuple(self.moe_layers))
+        if self.moe_layers and not (0 < self.top_k_experts <= self.num_experts and self.moe_intermediate_size > 0):
+            raise ValueError(f"MoE layers need 0 < top_k_experts ({self.top_k_experts}) <= num_experts "
+                             f"({self.num_experts}) and moe_intermediate_size > 0 ({self.moe_intermediate_size})")
+        if any(not 0 <= i < self.num_layers for i in self.moe_layers):
+            raise ValueError(f"moe_layers {self.moe_layers} name layers outside 0..{self.num_layers - 1}")
         if len(self.layer_types) != self.num_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
         for t in self.layer_types:
@@ -155,8 +174,56 @@ class Attention(nnx.Module):
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 
+class SparseMoE(nnx.Module):
+    """A top-k routed mixture of gated-MLP experts (transformers' ``Qwen3MoeSparseMoeBlock``).
+
+    ``gate`` is the router ``[D, E]`` (role ``router``); ``experts[e]`` is an ordinary
+    :class:`cqjax.models.layers.GatedMLP`, so quantization sees ``3·E`` plain 2-D linears per
+    layer and quantizes each expert on its own. Routing, as transformers computes it:
+
+    ============================  ===================================================
+    step                          value
+    ============================  ===================================================
+    router logits                 ``x @ gate`` (in the activation dtype)
+    probabilities                 ``softmax(logits)`` in float32 over all ``E`` experts
+    top-k                         the ``k`` largest probabilities (``lax.top_k``)
+    ``norm_topk_prob``            those ``k`` divided by their sum
+    output                        ``Σ_e w_e · expert_e(x)``, ``w_e = 0`` off the top k
+    ============================  ===================================================
+
+    Every expert runs on every token, weighted by the dense router weights (zero for the
+    unselected): exact, and free of data-dependent shapes, at ``E / k`` times the FLOPs of a
+    gathered implementation. The experts are a Python loop, so a compile traces ``3·E``
+    matmuls per MoE layer: fine for small models, slow to compile for ``E`` in the hundreds.
+    """
+
+    def __init__(self, cfg: DecoderConfig, dtype=jnp.float32):
+        d, e = cfg.hidden_size, cfg.num_experts
+        self.gate = layers.Linear(d, e, role="router", dtype=dtype)
+        self.experts = nnx.List([layers.GatedMLP(d, cfg.moe_intermediate_size, act=cfg.act, dtype=dtype)
+                                 for _ in range(e)])
+        self.top_k, self.norm_topk_prob = cfg.top_k_experts, cfg.norm_topk_prob
+
+    def router_weights(self, x):
+        """Dense routing weights ``[..., E]`` (zero off each token's top k), in ``x``'s dtype."""
+        logits = self.gate(x)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        top, index = jax.lax.top_k(probs, self.top_k)
+        if self.norm_topk_prob:
+            top = top / top.sum(-1, keepdims=True)
+        top = top.astype(logits.dtype)
+        return jnp.sum(jax.nn.one_hot(index, probs.shape[-1], dtype=top.dtype) * top[..., None], axis=-2)
+
+    def __call__(self, x):
+        weights = self.router_weights(x).astype(x.dtype)
+        out = jnp.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out = out + expert(x) * weights[..., e:e + 1]
+        return out
+
+
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: DecoderConfig, layer_type: str, dtype=jnp.float32):
+    def __init__(self, cfg: DecoderConfig, layer_type: str, dtype=jnp.float32, *, moe: bool = False):
         norm = lambda: layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, offset=cfg.norm_offset, dtype=dtype)
         self.input_layernorm = norm()
         self.self_attn = Attention(cfg, layer_type, dtype)
@@ -165,8 +232,8 @@ class DecoderLayer(nnx.Module):
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
         self.sandwich = cfg.sandwich_norms
-        self.mlp = layers.GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.act,
-                                   bias=cfg.mlp_bias, dtype=dtype)
+        self.mlp = SparseMoE(cfg, dtype) if moe else layers.GatedMLP(
+            cfg.hidden_size, cfg.intermediate_size, act=cfg.act, bias=cfg.mlp_bias, dtype=dtype)
 
     def __call__(self, x, positions, valid, cache=None):
         h, cache = self.self_attn(self.input_layernorm(x), positions, valid, cache)
@@ -229,7 +296,8 @@ class CausalLM(OutputHead, nnx.Module):
     def __init__(self, cfg: DecoderConfig, dtype=jnp.float32):
         self.config = cfg
         self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nnx.List([DecoderLayer(cfg, t, dtype) for t in cfg.layer_types])
+        self.layers = nnx.List([DecoderLayer(cfg, t, dtype, moe=i in cfg.moe_layers)
+                                  for i, t in enumerate(cfg.layer_types)])
         self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, offset=cfg.norm_offset, dtype=dtype)
         self.lm_head = None if cfg.tie_word_embeddings else layers.Linear(
             cfg.hidden_size, cfg.vocab_size, role="lm_head", dtype=dtype)
