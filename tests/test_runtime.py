@@ -10,12 +10,13 @@ from cqjax.io import hf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from test_parity import CASES, write_checkpoint  # noqa: E402
+from test_parity import CASES, QK_GAIN, write_checkpoint  # noqa: E402
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma3"])
+# mistral-sliding and gemma2: decoding runs past the sliding window; qwen3_moe: routed experts.
+@pytest.mark.parametrize("name", ["llama", "gemma3", "mistral-sliding", "gemma2", "qwen3_moe"])
 def test_greedy_matches_recompute_and_transformers(name, tmp_path):
-    ref = write_checkpoint(CASES[name](), tmp_path)
+    ref = write_checkpoint(CASES[name](), tmp_path, qk_gain=QK_GAIN.get(name, 1.0))
     model, _ = hf.load(tmp_path)
     prompt = np.array([[5, 17, 3, 42, 8, 9, 60]], np.int32)
     out = runtime.generate(model, prompt, max_new_tokens=8)
