@@ -414,3 +414,56 @@ def test_packaged_model_matches_transformers_gguf(name):
     # and the model is a real language model (catches an error shared with transformers)
     nll = torch.nn.functional.cross_entropy(got[0, :-1], ids[0, 1:])
     assert float(nll) < 4.5  # measured: 3.71 SmolLM2, 3.38 Gemma; q/k left permuted: 5.48, norms + 1: 18.7
+
+
+def test_qwen3moe_experts_split_per_expert(tmp_path):
+    """A qwen3moe file's stacked experts become one tensor per expert (transformers' saved layout);
+    the converted checkpoint computes the source model's logits in transformers and in cqjax."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    from cqjax.io import hf as hf_io
+    from cqjax.runtime import forward_fn
+    from test_parity import TINY, write_checkpoint
+
+    cfg = transformers.Qwen3MoeConfig(**TINY, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                      norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                                      tie_word_embeddings=False)
+    ref = write_checkpoint(cfg, tmp_path / "src")
+    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), arch="qwen3moe")
+    for add, value in [(w.add_context_length, 128), (w.add_embedding_length, cfg.hidden_size),
+                       (w.add_block_count, cfg.num_hidden_layers), (w.add_feed_forward_length, cfg.intermediate_size),
+                       (w.add_head_count, cfg.num_attention_heads), (w.add_head_count_kv, cfg.num_key_value_heads),
+                       (w.add_layer_norm_rms_eps, cfg.rms_norm_eps), (w.add_rope_freq_base, 10_000.0),
+                       (w.add_vocab_size, cfg.vocab_size), (w.add_key_length, 16), (w.add_value_length, 16),
+                       (w.add_expert_count, 4), (w.add_expert_used_count, 2), (w.add_expert_feed_forward_length, 32)]:
+        add(value)
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate": "ffn_gate_inp",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", **_PROJ}
+    for i in range(cfg.num_hidden_layers):
+        for hf_name, g in names.items():
+            if f"model.layers.{i}.{hf_name}.weight" in sd:
+                w.add_tensor(f"blk.{i}.{g}.weight", sd[f"model.layers.{i}.{hf_name}.weight"])
+        gate_up = sd[f"model.layers.{i}.mlp.experts.gate_up_proj"]  # [E, 2I, D], gate rows first
+        w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", np.ascontiguousarray(gate_up[:, :32]))
+        w.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.ascontiguousarray(gate_up[:, 32:]))
+        w.add_tensor(f"blk.{i}.ffn_down_exps.weight", sd[f"model.layers.{i}.mlp.experts.down_proj"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out = gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf", tokenizer=False)
+    tokens = np.arange(1, 20, dtype=np.int32)[None]
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+        again = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+        np.testing.assert_allclose(again(input_ids=torch.tensor(tokens, dtype=torch.long)).logits.numpy(), want,
+                                   atol=1e-5, rtol=0)
+    model, ir = hf_io.load(out)
+    assert ir.meta["layers/1/mlp/experts/3/up_proj/kernel"].hf_name == "model.layers.1.mlp.experts.3.up_proj.weight"
+    np.testing.assert_allclose(np.asarray(forward_fn(model)(tokens, np.ones(tokens.shape, bool))), want,
+                               atol=1e-4, rtol=0)

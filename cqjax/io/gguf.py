@@ -10,7 +10,8 @@ family      undone here
 llama       ``attn_q`` / ``attn_k`` rows were permuted for llama.cpp's RoPE layout
             (``permute(w, n_head, n_head_kv)``); :func:`unpermute_qk` inverts it
 qwen2,      nothing (llama.cpp keeps their q/k rows: NeoX-style RoPE); qwen2's q/k/v
-qwen3       biases and qwen3's ``attn_q_norm`` / ``attn_k_norm`` map by name
+qwen3,      biases and qwen3's ``attn_q_norm`` / ``attn_k_norm`` map by name; qwen3moe's
+qwen3moe    stacked experts (``ffn_{gate,up,down}_exps``) become one tensor per expert
 gemma2,     every ``*norm.weight`` (input / post-attention / pre- and post-feedforward
 gemma3      norms, the final norm, gemma3's ``q_norm`` and ``k_norm``) was stored as ``w + 1``
 phi3        nothing: its fused ``attn_qkv`` / ``ffn_up`` (gate and up) are Hugging Face's
@@ -48,7 +49,7 @@ from cqjax.io.atomic import write_json
 #: Bumped whenever the conversion output changes; recorded in ``cqjax_import.json``.
 CONVERTER_VERSION = 1
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3")
 
 # GGUF per-block tensor name -> HF name (after "model.layers.N."), per architecture.
 _BLOCK_NAMES: dict[str, dict[str, str]] = {
@@ -82,6 +83,11 @@ _BLOCK_NAMES: dict[str, dict[str, str]] = {
 _BLOCK_NAMES["qwen2"] = dict(_BLOCK_NAMES["llama"])  # + q/k/v biases (.bias of the same names)
 _BLOCK_NAMES["qwen3"] = {**_BLOCK_NAMES["llama"], "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 _BLOCK_NAMES["gemma2"] = {k: v for k, v in _BLOCK_NAMES["gemma3"].items() if k not in ("attn_q_norm", "attn_k_norm")}
+_BLOCK_NAMES["qwen3moe"] = {  # the experts (ffn_*_exps, stacked) are split in iter_hf_tensors
+    **{k: v for k, v in _BLOCK_NAMES["qwen3"].items() if k not in ("ffn_gate", "ffn_up", "ffn_down")},
+    "ffn_gate_inp": "mlp.gate"}
+#: Stacked expert tensors ``[E, out, in]`` -> each expert's Hugging Face projection.
+_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 _BLOCK_NAMES["phi3"] = {  # fused q/k/v and gate/up, as in Hugging Face's Phi-3 checkpoints
     "attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
     "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"}
@@ -118,6 +124,7 @@ _KNOWN_KEYS: dict[str, frozenset[str]] = {
     }),
 }
 _KNOWN_KEYS["qwen2"] = _KNOWN_KEYS["qwen3"] = _KNOWN_KEYS["llama"]
+_KNOWN_KEYS["qwen3moe"] = _KNOWN_KEYS["llama"] | {"expert_count", "expert_used_count", "expert_feed_forward_length"}
 _KNOWN_KEYS["phi3"] = frozenset({
     "context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
     "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "attention.sliding_window",
@@ -126,7 +133,7 @@ _KNOWN_KEYS["phi3"] = frozenset({
 })
 #: The architecture of each ``model_type`` this module writes into ``config.json``.
 _ARCH_OF_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3_text": "gemma3",
-                       "phi3": "phi3"}
+                       "phi3": "phi3", "qwen3_moe": "qwen3moe"}
 
 # llama.cpp's defaults for gemma3 when the file has no attention.sliding_window_pattern /
 # rope.freq_base_swa (src/llama-model.cpp, LLM_ARCH_GEMMA3).
@@ -274,6 +281,12 @@ def hf_config_from_metadata(meta: Mapping[str, Any], tensor_names: set[str], *, 
                 raise GGUFConversionError(f"{source}: a qwen2 file needs attn_q/attn_k/attn_v biases in every block")
         else:
             cfg["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+    elif arch == "qwen3moe":  # every layer routed; llama.cpp renormalizes the top-k weights (norm_w)
+        cfg.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_act="silu",
+                   rope_parameters=full_rope, use_sliding_window=False, attention_bias=False,
+                   num_experts=int(get("expert_count")), num_experts_per_tok=int(get("expert_used_count")),
+                   moe_intermediate_size=int(get("expert_feed_forward_length")), norm_topk_prob=True,
+                   decoder_sparse_step=1, mlp_only_layers=[])
     elif arch == "phi3":  # NeoX RoPE in llama.cpp: q/k rows as Hugging Face stores them
         rotary = int(get("rope.dimension_count", head_dim))
         del cfg["attention_bias"]
@@ -360,6 +373,12 @@ def iter_hf_tensors(reader: Any, config: Mapping[str, Any], *, source: str = "<g
     """Yield ``(hf_name, float32 array [out, in])`` for every tensor of the file, undoing llama.cpp's changes."""
     arch = _ARCH_OF_MODEL_TYPE[config["model_type"]]
     for tensor in reader.tensors:
+        m = _BLOCK_RE.fullmatch(tensor.name)
+        if arch == "qwen3moe" and m and m.group(2) in _EXPERT_NAMES:  # [E, out, in]: one tensor per expert
+            for e, w in enumerate(dequantize_tensor(tensor, source)):
+                yield (f"model.layers.{m.group(1)}.mlp.experts.{e}.{_EXPERT_NAMES[m.group(2)]}.weight",
+                       np.ascontiguousarray(w, dtype=np.float32))
+            continue
         name = hf_tensor_name(tensor.name, arch, source=source)
         w = dequantize_tensor(tensor, source)
         if arch == "llama" and tensor.name.endswith(".attn_q.weight"):
