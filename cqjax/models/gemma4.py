@@ -25,8 +25,23 @@ per-layer embeddings (PLE)     a packed ``[vocab, layers * ple_dim]`` table plus
 =============================  ===========================================================
 
 Parameter paths follow transformers' module names (``layers/0/self_attn/q_proj/kernel``,
-``embed_tokens_per_layer/embedding``, ``layers/0/experts/gate_up_proj``). Expert kernels are
-stored ``[experts, in, out]`` like every other linear kernel.
+``embed_tokens_per_layer/embedding``, ``layers/0/router/proj/kernel``). Each expert of the MoE
+block is an ordinary gated MLP of 2-D ``[in, out]`` linears (role ``linear``), so every pass
+quantizes the experts one by one and every kernel path runs them unchanged:
+
+==========================================  ==================================================
+IR path                                     checkpoint tensor (``meta.hf_name``)
+==========================================  ==================================================
+``layers/N/experts/e/gate_proj/kernel``     ``model.layers.N.experts.gate_up_proj[e][0:I]``
+``layers/N/experts/e/up_proj/kernel``       ``model.layers.N.experts.gate_up_proj[e][I:2I]``
+``layers/N/experts/e/down_proj/kernel``     ``model.layers.N.experts.down_proj[e]``
+==========================================  ==================================================
+
+transformers saves the experts stacked, ``gate_up_proj [E, 2I, D]`` (gate rows first) and
+``down_proj [E, D, I]``; each expert is a lazy slice of them (:func:`gemma4_hf_name`), and
+:func:`cqjax.io.export.export_hf` writes the stacked tensors back. A per-expert checkpoint
+(``model.layers.N.experts.e.gate_proj.weight`` ...) imports too. The router
+(``router/proj``, role ``router``), ``router/scale`` and ``router/per_expert_scale`` stay float.
 """
 
 from __future__ import annotations
@@ -322,31 +337,19 @@ class Router(nnx.Module):
         return jnp.sum(jax.nn.one_hot(index, probs.shape[-1], dtype=jnp.float32) * weights[..., None], axis=-2)
 
 
-class Experts(nnx.Module):
-    """``E`` gated MLPs: ``gate_up_proj [E, D, 2I]`` (gate half first), ``down_proj [E, I, D]``.
+def mixture(experts: nnx.List, x: jax.Array, weights: jax.Array) -> jax.Array:
+    """``Σ_e weights[:, e] · experts[e](x)`` for tokens ``x [N, D]`` and dense router weights
+    ``[N, E]`` (zero off each token's top k).
 
-    Every expert runs on every token (a scan over experts) and is weighted by the router's
-    dense weights, zero for unselected experts: exact, memory-light, ``E / k`` times the
-    FLOPs of a gathered implementation.
+    Every expert (a :class:`cqjax.models.layers.GatedMLP`) runs on every token: exact, free of
+    data-dependent shapes, at ``E / k`` times the FLOPs of a gathered implementation. The
+    experts are a Python loop, so a compile traces ``3·E`` matmuls per MoE layer: fine for
+    small models, slow to compile for ``E`` in the hundreds.
     """
-
-    def __init__(self, cfg: Gemma4Config, dtype=jnp.float32):
-        e, d, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate_up_proj = nnx.Param(jnp.zeros((e, d, 2 * i), dtype), role="linear")
-        self.down_proj = nnx.Param(jnp.zeros((e, i, d), dtype), role="linear")
-        self.act = cfg.act
-
-    def __call__(self, x, weights):
-        act = layers.ACTIVATIONS[self.act]
-
-        def expert(acc, params):
-            gate_up, down, w = params
-            gate, up = jnp.split(layers.matmul(x, gate_up), 2, axis=-1)
-            return acc + layers.matmul(act(gate) * up, down) * w[:, None].astype(x.dtype), None
-
-        out, _ = jax.lax.scan(expert, jnp.zeros_like(x),
-                              (self.gate_up_proj[...], self.down_proj[...], weights.T))
-        return out
+    out = jnp.zeros_like(x)
+    for e, expert in enumerate(experts):
+        out = out + expert(x) * weights[:, e:e + 1].astype(x.dtype)
+    return out
 
 
 class DecoderLayer(nnx.Module):
@@ -362,7 +365,8 @@ class DecoderLayer(nnx.Module):
         self.moe = cfg.num_experts > 0
         if self.moe:
             self.router = Router(cfg, dtype)
-            self.experts = Experts(cfg, dtype)
+            self.experts = nnx.List([layers.GatedMLP(d, cfg.moe_intermediate_size, act=cfg.act, dtype=dtype)
+                                     for _ in range(cfg.num_experts)])
             self.post_feedforward_layernorm_1 = norm()
             self.pre_feedforward_layernorm_2 = norm()
             self.post_feedforward_layernorm_2 = norm()
@@ -381,7 +385,7 @@ class DecoderLayer(nnx.Module):
         h = self.mlp(self.pre_feedforward_layernorm(x))
         if self.moe:
             flat = x.reshape(-1, x.shape[-1])
-            moe = self.experts(self.pre_feedforward_layernorm_2(flat), self.router(flat))
+            moe = mixture(self.experts, self.pre_feedforward_layernorm_2(flat), self.router(flat))
             h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(moe.reshape(x.shape))
         x = x + self.post_feedforward_layernorm(h)
         if self.ple:
@@ -451,17 +455,36 @@ class Gemma4ForCausalLM(OutputHead, nnx.Module):
 KV_SHARED_ABSENT = ("k_proj", "v_proj", "k_norm", "v_norm")
 
 
-def gemma4_hf_name(path: str, cfg: Gemma4Config) -> str:
+EXPERT_STACKED = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
+
+
+def gemma4_hf_name(path: str, cfg: Gemma4Config) -> str | list:
     """``layers/0/self_attn/q_proj/kernel`` → ``model.layers.0.self_attn.q_proj.weight``.
 
-    ``router/scale``, ``experts/*`` and ``layer_scalar`` keep their names (they are bare
-    parameters in transformers, not ``.weight`` of a submodule).
+    ``router/scale``, ``router/per_expert_scale`` and ``layer_scalar`` keep their names (they
+    are bare parameters in transformers, not ``.weight`` of a submodule). An expert's linear
+    ``layers/N/experts/e/{gate,up,down}_proj/kernel`` names, in order (the importer takes the
+    first the checkpoint holds), its slice of transformers' stacked tensors,
+    ``(model.layers.N.experts.gate_up_proj, (e, 0, I))`` for ``gate_proj`` (gate rows first),
+    ``(…, (e, I, 2I))`` for ``up_proj`` and ``(model.layers.N.experts.down_proj, (e,))``; then a
+    per-expert 2-D tensor ``model.layers.N.experts.e.gate_proj.weight``.
+
+    >>> cfg = parse_gemma4({"model_type": "gemma4_text", "num_hidden_layers": 1, "enable_moe_block": True,
+    ...     "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 8}, "config.json")
+    >>> gemma4_hf_name("layers/0/experts/3/up_proj/kernel", cfg)
+    [('model.layers.0.experts.gate_up_proj', (3, 8, 16)), 'model.layers.0.experts.3.up_proj.weight']
     """
     parts = path.split("/")
     if parts[-1] in ("kernel", "embedding") or (parts[-1] == "scale" and parts[-2] != "router"):
         parts[-1] = "weight"
     name = ".".join(parts)
-    return name if name.startswith("lm_head.") else "model." + name
+    name = name if name.startswith("lm_head.") else "model." + name
+    if len(parts) == 6 and parts[0] == "layers" and parts[2] == "experts" and parts[4] in EXPERT_STACKED:
+        e, i = int(parts[3]), cfg.moe_intermediate_size
+        stacked = f"model.layers.{parts[1]}.experts.{EXPERT_STACKED[parts[4]]}"
+        index = {"gate_proj": (e, 0, i), "up_proj": (e, i, 2 * i), "down_proj": (e,)}[parts[4]]
+        return [(stacked, index), name]
+    return name
 
 
 def gemma4_ignorable(name: str, cfg: Gemma4Config) -> bool:
