@@ -147,6 +147,9 @@ def _tiny_config(name: str, vocab: int):
         "qwen3": lambda: transformers.Qwen3Config(**t, head_dim=32, tie_word_embeddings=False),
         "qwen2": lambda: transformers.Qwen2Config(**t, tie_word_embeddings=True),
         "llama": lambda: transformers.LlamaConfig(**t, head_dim=32, tie_word_embeddings=False),
+        "mistral": lambda: transformers.MistralConfig(**t, sliding_window=None, tie_word_embeddings=False),
+        "gemma2": lambda: transformers.Gemma2Config(**t, head_dim=32, sliding_window=6, query_pre_attn_scalar=32,
+                                                    attn_logit_softcapping=20.0, final_logit_softcapping=15.0),
         "gemma3": lambda: transformers.Gemma3TextConfig(
             **t, head_dim=32, sliding_window=6, query_pre_attn_scalar=32,
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
@@ -163,6 +166,8 @@ def _tiny_config(name: str, vocab: int):
     pytest.param("qwen2", "smollm2-135m", marks=pytest.mark.slow),
     pytest.param("gemma3", "smollm2-135m", marks=pytest.mark.slow),
     pytest.param("gemma3", "gemma3-270m", marks=pytest.mark.slow),  # SentencePiece-style tokenizer
+    pytest.param("mistral", "smollm2-135m", marks=pytest.mark.slow),  # written as llama
+    pytest.param("gemma2", "gemma3-270m", marks=pytest.mark.slow),  # soft-caps, alternating windows
 ])
 def test_tiny_random_model(llama_cpp, name, tokenizer, tmp_path):
     pytest.importorskip("torch")
@@ -180,7 +185,7 @@ def test_tiny_random_model(llama_cpp, name, tokenizer, tmp_path):
         shutil.copy(tokdir / f, tmp_path / f)
     q = api.quantize(tmp_path, bits=4, progress=False)
     result = ge.export_gguf(q.ir, tmp_path / "m.gguf", config_from=tmp_path, dtype="F16")
-    assert result["architecture"] == name and not result["warnings"]
+    assert result["architecture"] == ge.ARCHITECTURES[name] and not result["warnings"]
     # tokenizer.json itself (transformers' AutoTokenizer would swap in Qwen2Tokenizer's pre-tokenizer
     # for a qwen2 config.json, which this borrowed SmolLM2 tokenizer does not have)
     from tokenizers import Tokenizer

@@ -11,8 +11,10 @@ undoes at import, is re-applied:
 ==========  =======================================================================
 family      re-applied here
 ==========  =======================================================================
-llama       q/k rows permuted for llama.cpp's interleaved RoPE (:func:`permute_qk`)
-gemma3      every norm weight stored as ``w + 1``
+llama,      q/k rows permuted for llama.cpp's interleaved RoPE (:func:`permute_qk`); a mistral
+mistral     model is written as llama (without a sliding window: llama.cpp's llama has none)
+gemma2,     every norm weight stored as ``w + 1``; gemma2 also gets its soft-caps and window
+gemma3      (llama.cpp alternates sliding and global layers itself)
 qwen2/3     nothing (llama.cpp runs them with rotate-half RoPE, as transformers)
 ==========  =======================================================================
 
@@ -48,13 +50,17 @@ from cqjax.errors import CheckpointError
 from cqjax.io.gguf import BLOCK_NAMES, GLOBAL_NAMES, permute_qk
 
 #: cqjax family -> llama.cpp architecture.
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+                 "gemma3": "gemma3"}
 #: ``export.dtype`` -> (type of matrices, ``general.file_type``).
 DTYPES = {"F32": ("F32", "ALL_F32"), "F16": ("F16", "MOSTLY_F16"), "Q8_0": ("Q8_0", "MOSTLY_Q8_0"),
           "Q4_0": ("Q4_0", "MOSTLY_Q4_0")}
 #: Biases each architecture's llama.cpp graph reads (HF module -> GGUF base name).
-_BIASES = {"llama": {"q_proj", "k_proj", "v_proj", "o_proj"}, "qwen2": {"q_proj", "k_proj", "v_proj"},
-           "qwen3": set(), "gemma3": set()}
+_BIASES = {"llama": {"q_proj", "k_proj", "v_proj", "o_proj"}, "mistral": set(), "qwen2": {"q_proj", "k_proj", "v_proj"},
+           "qwen3": set(), "gemma2": set(), "gemma3": set()}
+#: Gemma 2 and 3's big models, where llama.cpp scales queries by (hidden / heads) ** -0.5 instead
+#: of head_dim ** -0.5: (hidden, layers) of Gemma 2 27B and Gemma 3 27B.
+_GEMMA_27B = {"gemma2": (4608, 46), "gemma3": (5376, 62)}
 #: A byte-level BPE ``pre_tokenizer`` block (canonical JSON of its parts) -> ``tokenizer.ggml.pre``.
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _LLAMA3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -116,9 +122,9 @@ def _encode(array: np.ndarray, kind: str) -> np.ndarray:
 
 def _to_gguf_layout(name: str, array: np.ndarray, family: str, cfg: Any) -> np.ndarray:
     """Re-applies what llama.cpp's converter changes (the module table)."""
-    if family == "llama" and re.search(r"\.attn_[qk]\.(weight|bias)$", name):
+    if ARCHITECTURES[family] == "llama" and re.search(r"\.attn_[qk]\.(weight|bias)$", name):
         return permute_qk(array, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
-    if family == "gemma3" and name.endswith("norm.weight"):
+    if family in ("gemma2", "gemma3") and name.endswith("norm.weight"):
         return array + np.float32(1.0)
     return array
 
@@ -135,18 +141,21 @@ def _check_config(cfg: Any, family: str) -> None:
             problems.append(f"rope_type {rope_type!r} (only default and linear are exported)")
     if cfg.rotary_dim is not None:
         problems.append(f"partial rotary_dim={cfg.rotary_dim}")
-    if family != "gemma3" and "sliding_attention" in cfg.layer_types:
+    if family not in ("gemma2", "gemma3") and "sliding_attention" in cfg.layer_types:
         problems.append("sliding-window layers (llama.cpp's graph attends over the full context)")
-    if family == "gemma3":
-        if cfg.final_softcap is not None or cfg.attn_softcap is not None:
+    if family == "gemma2" and list(cfg.layer_types) != [
+            "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg.num_layers)]:
+        problems.append("layer types other than llama.cpp's alternation (even layers sliding)")
+    if family in ("gemma2", "gemma3"):
+        if family == "gemma3" and (cfg.final_softcap is not None or cfg.attn_softcap is not None):
             problems.append("logit soft-capping")
-        # llama.cpp scales queries by head_dim ** -0.5, hidden / heads for the 27B model only
-        big = (cfg.hidden_size, cfg.num_layers) == (5376, 62)
+        # llama.cpp scales queries by head_dim ** -0.5, hidden / heads for the 27B models only
+        big = (cfg.hidden_size, cfg.num_layers) == _GEMMA_27B[family]
         want = (cfg.hidden_size // cfg.num_heads if big else cfg.head_dim) ** -0.5
         if not np.isclose(cfg.query_scale, want):
             problems.append(f"query scale {cfg.query_scale:.6g} != {want:.6g} (llama.cpp's)")
         local = cfg.rope_for("sliding_attention") if "sliding_attention" in cfg.layer_types else {}
-        if local.get("rope_type", "default") != "default":
+        if family == "gemma3" and local.get("rope_type", "default") != "default":
             problems.append("scaled RoPE on sliding layers")
     elif not np.isclose(cfg.query_scale, cfg.head_dim ** -0.5) or full.get("attention_factor", 1.0) != 1.0:
         problems.append(f"query scale {cfg.query_scale:.6g} != head_dim ** -0.5")
@@ -178,6 +187,10 @@ def _add_architecture(w: Any, cfg: Any, family: str, raw: dict, source: Path) ->
     if rope.get("rope_type", "default") == "linear":
         w.add_rope_scaling_type(RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rope["factor"]))
+    if family == "gemma2":  # llama.cpp alternates the windows itself (checked in _check_config)
+        w.add_sliding_window(int(cfg.sliding_window))
+        w.add_attn_logit_softcapping(float(cfg.attn_softcap if cfg.attn_softcap is not None else 0.0))
+        w.add_final_logit_softcapping(float(cfg.final_softcap if cfg.final_softcap is not None else 0.0))
     if family == "gemma3":
         w.add_sliding_window(int(cfg.sliding_window or raw.get("sliding_window") or 0))
         w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
@@ -280,7 +293,7 @@ def export_gguf(ir: Any, out: str | os.PathLike, *, config_from: str | os.PathLi
     """Writes ``ir`` as a GGUF file ``out`` that llama.cpp loads, atomically.
 
     Args:
-      ir: a quantized or float IR of family llama, qwen2, qwen3 or gemma3 (quantized leaves decoded).
+      ir: a quantized or float IR of a family in :data:`ARCHITECTURES` (quantized leaves decoded).
       out: the ``.gguf`` file to write (replaced if it exists).
       config_from: the directory with the source checkpoint's ``config.json`` and tokenizer files.
       dtype: ``F32``, ``F16``, ``Q8_0`` or ``Q4_0`` for matrices (1-D tensors stay ``F32``).
