@@ -19,15 +19,25 @@ from cqjax.runtime import forward_fn  # noqa: E402
 from test_parity import CASES, TINY, write_checkpoint  # noqa: E402
 
 
+def runtime_logits(model, ids, kernel="jax"):
+    """cqjax's logits of ``ids`` (``kernel``: the pure-JAX path computes with the decoded
+    weights; the C++ kernel also rounds activations to 8 bits)."""
+    with backend.use_kernel(kernel):
+        return np.asarray(forward_fn(model)(ids, np.ones(ids.shape, bool)))
+
+
 def logits_both(q, directory, tokens, dtype=torch.float32, kernel="jax"):
-    """cqjax's quantized runtime (``kernel``: the pure-JAX path computes with the decoded
-    weights; the C++ kernel also rounds activations to 8 bits) and transformers on the export."""
+    """cqjax's quantized runtime (:func:`runtime_logits`) and transformers on the export."""
     ref = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
     with torch.no_grad():
         theirs = ref(input_ids=torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
-    with backend.use_kernel(kernel):
-        ours = np.asarray(forward_fn(q.model)(tokens, np.ones(tokens.shape, bool)))
-    return ours, theirs
+    return runtime_logits(q.model, tokens, kernel), theirs
+
+
+def assert_export_matches(q, directory, tokens):
+    """transformers on the export computes the pure-JAX runtime's logits (1e-4 relative)."""
+    ours, theirs = logits_both(q, directory, tokens)
+    assert np.abs(ours - theirs).max() <= 1e-4 * max(1.0, np.abs(theirs).max())
 
 
 @pytest.mark.parametrize("config", [
@@ -43,8 +53,8 @@ def test_tiny_export_runs_in_transformers_with_cqjax_logits(tmp_path, config):
     q = api.load(tmp_path / "art")
     export.export_hf(q.ir, tmp_path / "hf", config_from=tmp_path / "ckpt", note={"bits": 3})
     tokens = np.random.default_rng(0).integers(0, TINY["vocab_size"], (2, 13)).astype(np.int32)
-    ours, theirs = logits_both(q, tmp_path / "hf", tokens)
-    assert np.abs(ours - theirs).max() <= 1e-4 * max(1.0, np.abs(theirs).max())
+    assert_export_matches(q, tmp_path / "hf", tokens)
+    _, theirs = logits_both(q, tmp_path / "hf", tokens)
     # The export is the quantized model, not the float one it came from.
     floats, _ = logits_both(api.Quantized(hf.load(tmp_path / "ckpt")[0], None, [], {}), tmp_path / "hf", tokens)
     assert np.abs(floats - theirs).max() > 1e-3

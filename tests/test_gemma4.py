@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from test_export import assert_export_matches, runtime_logits  # noqa: E402
 from test_parity import assert_matches, write_checkpoint  # noqa: E402
 
 from safetensors.numpy import load_file, save_file  # noqa: E402
@@ -24,7 +25,6 @@ from cqjax.errors import ConfigError  # noqa: E402
 from cqjax.io import export, hf  # noqa: E402
 from cqjax.kernels import backend  # noqa: E402
 from cqjax.kernels.qarrays import is_quantized  # noqa: E402
-from cqjax.runtime import forward_fn  # noqa: E402
 
 S, F = "sliding_attention", "full_attention"
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_attention_heads=4,
@@ -126,11 +126,6 @@ def tokens(seed=0, shape=(2, 12)):
     return np.random.default_rng(seed).integers(0, BASE["vocab_size"], shape).astype(np.int32)
 
 
-def logits(model, ids, kernel="jax"):
-    with backend.use_kernel(kernel):
-        return np.asarray(forward_fn(model)(ids, np.ones(ids.shape, bool)))
-
-
 @pytest.fixture(scope="module")
 def moe_ckpt(tmp_path_factory):
     directory = tmp_path_factory.mktemp("gemma4-moe")
@@ -173,10 +168,10 @@ def test_every_expert_is_quantized_and_runs_on_both_kernel_paths(moe_q, moe_ckpt
     assert not any(is_quantized(moe_q.ir.params[f"layers/{i}/router/{name}"])
                    for i in range(2) for name in ("proj/kernel", "scale", "per_expert_scale"))
     ids = tokens()
-    ours = logits(moe_q.model, ids, "jax")
-    assert rel_error(ours, logits(hf.load(moe_ckpt)[0], ids)) < 0.5  # 4-bit experts stay near the float model
+    ours = runtime_logits(moe_q.model, ids, "jax")
+    assert rel_error(ours, runtime_logits(hf.load(moe_ckpt)[0], ids)) < 0.5  # 4-bit experts stay near the float model
     if backend.ffi_available():  # the C++ kernels round activations to int8 per block: close, not equal
-        assert rel_error(logits(moe_q.model, ids, "ffi"), ours) < 5e-2
+        assert rel_error(runtime_logits(moe_q.model, ids, "ffi"), ours) < 5e-2
 
 
 def rel_error(ours, ref):
@@ -189,7 +184,7 @@ def test_moe_save_load_round_trip_gives_identical_logits(moe_q, tmp_path):
     back = api.load(tmp_path / "art")
     assert back.ir.meta["layers/0/experts/2/up_proj/kernel"].hf_name == \
         "model.layers.0.experts.gate_up_proj[2][24:48]"
-    np.testing.assert_array_equal(logits(back.model, tokens()), logits(moe_q.model, tokens()))
+    np.testing.assert_array_equal(runtime_logits(back.model, tokens()), runtime_logits(moe_q.model, tokens()))
 
 
 def test_moe_export_runs_in_transformers_with_the_quantized_logits(moe_q, moe_ckpt, tmp_path):
@@ -198,12 +193,7 @@ def test_moe_export_runs_in_transformers_with_the_quantized_logits(moe_q, moe_ck
     assert set(written) == set(load_file(moe_ckpt / "model.safetensors"))  # the stacked layout
     assert written["model.layers.0.experts.gate_up_proj"].shape == (5, 48, 64)
     assert written["model.layers.0.experts.down_proj"].shape == (5, 64, 24)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    ids = tokens(1)
-    with torch.no_grad():
-        theirs = ref(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
-    ours = logits(moe_q.model, ids)
-    assert np.abs(ours - theirs).max() <= 1e-4 * max(1.0, np.abs(theirs).max())
+    assert_export_matches(moe_q, out, tokens(1))
 
 
 def test_kv_shared_layers_have_no_kv_weights(tmp_path):

@@ -17,9 +17,8 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from cqjax import api  # noqa: E402
 from cqjax.io import export, hf  # noqa: E402
-from cqjax.kernels import backend  # noqa: E402
 from cqjax.kernels.qarrays import is_quantized  # noqa: E402
-from cqjax.runtime import forward_fn  # noqa: E402
+from test_export import assert_export_matches, runtime_logits  # noqa: E402
 from test_parity import MOE, TINY, write_checkpoint  # noqa: E402
 
 EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
@@ -63,11 +62,6 @@ def tokens(seed=0, shape=(3, 16)):
     return np.random.default_rng(seed).integers(0, TINY["vocab_size"], shape).astype(np.int32)
 
 
-def jax_logits(model, ids):
-    with backend.use_kernel("jax"):
-        return np.asarray(forward_fn(model)(ids, np.ones(ids.shape, bool)))
-
-
 def test_stacked_experts_import_as_slices_of_the_same_linears(ckpts):
     per, ir = hf.load(ckpts["per_expert"])
     stacked, sir = hf.load(ckpts["stacked"])
@@ -79,7 +73,7 @@ def test_stacked_experts_import_as_slices_of_the_same_linears(ckpts):
     for path, m in ir.meta.items():  # the same leaves, bit for bit
         assert sir.meta[path].shape == m.shape
         np.testing.assert_array_equal(hf.load_leaf(sir, path), hf.load_leaf(ir, path))
-    np.testing.assert_array_equal(jax_logits(per, tokens()), jax_logits(stacked, tokens()))
+    np.testing.assert_array_equal(runtime_logits(per, tokens()), runtime_logits(stacked, tokens()))
 
 
 @pytest.mark.parametrize("layout", ["per_expert", "stacked"])
@@ -93,9 +87,9 @@ def test_every_expert_is_quantized_and_the_router_stays_float(quantized, ckpts, 
     # Quantized per expert, the logits stay near the float model's (a tiny random model's
     # logits are nearly flat, so top-1 agreement is no measure; relative error and KL are).
     ids = tokens(1)
-    floats = jax_logits(hf.load(ckpts[layout])[0], ids)
-    assert rel_error(jax_logits(q.model, ids), floats) < 0.5
-    assert kl(floats, jax_logits(q.model, ids)) < 1e-3
+    floats = runtime_logits(hf.load(ckpts[layout])[0], ids)
+    assert rel_error(runtime_logits(q.model, ids), floats) < 0.5
+    assert kl(floats, runtime_logits(q.model, ids)) < 1e-3
 
 
 def rel_error(ours, floats):
@@ -116,7 +110,7 @@ def test_save_load_round_trip_gives_identical_logits(quantized, tmp_path):
     back = api.load(tmp_path / "art")
     assert back.ir.meta["layers/0/mlp/experts/2/up_proj/kernel"].hf_name == \
         "model.layers.0.mlp.experts.gate_up_proj[2][48:96]"
-    np.testing.assert_array_equal(jax_logits(back.model, tokens()), jax_logits(q.model, tokens()))
+    np.testing.assert_array_equal(runtime_logits(back.model, tokens()), runtime_logits(q.model, tokens()))
 
 
 @pytest.mark.parametrize("layout", ["per_expert", "stacked"])
@@ -128,10 +122,5 @@ def test_export_runs_in_transformers_with_the_quantized_logits(quantized, ckpts,
     if layout == "stacked":
         assert written["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 96, 64)
         assert written["model.layers.0.mlp.experts.down_proj"].shape == (4, 64, 48)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    ids = tokens(2)
-    with torch.no_grad():
-        theirs = ref(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
-    ours = jax_logits(q.model, ids)
-    assert np.abs(ours - theirs).max() <= 1e-4 * max(1.0, np.abs(theirs).max())
+    assert_export_matches(q, out, tokens(2))
     assert json.loads((out / "config.json").read_text())["model_type"] == "qwen3_moe"
