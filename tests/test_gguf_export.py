@@ -39,6 +39,14 @@ def test_tensor_names():
         ge.gguf_tensor_name("model.layers.0.self_attn.o_proj.bias", "qwen2")
 
 
+def test_expert_parts_stack_back():
+    assert ge.expert_part("model.layers.2.mlp.experts.3.up_proj.weight") == ("blk.2.ffn_up_exps.weight", 3)
+    assert ge.expert_part("model.layers.0.mlp.experts.gate_up_proj[5][0:48]") == ("blk.0.ffn_gate_exps.weight", 5)
+    assert ge.expert_part("model.layers.0.mlp.experts.gate_up_proj[5][48:96]") == ("blk.0.ffn_up_exps.weight", 5)
+    assert ge.expert_part("model.layers.1.mlp.experts.down_proj[0]") == ("blk.1.ffn_down_exps.weight", 0)
+    assert ge.expert_part("model.layers.1.mlp.gate.weight") is None
+
+
 def test_tensor_types_fall_back_to_f16_on_ragged_rows():
     assert ge.tensor_type("blk.0.attn_norm.weight", (576,), "Q4_0") == "F32"
     assert ge.tensor_type("blk.0.attn_q.weight", (576, 576), "Q4_0") == "Q4_0"
@@ -147,6 +155,9 @@ def _tiny_config(name: str, vocab: int):
         "qwen3": lambda: transformers.Qwen3Config(**t, head_dim=32, tie_word_embeddings=False),
         "qwen2": lambda: transformers.Qwen2Config(**t, tie_word_embeddings=True),
         "llama": lambda: transformers.LlamaConfig(**t, head_dim=32, tie_word_embeddings=False),
+        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**t, head_dim=32, num_experts=4, num_experts_per_tok=2,
+                                                         moe_intermediate_size=64, norm_topk_prob=True,
+                                                         tie_word_embeddings=False),
         "mistral": lambda: transformers.MistralConfig(**t, sliding_window=None, tie_word_embeddings=False),
         "gemma2": lambda: transformers.Gemma2Config(**t, head_dim=32, sliding_window=6, query_pre_attn_scalar=32,
                                                     attn_logit_softcapping=20.0, final_logit_softcapping=15.0),
@@ -167,6 +178,7 @@ def _tiny_config(name: str, vocab: int):
     pytest.param("gemma3", "smollm2-135m", marks=pytest.mark.slow),
     pytest.param("gemma3", "gemma3-270m", marks=pytest.mark.slow),  # SentencePiece-style tokenizer
     pytest.param("mistral", "smollm2-135m", marks=pytest.mark.slow),  # written as llama
+    pytest.param("qwen3_moe", "smollm2-135m", marks=pytest.mark.slow),  # experts stacked back
     pytest.param("gemma2", "gemma3-270m", marks=pytest.mark.slow),  # soft-caps, alternating windows
 ])
 def test_tiny_random_model(llama_cpp, name, tokenizer, tmp_path):

@@ -50,14 +50,18 @@ from cqjax.errors import CheckpointError
 from cqjax.io.gguf import BLOCK_NAMES, GLOBAL_NAMES, permute_qk
 
 #: cqjax family -> llama.cpp architecture.
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-                 "gemma3": "gemma3"}
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe",
+                 "gemma2": "gemma2", "gemma3": "gemma3"}
 #: ``export.dtype`` -> (type of matrices, ``general.file_type``).
 DTYPES = {"F32": ("F32", "ALL_F32"), "F16": ("F16", "MOSTLY_F16"), "Q8_0": ("Q8_0", "MOSTLY_Q8_0"),
           "Q4_0": ("Q4_0", "MOSTLY_Q4_0")}
 #: Biases each architecture's llama.cpp graph reads (HF module -> GGUF base name).
 _BIASES = {"llama": {"q_proj", "k_proj", "v_proj", "o_proj"}, "mistral": set(), "qwen2": {"q_proj", "k_proj", "v_proj"},
-           "qwen3": set(), "gemma2": set(), "gemma3": set()}
+           "qwen3": set(), "qwen3_moe": set(), "gemma2": set(), "gemma3": set()}
+#: A qwen3_moe expert's projection (per-expert name, or a slice of transformers' stacked tensors)
+#: -> llama.cpp's stacked ``[E, out, in]`` tensor.
+_EXPERT_RE = re.compile(r"(?:.*\.)?layers\.(\d+)\.mlp\.experts\.(?:(\d+)\.(gate|up|down)_proj\.weight"
+                        r"|(gate_up|down)_proj\[(\d+)\](?:\[(\d+):\d+\])?)")
 #: Gemma 2 and 3's big models, where llama.cpp scales queries by (hidden / heads) ** -0.5 instead
 #: of head_dim ** -0.5: (hidden, layers) of Gemma 2 27B and Gemma 3 27B.
 _GEMMA_27B = {"gemma2": (4608, 46), "gemma3": (5376, 62)}
@@ -93,6 +97,22 @@ def gguf_tensor_name(hf_name: str, family: str) -> str:
             if hf_name == hf or (hf != "lm_head.weight" and hf_name.endswith("." + hf.removeprefix("model."))):
                 return gguf_name
     raise CheckpointError(f"{hf_name}: no GGUF tensor of llama.cpp's {ARCHITECTURES[family]!r} architecture takes it")
+
+
+def expert_part(hf_name: str) -> tuple[str, int] | None:
+    """``(GGUF stacked tensor, expert)`` of a qwen3_moe expert projection's ``meta.hf_name``
+    (``...experts.3.up_proj.weight`` or ``...experts.gate_up_proj[3][I:2I]`` ->
+    ``("blk.N.ffn_up_exps.weight", 3)``); None for any other tensor."""
+    m = _EXPERT_RE.fullmatch(hf_name)
+    if m is None:
+        return None
+    if m.group(2) is not None:
+        proj, e = m.group(3), int(m.group(2))
+    else:
+        proj, e = m.group(4), int(m.group(5))
+        if proj == "gate_up":
+            proj = "gate" if m.group(6) in (None, "0") else "up"
+    return f"blk.{m.group(1)}.ffn_{proj}_exps.weight", e
 
 
 def _block_table(family: str) -> dict[str, str]:
@@ -143,6 +163,9 @@ def _check_config(cfg: Any, family: str) -> None:
         problems.append(f"partial rotary_dim={cfg.rotary_dim}")
     if family not in ("gemma2", "gemma3") and "sliding_attention" in cfg.layer_types:
         problems.append("sliding-window layers (llama.cpp's graph attends over the full context)")
+    if family == "qwen3_moe" and (tuple(cfg.moe_layers) != tuple(range(cfg.num_layers)) or not cfg.norm_topk_prob):
+        problems.append("dense layers or un-normalized top-k weights (llama.cpp's qwen3moe routes every layer "
+                        "and renormalizes)")
     if family == "gemma2" and list(cfg.layer_types) != [
             "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg.num_layers)]:
         problems.append("layer types other than llama.cpp's alternation (even layers sliding)")
@@ -187,6 +210,10 @@ def _add_architecture(w: Any, cfg: Any, family: str, raw: dict, source: Path) ->
     if rope.get("rope_type", "default") == "linear":
         w.add_rope_scaling_type(RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rope["factor"]))
+    if family == "qwen3_moe":
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.top_k_experts)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     if family == "gemma2":  # llama.cpp alternates the windows itself (checked in _check_config)
         w.add_sliding_window(int(cfg.sliding_window))
         w.add_attn_logit_softcapping(float(cfg.attn_softcap if cfg.attn_softcap is not None else 0.0))
@@ -322,17 +349,7 @@ def export_gguf(ir: Any, out: str | os.PathLike, *, config_from: str | os.PathLi
         raise CheckpointError(f"{source / 'config.json'}: missing; the GGUF export reads the context length from it")
     raw = json.loads((source / "config.json").read_text())
     raw = raw.get("text_config", raw)
-    plan = []  # (hf name, gguf name, shape, type), in IR order = write order
-    for path in ir.params:  # the order hf_arrays yields them in
-        meta = ir.meta[path]
-        if not meta.hf_name:
-            raise CheckpointError(f"{path}: has no Hugging Face name in the IR")
-        shape = tuple(checkpoint_layout(path, meta.role, np.broadcast_to(np.uint8(0), meta.shape)).shape)
-        name = gguf_tensor_name(meta.hf_name, family)
-        plan.append((meta.hf_name, name, shape, tensor_type(name, shape, dtype)))
-    names = [p[1] for p in plan]
-    if len(set(names)) != len(names):
-        raise CheckpointError(f"two IR tensors map to the GGUF tensor {next(n for n in names if names.count(n) > 1)!r}")
+    plan, parts = _plan(ir, family, dtype, checkpoint_layout)
 
     arch = ARCHITECTURES[family]
     w = gguf.GGUFWriter(None, arch)
@@ -345,7 +362,7 @@ def export_gguf(ir: Any, out: str | os.PathLike, *, config_from: str | os.PathLi
     if note:
         w.add_string("cqjax.note", json.dumps(note, sort_keys=True, default=str))
     data_bytes = 0
-    for _, name, shape, kind in plan:
+    for name, shape, kind in plan:
         qtype = gguf.GGMLQuantizationType[kind]
         nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(shape, qtype)) if kind not in ("F32", "F16")
                      else np.prod(shape) * (4 if kind == "F32" else 2))
@@ -360,9 +377,18 @@ def export_gguf(ir: Any, out: str | os.PathLike, *, config_from: str | os.PathLi
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for (hf_name, array), (expected, name, _, kind) in zip(hf_arrays(ir, "float32"), plan, strict=True):
-            if hf_name != expected:
-                raise CheckpointError(f"{hf_name}: decoded out of order (expected {expected}); the header is wrong")
+        pending: dict[str, dict[int, np.ndarray]] = {}
+        order = iter(plan)
+        for hf_name, array in hf_arrays(ir, "float32"):
+            name, index = parts[hf_name]
+            pending.setdefault(name, {})[index] = array
+            if len(pending[name]) < parts.count(name):
+                continue  # a stacked tensor waits for its last expert
+            expected, _, kind = next(order)
+            if name != expected:
+                raise CheckpointError(f"{name}: complete out of order (expected {expected}); the header is wrong")
+            got = pending.pop(name)  # {None: array}, or {expert: array} of a stack
+            array = got[None] if index is None else np.stack([got[e] for e in range(len(got))])
             w.write_tensor_data(_encode(_to_gguf_layout(name, array, family, cfg), kind))
         w.fout[0].flush()
         os.fsync(w.fout[0].fileno())
@@ -373,11 +399,45 @@ def export_gguf(ir: Any, out: str | os.PathLike, *, config_from: str | os.PathLi
         w.close()
         Path(tmp).unlink(missing_ok=True)
         raise
-    n_params = sum(int(np.prod(p[2])) for p in plan)
+    n_params = sum(int(np.prod(p[1])) for p in plan)
     return {"bits_per_weight": 8 * data_bytes / n_params, "bytes": out.stat().st_size,
-            "tensor_types": dict(Counter(p[3] for p in plan)), "architecture": arch,
-            "f16_fallback": [p[1] for p in plan if p[3] == "F16" and DTYPES[dtype][0] != "F16" and len(p[2]) > 1],
+            "tensor_types": dict(Counter(p[2] for p in plan)), "architecture": arch,
+            "f16_fallback": [p[0] for p in plan if p[2] == "F16" and DTYPES[dtype][0] != "F16" and len(p[1]) > 1],
             **info}
+
+
+class _Parts(dict):
+    """``{meta.hf_name: (GGUF tensor, expert index or None)}``, with the part count per tensor."""
+
+    def count(self, name: str) -> int:
+        return self.counts[name]
+
+
+def _plan(ir: Any, family: str, dtype: str, checkpoint_layout) -> tuple[list, _Parts]:
+    """The GGUF tensors ``[(name, shape, type)]`` in the order their last part is decoded (the
+    write order), and where each IR tensor goes. qwen3_moe's experts are stacked back into
+    llama.cpp's ``ffn_{gate,up,down}_exps`` ``[E, out, in]``; every other IR tensor is one GGUF
+    tensor."""
+    parts, shapes, last = _Parts(), {}, {}
+    parts.counts = Counter()
+    for i, path in enumerate(ir.params):  # the order hf_arrays yields them in
+        meta = ir.meta[path]
+        if not meta.hf_name:
+            raise CheckpointError(f"{path}: has no Hugging Face name in the IR")
+        shape = tuple(checkpoint_layout(path, meta.role, np.broadcast_to(np.uint8(0), meta.shape)).shape)
+        stacked = expert_part(meta.hf_name) if family == "qwen3_moe" else None
+        name, index = stacked if stacked else (gguf_tensor_name(meta.hf_name, family), None)
+        if (index is None and name in shapes) or (meta.hf_name in parts):
+            raise CheckpointError(f"two IR tensors map to the GGUF tensor {name!r}")
+        parts[meta.hf_name] = (name, index)
+        parts.counts[name] += 1
+        shapes[name] = shape if index is None else (max(index + 1, shapes.get(name, (0,))[0]), *shape)
+        last[name] = i
+    for name, n in parts.counts.items():
+        if n > 1 and shapes[name][0] != n:
+            raise CheckpointError(f"{name}: {n} experts decoded for a stack of {shapes[name][0]}")
+    plan = [(name, shapes[name], tensor_type(name, shapes[name], dtype)) for name in sorted(last, key=last.get)]
+    return plan, parts
 
 
 def _umask() -> int:
