@@ -178,6 +178,7 @@ def test_generate_mode(converted, tmp_path):
     assert out["completion"] == api.generate(q, None, "the quick brown", max_new_tokens=5)
 
 
+@pytest.mark.slow  # a CLI process; the batch and the stop strings are also tested through the API (test_generation)
 def test_generate_a_batch_with_stop_strings(converted, tmp_path):
     run_dir, _ = converted
     proc = cqjax(["mode=generate", f"artifact={run_dir / 'artifact'}", "prompt=[the quick brown,a]",

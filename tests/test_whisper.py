@@ -103,6 +103,7 @@ def _ct2_dir(tmp_path, variables, aliases=None):
     return src
 
 
+@pytest.mark.slow  # ~45 s on 2 cores: quantizes the whole tiny model
 def test_convolutions_are_quantized_like_linears(tiny):
     """A convolution's kernel (the linear of its unfolded input) is rotated and quantized over
     that input like any linear, and runs on both kernel paths."""
