@@ -339,6 +339,7 @@ class _CQJaxLMImpl:
         """The continuation of ``context`` under lm-eval's ``gen_kwargs`` (``until``,
         ``max_gen_toks``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``); see the module docstring."""
         from cqjax import runtime
+        from cqjax.textgen import TextStream
 
         kwargs = copy.deepcopy(gen_kwargs or {})
         until = kwargs.pop("until", None) or []
@@ -346,8 +347,9 @@ class _CQJaxLMImpl:
         if not all(isinstance(u, str) for u in until):
             raise TypeError(f"cqjax lm-eval model: gen_kwargs['until'] must be a string or a list of strings, "
                             f"got {gen_kwargs.get('until')!r}")
-        if self.eot_token_id is not None:  # as lm-eval's hf model: the EOS text stops too
-            until.append(self.tok_decode([self.eot_token_id], skip_special_tokens=False))
+        eos = self.eot_token_id
+        if eos is not None:  # as lm-eval's hf model: the EOS text stops too
+            until.append(self.tok_decode([eos], skip_special_tokens=False))
         until = [u for u in until if u]
         max_gen = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
         temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
@@ -369,17 +371,10 @@ class _CQJaxLMImpl:
         for n in _pieces(len(ids)):
             nxt = dec.prefill(np.asarray(ids[start:start + n], np.int32)[None])
             start += n
-        gen: list[int] = []
-        text, eos = "", self.eot_token_id
-        while max_gen > 0 and int(nxt[0]) != eos:
-            gen.append(int(nxt[0]))
-            text = self.tok_decode(gen)
-            if len(gen) == max_gen or any(u in text for u in until):
-                break
+        stream = TextStream(self.tokenizer, until, eos=() if eos is None else (eos,))
+        while max_gen > 0 and not stream.push(int(nxt[0])) and len(stream.ids) < max_gen:
             nxt = dec.step(nxt)
-        for u in until:
-            text = text.split(u)[0]
-        return text
+        return stream.close()
 
 
 @functools.cache

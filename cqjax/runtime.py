@@ -327,7 +327,8 @@ def generate(model: nnx.Module, prompt: Sequence[int] | Sequence[Sequence[int]] 
 
     Args:
       temperature, top_k, top_p: sampling (:func:`sample`); temperature 0 is greedy.
-      eos_token_id: stop when every row has produced one of these.
+      eos_token_id: stop once every row has produced one of these (rows that finish early go
+        on to the last row's end; their ids after the EOS are not meaningful).
       on_step: called with the batch size after each decoding step (for progress reports).
       on_tokens: called with each step's new tokens ``[B]``; returning True stops (a stop
         string was seen, say).
@@ -347,7 +348,8 @@ def generate(model: nnx.Module, prompt: Sequence[int] | Sequence[Sequence[int]] 
     b, t = ids.shape
     dec = Decoder(model, batch=b, max_len=t + max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
                   kv_bits=kv_bits, top_p=top_p)
-    eos = set(np.atleast_1d(eos_token_id).tolist()) if eos_token_id is not None else set()
+    eos = np.atleast_1d(eos_token_id if eos_token_id is not None else []).astype(np.int64)
+    finished = np.zeros(b, bool)
     out = [ids]
     nxt = None
     for n in range(max_new_tokens):
@@ -357,7 +359,8 @@ def generate(model: nnx.Module, prompt: Sequence[int] | Sequence[Sequence[int]] 
             on_step(b)
         if on_tokens is not None and on_tokens(nxt):
             break
-        if eos and all(int(x) in eos for x in nxt):
+        finished |= np.isin(nxt, eos)
+        if eos.size and finished.all():
             break
     out = np.concatenate(out, axis=1)
     return [row[~pad] for row, pad in zip(out, np.pad(~mask, ((0, 0), (0, out.shape[1] - t))))] if ragged else out

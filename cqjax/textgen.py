@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,17 +46,20 @@ class TextStream:
 
     :meth:`push` appends a token and emits (through ``emit``) the text that is now final: held
     back are an incomplete UTF-8 character and any tail that could still become a stop string.
-    When a stop string appears, the text is cut before it and :attr:`stopped` is set.
+    When a stop string appears, the text is cut before it and :attr:`stopped` is set; an
+    end-of-sequence id (``eos``) sets it too and is not appended.
     """
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = (), emit: Callable[[str], None] | None = None):
-        self.tokenizer, self.stop, self.emit = tokenizer, tuple(stop), emit
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = (), emit: Callable[[str], None] | None = None,
+                 eos: Collection[int] = ()):
+        self.tokenizer, self.stop, self.emit, self.eos = tokenizer, tuple(stop), emit, frozenset(eos)
         self.ids: list[int] = []
         self.text, self.shown, self.stopped = "", 0, False
 
     def push(self, token: int) -> bool:
-        """Adds ``token``; returns whether the text is finished (a stop string was produced)."""
-        if self.stopped:
+        """Adds ``token``; returns whether the text is finished (a stop string or EOS was produced)."""
+        if self.stopped or int(token) in self.eos:
+            self.stopped = True
             return True
         self.ids.append(int(token))
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
@@ -106,14 +109,10 @@ def complete(model: Any, tokenizer: Any, prompts: str | Sequence[str], *, max_ne
         raise ValueError("stream: only one prompt can be streamed at a time")
     ids = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
     eos = eos_ids(tokenizer, model) if stop_at_eos else set()
-    rows = [TextStream(tokenizer, stop, stream) for _ in texts]
-    done = np.zeros(len(texts), bool)
+    rows = [TextStream(tokenizer, stop, stream, eos) for _ in texts]
 
     def on_tokens(nxt: np.ndarray) -> bool:
-        for i, token in enumerate(nxt):
-            if not done[i]:
-                done[i] = int(token) in eos or rows[i].push(int(token))
-        return bool(done.all())
+        return all([row.push(int(token)) for row, token in zip(rows, nxt)])
 
     runtime.generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                      top_p=top_p, seed=seed, on_tokens=on_tokens, kv_bits=kv_bits)

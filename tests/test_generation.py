@@ -69,6 +69,27 @@ def test_text_stream_cuts_at_stop_strings_and_never_shows_part_of_one():
     assert s.close() == "abc ENd" and "".join(shown) == "abc ENd"
     s = textgen.TextStream(CharTokenizer(), stop=["xy"], emit=None)
     assert [s.push(ord(c)) for c in "axy"] == [False, False, True] and s.close() == "a"
+    s = textgen.TextStream(CharTokenizer(), stop=["xy"], eos={ord("!")})
+    assert [s.push(ord(c)) for c in "ab!c"] == [False, False, True, True] and s.close() == "ab"
+
+
+def test_generate_stops_once_every_row_has_ended_at_its_own_step(monkeypatch):
+    """Rows reach EOS at different steps: generation stops when the last one does."""
+    script = iter([[5, 9], [6, 6], [7, 7], [9, 8], [1, 1]])
+
+    class Scripted:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def prefill(self, ids, mask):
+            return np.asarray(next(script), np.int32)
+
+        def step(self, nxt):
+            return np.asarray(next(script), np.int32)
+
+    monkeypatch.setattr(runtime, "Decoder", Scripted)
+    out = runtime.generate(None, np.zeros((2, 3), np.int32), max_new_tokens=5, eos_token_id=9)
+    np.testing.assert_array_equal(out[:, 3:], [[5, 6, 7, 9], [9, 6, 7, 8]])
 
 
 def test_chat_template_of_the_packaged_model():
