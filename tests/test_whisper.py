@@ -59,6 +59,34 @@ def test_tiny_whisper_matches_transformers(tiny):
         hf.to_model(ir)(features[:, :, :20], tokens)
 
 
+def test_transcript_fisher_equals_transformers_squared_gradients(tiny):
+    """The speech recognizer's Fisher (the allocator's sensitivity, ``quant.bpw``): per row,
+    the squared gradient of the masked mean transcript NLL, averaged; torch's gradients of the
+    same loss through transformers' Whisper are the reference."""
+    from cqjax.calib.fisher import fisher_diag, transcript_loss
+
+    path, ref = tiny
+    ir = hf.import_checkpoint(path)
+    features, tokens = _inputs(1)
+    mask = np.ones(tokens.shape, bool)
+    mask[1, 4:] = False  # the second transcript is shorter: its padding must not count
+    paths = ["encoder/layers/1/fc1/kernel", "decoder/layers/2/encoder_attn/k_proj/kernel", "decoder/layers/0/fc2/kernel"]
+    ours = fisher_diag(hf.to_model(ir), (features, tokens, mask), paths, loss=transcript_loss, progress=False)
+    theirs = {p: 0.0 for p in paths}
+    for i in range(2):
+        ref.zero_grad()
+        logits = ref(input_features=torch.tensor(features[i:i + 1]), decoder_input_ids=torch.tensor(tokens[i:i + 1])).logits
+        keep = torch.tensor(mask[i, 1:])
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1][keep], torch.tensor(tokens[i, 1:]).long()[keep])
+        nll.backward()
+        params = dict(ref.named_parameters())
+        for p in paths:
+            theirs[p] = theirs[p] + params[ir.meta[p].hf_name].grad.numpy().T ** 2 / 2
+    for p in paths:
+        assert ours[p].shape == ir.meta[p].shape and ours[p].max() > 0
+        np.testing.assert_allclose(ours[p], theirs[p], rtol=2e-3, atol=1e-6 * theirs[p].max())
+
+
 def _ct2_variables(ref) -> dict[str, np.ndarray]:
     """The tiny model's weights in CTranslate2's WhisperSpec layout (fused projections, zero
     key biases), as CTranslate2's converter writes them."""

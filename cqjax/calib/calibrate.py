@@ -68,23 +68,40 @@ def calibrate(model, ir: IR, tokenizer, needs: Iterable[str], *, source: str = "
                        timing=timing, rows=tokens)
 
 
-def calibrate_speech(model, ir: IR, tokenizer, rows: int, *, skip: int = 200, log=None,
-                     progress: bool = True) -> Calibration:
-    """Hessians of a speech recognizer's kernels (:func:`cqjax.calib.stats.collect_speech`) on
-    ``rows`` BoolQ sentences spoken by espeak-ng, after the first ``skip`` (the evaluation's),
-    each teacher-forced with its own text."""
+def calibrate_speech(model, ir: IR, tokenizer, rows: int, *, needs: Iterable[str] = ("hessian",), skip: int = 200,
+                     log=None, progress: bool = True) -> Calibration:
+    """Calibration statistics ``needs`` of a speech recognizer on ``rows`` BoolQ sentences
+    spoken by espeak-ng, after the first ``skip`` (the evaluation's), each teacher-forced with its
+    own text: Hessians of its kernels' inputs (:func:`cqjax.calib.stats.collect_speech`) and the
+    diagonal Fisher of its eligible tensors (:func:`fisher_diag` of
+    :func:`cqjax.calib.fisher.transcript_loss`)."""
     import numpy as np
 
+    from cqjax.calib.fisher import transcript_loss
     from cqjax.calib.stats import collect_speech
     from cqjax.eval.speech import calibration_sentences, clips, log_mel, teacher_tokens
+    from cqjax.quant_stats import is_eligible
 
+    needs = set(needs)
+    if needs - set(STATS):
+        raise ValueError(f"calibration statistics {sorted(needs - set(STATS))}: allowed {STATS}")
     start = time.perf_counter()
     texts, audio = clips(calibration_sentences(rows, skip=skip), log=log)
     features = np.stack([log_mel(a, ir.config.num_mel_bins) for a in audio])
     tokens, mask = teacher_tokens(tokenizer, ir.config, texts)
-    t = time.perf_counter()
-    calib = collect_speech(model, ir, features, tokens, mask, source="espeak-ng BoolQ sentences", progress=progress)
-    return Calibration(dict(calib.items()), source=calib.source, tokens=calib.tokens,
-                       seconds=time.perf_counter() - start, rows=calib.rows,
-                       timing={"audio_s": t - start, "hessian_s": time.perf_counter() - t})
-
+    timing = {"audio_s": time.perf_counter() - start}
+    source, stats = "espeak-ng BoolQ sentences", {}
+    if "hessian" in needs:
+        t = time.perf_counter()
+        stats = {p: dict(v) for p, v in collect_speech(model, ir, features, tokens, mask, source=source,
+                                                       progress=progress).items()}
+        timing["hessian_s"] = time.perf_counter() - t
+    if "fisher" in needs:
+        t = time.perf_counter()
+        paths = [p for p, m in ir.meta.items() if is_eligible(p, m)]
+        for p, f in fisher_diag(model, (features, tokens, mask), paths, loss=transcript_loss,
+                                progress=progress).items():
+            stats.setdefault(p, {})["fisher"] = f
+        timing["fisher_s"] = time.perf_counter() - t
+    return Calibration(stats, source=source, tokens=int(mask.sum()), seconds=time.perf_counter() - start,
+                       rows=tokens, timing=timing)

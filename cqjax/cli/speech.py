@@ -14,14 +14,15 @@ from cqjax.errors import ConfigError
 
 
 def check_calibration(cfg: DictConfig, recipe) -> None:
-    """A speech recognizer is calibrated on its own audio (:func:`calibrate`): Hessians only, so
-    ``calib.source`` does not apply and a recipe that needs calibration token rows (``cq-tune``)
-    or Fisher statistics (``quant.bpw``) is refused."""
+    """A speech recognizer is calibrated on its own audio (:func:`calibrate`): Hessians and the
+    Fisher of its transcripts, so ``calib.source`` does not apply and a recipe that needs
+    calibration token rows (``cq-tune``) is refused."""
     if recipe is None or not recipe.needs.calibration:
         return
-    if set(recipe.needs.statistics) - {"hessian"} or recipe.needs.rows:
-        raise ConfigError("pipeline: a speech recognizer is calibrated with Hessians of spoken sentences only, so "
-                          "cq-tune and quant.bpw do not run on it yet: use pipeline=cq-ef (its default), cq or rtn")
+    if recipe.needs.rows:
+        raise ConfigError("pipeline: a speech recognizer is calibrated with statistics of spoken sentences only, "
+                          "so cq-tune (which tunes on token rows) does not run on it yet: use pipeline=cq-ef "
+                          "(its default, with quant.bpw for a bit allocation), cq or rtn")
 
 
 def enabled(cfg: DictConfig) -> bool:
@@ -64,13 +65,14 @@ def quantized_model(qir, *, packed: bool) -> nnx.Module:
 
 
 def calibrate(cfg: DictConfig, model, ir, tokenizer, needs):
-    """:func:`cqjax.calib.calibrate.calibrate_speech` on ``calib.rows`` spoken sentences that no
-    evaluation of ``eval.speech.sentences`` reads."""
+    """:func:`cqjax.calib.calibrate.calibrate_speech` of the statistics ``needs`` on ``calib.rows``
+    spoken sentences that no evaluation of ``eval.speech.sentences`` reads."""
     from cqjax.calib.calibrate import calibrate_speech
     from cqjax.cli.common import log
 
-    log(f"calibrating (hessian) on {cfg.calib.rows} sentences spoken by espeak-ng (not among the evaluation's)")
-    calib = calibrate_speech(model, ir, tokenizer, cfg.calib.rows, skip=max(200, cfg.eval.speech.sentences),
-                             log=log, progress=cfg.eval.progress)
+    log(f"calibrating ({', '.join(sorted(needs.statistics))}) on {cfg.calib.rows} sentences spoken by espeak-ng "
+        "(not among the evaluation's)")
+    calib = calibrate_speech(model, ir, tokenizer, cfg.calib.rows, needs=needs.statistics,
+                             skip=max(200, cfg.eval.speech.sentences), log=log, progress=cfg.eval.progress)
     log(f"calibration: {calib.describe()}")
     return calib
