@@ -68,7 +68,7 @@ from cqjax.io.safetensors_lazy import SafetensorsFile
 from cqjax.ir import IR, LazyTensor, TensorMeta, materialize
 from cqjax.ir import verify as verify_ir
 from cqjax.kernels.qarrays import CQArray, RTNArray
-from cqjax.models import bert, gemma4, registry, transformer, whisper
+from cqjax.models import bert, gemma4, gemma4_vision, registry, transformer, whisper
 
 log = logging.getLogger(__name__)
 FORMAT = "cqjax-artifact"
@@ -86,7 +86,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 FORMATS: dict[str, type] = {"cq": CQArray, "rtn": RTNArray}
 #: Dataclasses a manifest config may name (nothing else is ever constructed).
 CONFIG_CLASSES: dict[str, type] = {c.__name__: c for c in (
-    transformer.DecoderConfig, gemma4.Gemma4Config, gemma4.Gemma4Layer, bert.BertConfig, whisper.WhisperConfig)}
+    transformer.DecoderConfig, gemma4.Gemma4Config, gemma4.Gemma4Layer, gemma4.Gemma4MultimodalConfig,
+    gemma4_vision.Gemma4VisionConfig, bert.BertConfig, whisper.WhisperConfig)}
 SEP = "::"
 _CONVERT = "re-run quantization with this cqjax (cqjax.quantize or python -m cqjax) to convert the model"
 
@@ -179,7 +180,7 @@ def encode_leaf(path: str, leaf: Any) -> tuple[str, dict[str, tuple[np.ndarray, 
     ``value``. The stored arrays are exactly what :func:`save` writes."""
     kind = leaf_kind(leaf, path)
     if kind == "float":
-        a = np.ascontiguousarray(materialize(leaf))  # safetensors writes memory order: no views
+        a = np.asarray(materialize(leaf), order="C")  # safetensors writes memory order: no views; 0-d stays 0-d
         return kind, {"value": (a, "raw", a)}
     return kind, encoding.encode(leaf)
 

@@ -98,19 +98,28 @@ class RMSNorm(nnx.Module):
         return (xf * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
 
 
-class LayerNorm(nnx.Module):
-    """``(x - mean) / sqrt(var + eps) * scale + bias`` over the last axis, in float32."""
+def rms(x: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm without a weight (Gemma 4's value norms, router norm and multimodal embedder), in float32."""
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
-    def __init__(self, dim: int, *, eps: float, dtype=jnp.float32):
+
+class LayerNorm(nnx.Module):
+    """``(x - mean) / sqrt(var + eps) * scale (+ bias)`` over the last axis, in float32."""
+
+    def __init__(self, dim: int, *, eps: float, bias: bool = True, dtype=jnp.float32):
         self.scale = nnx.Param(_zeros((dim,), dtype), role="norm")
-        self.bias = nnx.Param(_zeros((dim,), dtype), role="bias")
+        self.bias = nnx.Param(_zeros((dim,), dtype), role="bias") if bias else None
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (xf * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+        xf = xf * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            xf = xf + self.bias[...].astype(jnp.float32)
+        return xf.astype(x.dtype)
 
 
 ACTIVATIONS = {

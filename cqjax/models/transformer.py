@@ -263,9 +263,10 @@ class OutputHead:
     ============================================  ==================================================
     """
 
-    def hidden_states(self, tokens, mask=None, positions=None, caches=None):
-        """Final-norm hidden states ``[B, T, D]`` (and the updated caches if given)."""
-        x, side = self.embed(tokens, mask, positions)
+    def hidden_states(self, tokens, mask=None, positions=None, caches=None, **inputs):
+        """Final-norm hidden states ``[B, T, D]`` (and the updated caches if given); ``inputs``
+        go to ``embed`` (a multimodal family's images)."""
+        x, side = self.embed(tokens, mask, positions, **inputs)
         new_caches = []
         for i in range(len(self.layers)):
             x, side, c = self.block(i, x, side, None if caches is None else caches[i])
@@ -280,8 +281,8 @@ class OutputHead:
             out = jnp.tanh(out / cfg.final_softcap) * cfg.final_softcap
         return out
 
-    def __call__(self, tokens, mask=None, positions=None):
-        h, _ = self.hidden_states(tokens, mask, positions)
+    def __call__(self, tokens, mask=None, positions=None, **inputs):
+        h, _ = self.hidden_states(tokens, mask, positions, **inputs)
         return self.logits(h)
 
 
