@@ -58,10 +58,15 @@ def mel_filters(n_mels: int = N_MELS) -> np.ndarray:
     """Slaney-scale, Slaney-normalized triangular filters ``[N_FFT // 2 + 1, n_mels]``."""
     fft_freqs = np.linspace(0, SAMPLE_RATE // 2, N_FFT // 2 + 1)
     edges = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(SAMPLE_RATE / 2), n_mels + 2))
+    return triangular_filters(fft_freqs, edges) * (2.0 / (edges[2:] - edges[:-2]))[None, :]
+
+
+def triangular_filters(fft_freqs: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """``[len(fft_freqs), len(edges) - 2]``: filter ``i`` rises from 0 at ``edges[i]`` to 1 at
+    ``edges[i + 1]`` and falls back to 0 at ``edges[i + 2]`` (all in Hz)."""
     lower = (fft_freqs[:, None] - edges[None, :-2]) / np.diff(edges)[None, :-1]
     upper = (edges[None, 2:] - fft_freqs[:, None]) / np.diff(edges)[None, 1:]
-    tri = np.maximum(0.0, np.minimum(lower, upper))
-    return tri * (2.0 / (edges[2:] - edges[:-2]))[None, :]
+    return np.maximum(0.0, np.minimum(lower, upper))
 
 
 def log_mel(audio: np.ndarray, n_mels: int = N_MELS) -> np.ndarray:

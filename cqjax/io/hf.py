@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -154,18 +155,18 @@ def _swap_last_axes(array: np.ndarray) -> np.ndarray:
 
 
 def _conv_layout(stored: tuple, shape: tuple, file: Path, name: str):
-    """``(expected checkpoint shape, transform)`` of a 1-D convolution whose IR kernel is the
-    linear of its unfolded input, ``[width x in, out]`` (window position major), from the
-    checkpoint's ``[out, in, width]``."""
-    if len(stored) != 3 or len(shape) != 2 or stored[1] * stored[2] != shape[0]:
-        raise CheckpointError(f"{file}: tensor {name!r} has shape {list(stored)}; a 1-D convolution "
-                              f"[out, in, width] with in x width = {shape[0]} and out = {shape[1]} expected")
-    return (shape[1], stored[1], stored[2]), _unfolded_conv
+    """``(expected checkpoint shape, transform)`` of a 1-D or 2-D convolution whose IR kernel is
+    the linear of its unfolded input, ``[window x in, out]`` (window position major, a 2-D
+    window row-major), from the checkpoint's ``[out, in, width]`` or ``[out, in, height, width]``."""
+    if len(stored) not in (3, 4) or len(shape) != 2 or math.prod(stored[1:]) != shape[0]:
+        raise CheckpointError(f"{file}: tensor {name!r} has shape {list(stored)}; a convolution "
+                              f"[out, in, *window] with in x window = {shape[0]} and out = {shape[1]} expected")
+    return (shape[1], *stored[1:]), _unfolded_conv
 
 
 def _unfolded_conv(array: np.ndarray) -> np.ndarray:
-    out, cin, width = array.shape
-    return np.ascontiguousarray(np.transpose(array, (2, 1, 0)).reshape(width * cin, out))
+    window_major = (*range(2, array.ndim), 1, 0)
+    return np.ascontiguousarray(np.transpose(array, window_major).reshape(-1, array.shape[0]))
 
 
 def _choose(found: Any, tensors: dict) -> tuple[str, tuple[int, ...] | None]:
