@@ -224,6 +224,20 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | N
     return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
+def _next_token(graphdef, treedef, temperature: float, top_k: int | None, top_p: float | None):
+    """``(leaves, caches, tokens, mask, positions, key, inputs) -> (next ids [B], caches, key)``:
+    the tokens read through the caches, ``inputs`` (a dict of arrays) going to the model's
+    ``embed``, and the next token sampled from the last position."""
+
+    def step(leaves, caches, tokens, mask, positions, key, inputs):
+        m = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
+        h, caches = m.hidden_states(tokens, mask, positions, caches, **inputs)
+        key, sub = jax.random.split(key)
+        return sample(m.logits(h[:, -1]), sub, temperature, top_k, top_p), caches, key
+
+    return step
+
+
 @functools.lru_cache(maxsize=16)
 def _decode_step(graphdef, treedef, temperature: float, top_k: int | None, top_p: float | None = None):
     """One jitted decode step per (model structure, sampling settings): compiled once, reused.
@@ -233,15 +247,17 @@ def _decode_step(graphdef, treedef, temperature: float, top_k: int | None, top_p
     fusions), the tokens' mask and positions, and the sampling key, which it splits itself; so
     a token costs one dispatch. The caches are donated: XLA updates them in place instead of
     copying every layer's keys and values on every token."""
+    step = _next_token(graphdef, treedef, temperature, top_k, top_p)
+    return jax.jit(lambda leaves, caches, tokens, mask, positions, key: step(
+        leaves, caches, tokens, mask, positions, key, {}), donate_argnums=(1,))
 
-    @functools.partial(jax.jit, donate_argnums=(1,))
-    def step(leaves, caches, tokens, mask, positions, key):
-        m = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
-        h, caches = m.hidden_states(tokens, mask, positions, caches)
-        key, sub = jax.random.split(key)
-        return sample(m.logits(h[:, -1]), sub, temperature, top_k, top_p), caches, key
 
-    return step
+@functools.lru_cache(maxsize=16)
+def _prefill_step(graphdef, treedef, temperature: float, top_k: int | None, top_p: float | None = None):
+    """:func:`_decode_step` that also takes a prompt's multimodal ``inputs`` (a dict of arrays
+    for the model's ``embed``): compiled apart, so the decode step keeps its text-only
+    arguments."""
+    return jax.jit(_next_token(graphdef, treedef, temperature, top_k, top_p), donate_argnums=(1,))
 
 
 class Decoder:
@@ -253,7 +269,9 @@ class Decoder:
     Prompts of different lengths share a batch left-padded: ``prefill(tokens, mask)`` with
     ``mask`` False on each row's leading pad slots; every row's positions start at 0 on its
     first real token and pad slots are never attended, so a row decodes the tokens it would
-    decode alone.
+    decode alone. A multimodal model's prompt brings its images or audio to :meth:`prefill`
+    (``prefill(tokens, pixel_values=..., image_position_ids=...)``), read by a prefill compiled
+    apart from the text-only :meth:`step`.
 
     >>> dec = Decoder(model, batch=1, max_len=48)   # doctest: +SKIP
     >>> nxt = dec.prefill(prompt_ids)                # [B] next token ids
@@ -262,40 +280,60 @@ class Decoder:
 
     def __init__(self, model: nnx.Module, *, batch: int, max_len: int, temperature: float = 0.0,
                  top_k: int | None = None, seed: int = 0, kv_bits: int | None = None, top_p: float | None = None):
-        self.graphdef, state = nnx.split(prepare(model))
-        self._leaves, treedef = jax.tree_util.tree_flatten(state)
+        prepared = prepare(model)
+        self.graphdef, state = nnx.split(prepared)
+        self._leaves, self._treedef = jax.tree_util.tree_flatten(state)
         self.caches = empty_caches(model, batch, max_len, kv_bits)
         self.batch, self.max_len = batch, max_len
-        self._step = _decode_step(self.graphdef, treedef, float(temperature), top_k,
-                                  None if top_p is None else float(top_p))
+        self._sampling = (float(temperature), top_k, None if top_p is None else float(top_p))
+        self._step = _decode_step(self.graphdef, self._treedef, *self._sampling)
+        self._prompt_inputs = getattr(prepared, "prompt_inputs", None)  # holds the leaves above, no copy
+        self._model_name = type(model).__name__
         self._key = jax.random.PRNGKey(seed)
         self._pads = np.zeros(batch, np.int32)
         self.length = 0
 
-    def _run(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def _run(self, tokens: np.ndarray, mask: np.ndarray, inputs: dict | None = None) -> np.ndarray:
         b, t = tokens.shape
         if b != self.batch or self.length + t > self.max_len:
             raise ValueError(f"Decoder: {b} rows of {t} tokens after {self.length} do not fit batch={self.batch}, "
                              f"max_len={self.max_len}")
         positions = np.maximum(self.length + np.arange(t, dtype=np.int32)[None, :] - self._pads[:, None], 0)
-        nxt, self.caches, self._key = self._step(self._leaves, self.caches, tokens.astype(np.int32), mask,
-                                                 positions.astype(np.int32), self._key)
+        args = (self._leaves, self.caches, tokens.astype(np.int32), mask, positions.astype(np.int32), self._key)
+        if inputs:
+            nxt, self.caches, self._key = _prefill_step(self.graphdef, self._treedef, *self._sampling)(*args, inputs)
+        else:
+            nxt, self.caches, self._key = self._step(*args)
         self.length += t
         return np.asarray(nxt)
 
-    def prefill(self, prompt: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    def prefill(self, prompt: np.ndarray, mask: np.ndarray | None = None, **inputs) -> np.ndarray:
         """Reads ``prompt [B, T]`` into the cache (``mask [B, T]``: False on left padding);
-        returns the next token of every row ``[B]``."""
+        returns the next token of every row ``[B]``.
+
+        ``inputs``: a multimodal model's arrays for the prompt (a Gemma 4's ``pixel_values``,
+        ``image_position_ids``, ``input_features``, ``input_features_mask``: the model's
+        ``prompt_inputs`` checks them against the prompt's placeholders); None values are left out.
+
+        Raises:
+          ValueError: a mask that is not left padding, a prompt that does not fit, or inputs the
+            model does not read or that do not match the prompt.
+        """
         prompt = np.atleast_2d(np.asarray(prompt, np.int32))
         mask = np.ones(prompt.shape, bool) if mask is None else np.atleast_2d(np.asarray(mask, bool))
         if mask.shape != prompt.shape or not mask[:, -1].all() or (np.diff(mask.astype(np.int8), axis=1) < 0).any():
             raise ValueError(f"Decoder.prefill: mask {mask.shape} must match the prompt {prompt.shape} and be False "
                              "only on each row's leading (left) padding")
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        if inputs:
+            if self._prompt_inputs is None:
+                raise ValueError(f"Decoder.prefill: {self._model_name} reads tokens only; got inputs {sorted(inputs)}")
+            inputs = self._prompt_inputs(prompt, **inputs)
         if self.length == 0:
             self._pads = (~mask).sum(1).astype(np.int32)
         elif not mask.all():
             raise ValueError("Decoder.prefill: padding is allowed only in the first call")
-        return self._run(prompt, mask)
+        return self._run(prompt, mask, inputs)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Feeds one token per row ``[B]``; returns the next ``[B]``."""
@@ -321,7 +359,7 @@ def generate(model: nnx.Module, prompt: Sequence[int] | Sequence[Sequence[int]] 
              top_p: float | None = None, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
              on_step: Callable[[int], None] | None = None,
              on_tokens: Callable[[np.ndarray], bool | None] | None = None,
-             kv_bits: int | None = None) -> np.ndarray | list[np.ndarray]:
+             kv_bits: int | None = None, **inputs) -> np.ndarray | list[np.ndarray]:
     """Generates continuations of ``prompt``: token ids ``[T]`` or ``[B, T]``, or a list of
     prompts of different lengths (decoded as one left-padded batch, :class:`Decoder`).
 
@@ -333,6 +371,8 @@ def generate(model: nnx.Module, prompt: Sequence[int] | Sequence[Sequence[int]] 
       on_tokens: called with each step's new tokens ``[B]``; returning True stops (a stop
         string was seen, say).
       kv_bits: None for a float32 KV cache, 8 or 4 for a quantized one (:mod:`cqjax.kv_cache`).
+      **inputs: a multimodal model's arrays for the prompt (its images, audio), read with it in
+        the prefill step (:meth:`Decoder.prefill`).
 
     Returns:
       ``[B, T + n]`` token ids (``n <= max_new_tokens``), prompt included; for a list of
@@ -353,7 +393,7 @@ def generate(model: nnx.Module, prompt: Sequence[int] | Sequence[Sequence[int]] 
     out = [ids]
     nxt = None
     for n in range(max_new_tokens):
-        nxt = dec.prefill(ids, mask) if n == 0 else dec.step(nxt)
+        nxt = dec.prefill(ids, mask, **inputs) if n == 0 else dec.step(nxt)
         out.append(nxt[:, None])
         if on_step is not None:
             on_step(b)

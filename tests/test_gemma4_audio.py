@@ -2,15 +2,13 @@
 (``Gemma4Model.get_audio_features``), the IR mapping through the importer, the log-mel
 features, config errors, and the tower quantized on both kernel paths.
 
-Each case saves a tiny random ``Gemma4ForConditionalGeneration`` (fp32; random norm weights,
-``per_dim_scale`` and finite clip bounds, so that a skipped clip, norm or scale cannot hide)
-and imports its audio tensors through :func:`cqjax.models.gemma4_audio.audio_hf_name` with a
-test-only family: the mapping is what is tested.
+Each case saves a tiny random ``Gemma4ForConditionalGeneration`` with text and audio (fp32;
+random norm weights, ``per_dim_scale`` and finite clip bounds, so that a skipped clip, norm or
+scale cannot hide) and imports it through the ``gemma4`` family; the soft tokens are those of
+its ``audio_tower`` and ``embed_audio``.
 """
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -22,14 +20,12 @@ from flax import nnx  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 from cqjax import api, runtime  # noqa: E402
-from cqjax.errors import ConfigError  # noqa: E402
+from cqjax.errors import CheckpointError, ConfigError  # noqa: E402
 from cqjax.eval import gemma4_features  # noqa: E402
 from cqjax.io import hf  # noqa: E402
 from cqjax.kernels import backend  # noqa: E402
 from cqjax.kernels.qarrays import is_quantized  # noqa: E402
 from cqjax.models import gemma4_audio as ga  # noqa: E402
-from cqjax.models import registry  # noqa: E402
-from cqjax.models.gemma4_vision import MultimodalEmbedder  # noqa: E402
 
 # Odd sizes: 3 heads of 8, 11 mel bins (a quarter of them, 3, left after subsampling = 12 // 4).
 AUDIO = dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=3, subsampling_conv_channels=[12, 5],
@@ -48,36 +44,12 @@ CASES = {
                       attention_context_left=3, attention_context_right=1, attention_logit_cap=1.5,
                       residual_weight=0.7, rms_norm_eps=1e-2, gradient_clipping=2.0),
 }
-TEST_TYPE = "gemma4_audio_test"
-
-
-class AudioOnly(nnx.Module):
-    """The audio half of the multimodal model, as the wrapper holds it."""
-
-    def __init__(self, cfg: ga.Gemma4AudioConfig):
-        self.audio_tower = ga.AudioModel(cfg)
-        self.embed_audio = MultimodalEmbedder(cfg.output_dims, cfg.text_hidden_size, eps=cfg.rms_norm_eps)
-
-
-FAMILY = registry.Family(
-    name=TEST_TYPE, model_types=(TEST_TYPE,),
-    parse_config=lambda raw, source: ga.parse_audio_config(raw["audio_config"], source,
-                                                           text_hidden_size=raw["text_config"]["hidden_size"]),
-    build=AudioOnly, hf_name=lambda path, cfg: ga.audio_hf_name(path),
-    ignorable=lambda name, cfg: not name.startswith(("model.audio_tower.", "model.embed_audio.")),
-    tower=lambda path: "audio" if path.startswith(ga.AUDIO_PREFIXES) else "text")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def audio_family():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(registry.FAMILIES, TEST_TYPE, FAMILY)
-        yield
 
 
 def write_checkpoint(directory, case: str, seed: int = 0, finite_bounds: bool = True, **changes):
     """A random tiny multimodal Gemma 4 (text + audio, ``changes`` to the audio config of
-    ``case``) saved to ``directory`` with model_type :data:`TEST_TYPE`; returns the torch model."""
+    ``case``) saved to ``directory``; returns the torch model. ``finite_bounds`` False keeps
+    transformers' initial clip bounds, ±inf."""
     audio = {**AUDIO, **CASES[case], **changes}
     cfg = transformers.Gemma4Config(text_config=TEXT, audio_config=audio, vision_config=None)
     torch.manual_seed(seed)
@@ -93,8 +65,6 @@ def write_checkpoint(directory, case: str, seed: int = 0, finite_bounds: bool = 
             elif finite_bounds and name.endswith(("input_max", "output_max")):
                 b.copy_(0.6 + torch.rand((), generator=gen))
     model.save_pretrained(directory)
-    raw = json.loads((directory / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps({**raw, "model_type": TEST_TYPE}))
     return model
 
 
@@ -135,22 +105,33 @@ def test_soft_tokens_match_transformers(case, tmp_path):
     assert relative(tokens, want) < 1e-5  # every position, padding included
 
 
-def test_infinite_clip_bounds_are_no_clip(tmp_path):
-    """transformers initializes the bounds to ±inf: clipping then does nothing."""
-    ref = write_checkpoint(tmp_path, "left-only", finite_bounds=False)
+def test_infinite_clip_bounds_mean_no_clip_and_pass_the_finite_check(tmp_path):
+    """transformers initializes the bounds to ±inf: clipping then does nothing, and such a
+    checkpoint quantizes (the open bounds pass :func:`cqjax.io.hf.check_finite`, which
+    api.quantize and the CLI run); NaN, an infinity on a bound's other side or anywhere else
+    still fails it."""
+    ref = write_checkpoint(tmp_path, "left-only", finite_bounds=False, num_hidden_layers=1)
     ir = hf.import_checkpoint(tmp_path)
-    assert float(hf.load_leaf(ir, "audio_tower/layers/0/self_attn/q_proj/input_min")) == -np.inf
+    bound = "audio_tower/layers/0/self_attn/q_proj/input_min"
+    assert float(hf.load_leaf(ir, bound)) == -np.inf
     features, mask = inputs(1, frames=17)
     assert relative(soft_tokens(hf.to_model(ir), features, mask)[0], theirs(ref, features, mask)[0]) < 1e-5
+    q = api.quantize(ir, bits=4, progress=False)
+    assert float(hf.load_leaf(q.ir, bound)) == -np.inf
+    for path, value in ((bound, np.nan), (bound, np.inf), (bound.replace("input_min", "output_max"), -np.inf),
+                        ("layers/0/layer_scalar", np.full((1,), np.inf, np.float32)),
+                        ("audio_tower/layers/0/self_attn/q_proj/linear/kernel", np.full((24, 24), np.inf, np.float32))):
+        with pytest.raises(CheckpointError, match=f"tensor {path} has a non-finite value"):
+            hf.check_finite(ir.replace(params={path: np.asarray(value, np.float32)}))
 
 
 @pytest.mark.parametrize("case", ["right-context", "unclipped"])
 def test_ir_paths_roles_and_checkpoint_names(case, tmp_path):
     write_checkpoint(tmp_path, case)
     ir = hf.import_checkpoint(tmp_path)
-    assert dict(ir.meta) == ga.audio_params(ir.config)  # the listing is what the importer reads
-    meta = ir.meta
-    assert {m.tower for m in meta.values()} == {"audio"}
+    meta = {p: m for p, m in ir.meta.items() if p.startswith(ga.AUDIO_PREFIXES)}
+    assert meta == ga.audio_params(ir.config.audio)  # the listing is what the importer reads
+    assert {m.tower for p, m in ir.meta.items() if p not in meta} == {"text"}
     roles = {p: m.role for p, m in meta.items()}
     quantizable = sorted(p.removeprefix("audio_tower/layers/0/") for p, r in roles.items()
                          if r in ("linear", "conv") and p.startswith("audio_tower/layers/0/"))
@@ -171,7 +152,7 @@ def test_ir_paths_roles_and_checkpoint_names(case, tmp_path):
     assert (roles["audio_tower/output_proj/bias"], meta["embed_audio/embedding_projection/kernel"].shape) == (
         "bias", (20, 28))
     bound = "audio_tower/layers/1/lconv1d/linear_end/output_max"
-    if ir.config.clipped_linears:
+    if ir.config.audio.clipped_linears:
         assert (roles[bound], meta[bound].shape, meta[bound].hf_name) == (
             "other", (), "model.audio_tower.layers.1.lconv1d.linear_end.output_max")
         assert sum(p.endswith(("_min", "_max")) for p in meta) == 2 * 10 * 4  # layers x clippable x bounds
@@ -200,10 +181,10 @@ def test_unsupported_audio_config_raises_naming_the_key(changes, key):
         ga.parse_audio_config(_raw_audio_config(**changes), "config.json", text_hidden_size=28)
 
 
-def test_wrong_mel_count_is_an_error_naming_it():
-    model = AudioOnly(ga.parse_audio_config(_raw_audio_config(), "config.json", text_hidden_size=28))
+def test_wrong_mel_count_is_an_error_naming_it(tmp_path):
+    write_checkpoint(tmp_path, "left-only", num_hidden_layers=1)
     with pytest.raises(ValueError, match="15 mel bins"):
-        soft_tokens(model, np.zeros((2, 45, 15), np.float32), inputs()[1])
+        soft_tokens(hf.load(tmp_path)[0], np.zeros((2, 45, 15), np.float32), inputs()[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +250,7 @@ def test_feature_config_errors_name_the_key(changes, key):
 
 @pytest.fixture
 def quantized(tmp_path):
-    """``(float IR, 4-bit CQ Quantized)`` of a one-layer tower."""
+    """``(float IR, 4-bit CQ Quantized)`` of the tiny text model with a one-layer audio tower."""
     write_checkpoint(tmp_path, "right-context", num_hidden_layers=1)
     ir = hf.import_checkpoint(tmp_path)
     return ir, api.quantize(ir, bits=4, progress=False)
@@ -277,11 +258,12 @@ def quantized(tmp_path):
 
 def test_quantized_tower_runs_on_both_kernel_paths(quantized):
     """4-bit CQ quantizes every linear and both subsampling convolutions of the tower and the
-    embedder, nothing else. The C++ kernel rounds activations to int8 per block (each matmul
+    embedder, nothing else of them. The C++ kernel rounds activations to int8 per block (each matmul
     within ~3e-2 of exact, test_kernel_backend), 16 of them in a row here."""
     ir, q = quantized
     for path, meta in q.ir.meta.items():
-        assert is_quantized(q.ir.params[path]) == (meta.role in ("linear", "conv")), path
+        if meta.tower == "audio":
+            assert is_quantized(q.ir.params[path]) == (meta.role in ("linear", "conv")), path
     features, mask = inputs(2)
     with backend.use_kernel("jax"):
         ours = soft_tokens(q.model, features, mask)[0]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import doctest
 import json
-import logging
 
 import jax
 import numpy as np
@@ -30,7 +29,9 @@ from cqjax.ir import IR  # noqa: E402
 from cqjax.kernels import backend  # noqa: E402
 from cqjax.kernels.qarrays import is_quantized  # noqa: E402
 from cqjax.models import gemma4_vision as gv  # noqa: E402
-from cqjax.models.gemma4 import Gemma4Config, Gemma4ForConditionalGeneration, parse_gemma4  # noqa: E402
+from cqjax.models import gemma4_audio as ga  # noqa: E402
+from cqjax.models import gemma4_multimodal as mm  # noqa: E402
+from cqjax.models.gemma4 import Gemma4Config, parse_gemma4  # noqa: E402
 from cqjax.runtime import forward_fn  # noqa: E402
 
 S, F = "sliding_attention", "full_attention"
@@ -49,9 +50,9 @@ IDS = dict(image_token_id=IMAGE, boi_token_id=BOI, eoi_token_id=EOI, video_token
 MAX_PATCHES = 24  # 4x6 patches: 6 soft tokens at pooling 2
 
 
-def write_multimodal(directory, audio=None, seed=0):
+def write_multimodal(directory, audio=None, seed=0, text=TEXT):
     """A random checkpoint whose scales, bounds and tables are not their (identity) defaults."""
-    cfg = transformers.Gemma4Config(text_config=TEXT, vision_config=VISION, audio_config=audio,
+    cfg = transformers.Gemma4Config(text_config=text, vision_config=VISION, audio_config=audio,
                                     initializer_range=0.1, **IDS)
     torch.manual_seed(seed)
     model = transformers.Gemma4ForConditionalGeneration(cfg).eval()
@@ -119,6 +120,11 @@ def torch_logits(ref, tokens, mask, pv=None, pos=None, bidirectional=True):
                    ).logits.numpy()
 
 
+def image_logits(model, tokens, pv, pos, mask):
+    """Our logits of a text+image prompt (:func:`cqjax.models.gemma4_multimodal.prompt_logits`)."""
+    return mm.prompt_logits(model, tokens, mask, pixel_values=pv, image_position_ids=pos)
+
+
 def assert_close(ours, theirs, what, rel=1e-4):
     """``max |Δ| <= rel · max(1, max |theirs|)`` (f32 parity)."""
     diff, scale = np.abs(ours - theirs).max(), max(1.0, np.abs(theirs).max())
@@ -161,11 +167,11 @@ def test_image_prompt_matches_transformers(ckpt, loaded, prompt):
     ``mm_token_type_ids``; the two differ, so each parity sees its mask."""
     ref, (model, ir), (tokens, mask, pv, pos) = ckpt[1], loaded, prompt
     assert ir.config.vision_bidirectional
-    ours = gv.image_prompt_logits(model, tokens, pv, pos, mask)
+    ours = image_logits(model, tokens, pv, pos, mask)
     theirs = torch_logits(ref, tokens, mask, pv, pos)
     assert_close(ours[mask], theirs[mask], "image prompt (bidirectional images)")
     causal = hf.to_model(dataclasses.replace(ir, config=dataclasses.replace(ir.config, vision_bidirectional=False)))
-    ours_causal = gv.image_prompt_logits(causal, tokens, pv, pos, mask)
+    ours_causal = image_logits(causal, tokens, pv, pos, mask)
     assert_close(ours_causal[mask], torch_logits(ref, tokens, mask, pv, pos, bidirectional=False)[mask],
                  "image prompt (causal)")
     assert np.abs(ours_causal - ours)[mask].max() > 0.1
@@ -226,21 +232,21 @@ def test_ir_layout_roles_and_towers(loaded):
     assert len([p for p in vision if p.endswith("/kernel")]) == 1 + 2 * 7 + 1  # input_proj, 7 per layer, embedder
     assert all(ir.meta[p].role == "linear" for p in vision if p.endswith("/kernel"))
     assert "lm_head/kernel" not in ir.meta  # tied to the token table
-    assert isinstance(loaded[0], Gemma4ForConditionalGeneration)
+    assert isinstance(loaded[0], mm.Gemma4ForConditionalGeneration)
 
 
-def test_audio_tower_is_skipped_with_a_note(tmp_path, caplog):
-    """A checkpoint with an ``audio_config`` imports its text model and vision tower; the audio
-    tower's tensors are left out, and the log says so."""
-    ref = write_multimodal(tmp_path, audio=AUDIO)
-    assert any(n.startswith("model.audio_tower.") for n in ref.state_dict())
-    with caplog.at_level(logging.WARNING, logger="cqjax.models.gemma4"):
-        model, ir = hf.load(tmp_path)
-    assert any("'audio_config'" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
-    assert not any("audio" in p for p in ir.params)
-    tokens = np.random.default_rng(2).integers(0, IMAGE, (1, 9)).astype(np.int32)
-    mask = np.ones(tokens.shape, bool)
-    assert_close(np.asarray(forward_fn(model)(tokens, mask)), torch_logits(ref, tokens, mask), "text prompt")
+def test_audio_tower_imports_beside_the_vision_tower(tmp_path):
+    """A checkpoint with an ``audio_config`` imports its audio tower too: every tensor of tower
+    ``audio`` with the role, shape and checkpoint name :func:`cqjax.models.gemma4_audio.audio_params`
+    gives, the other towers unchanged."""
+    write_multimodal(tmp_path / "audio", audio=AUDIO)
+    write_multimodal(tmp_path / "no-audio")
+    ir = hf.import_checkpoint(tmp_path / "audio")
+    audio = {p: m for p, m in ir.meta.items() if m.tower == "audio"}
+    assert audio == ga.audio_params(ir.config.audio)
+    assert ir.meta["audio_tower/subsample_conv_projection/layer1/conv/kernel"].role == "conv"
+    assert {p: m for p, m in ir.meta.items() if m.tower != "audio"} == dict(
+        hf.import_checkpoint(tmp_path / "no-audio").meta)
 
 
 def _raw(ckpt):
@@ -272,9 +278,9 @@ def test_placeholders_must_match_the_images(loaded, prompt):
     short = tokens.copy()
     short[0, 3] = 7  # one image placeholder less
     with pytest.raises(ValueError, match="12 image placeholders .* give 13 soft tokens"):
-        gv.image_prompt_logits(loaded[0], short, pv, pos, mask)
+        image_logits(loaded[0], short, pv, pos, mask)
     with pytest.raises(ValueError, match="position table has 16 rows"):
-        gv.image_prompt_logits(loaded[0], tokens, pv, np.where(pos >= 0, pos + 12, pos), mask)
+        image_logits(loaded[0], tokens, pv, np.where(pos >= 0, pos + 12, pos), mask)
 
 
 def test_module_doctests():
@@ -349,7 +355,7 @@ def quantized_logits(quantized, prompt):
     """The 4-bit model's logits of the image prompt on the pure-JAX runtime."""
     tokens, mask, pv, pos = prompt
     with backend.use_kernel("jax"):
-        return gv.image_prompt_logits(quantized.model, tokens, pv, pos, mask)
+        return image_logits(quantized.model, tokens, pv, pos, mask)
 
 
 @pytest.mark.slow  # ~20 s on 2 cores: compiles the whole 4-bit model for both kernel paths
@@ -358,10 +364,10 @@ def test_quantized_image_prompt_runs_on_both_kernel_paths(quantized, quantized_l
     runtime's within the int8 tolerance of test_gemma4, both near the float model's."""
     tokens, mask, pv, pos = prompt
     ours = quantized_logits[mask]
-    assert rel_error(ours, gv.image_prompt_logits(loaded[0], tokens, pv, pos, mask)[mask]) < 0.75
+    assert rel_error(ours, image_logits(loaded[0], tokens, pv, pos, mask)[mask]) < 0.75
     if backend.ffi_available():
         with backend.use_kernel("ffi"):
-            assert rel_error(gv.image_prompt_logits(quantized.model, tokens, pv, pos, mask)[mask], ours) < 5e-2
+            assert rel_error(image_logits(quantized.model, tokens, pv, pos, mask)[mask], ours) < 5e-2
 
 
 @pytest.mark.slow  # ~15 s on 2 cores alone (the 4-bit model's compile), ~5 s after the test above

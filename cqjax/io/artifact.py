@@ -68,7 +68,7 @@ from cqjax.io.safetensors_lazy import SafetensorsFile
 from cqjax.ir import IR, LazyTensor, TensorMeta, materialize
 from cqjax.ir import verify as verify_ir
 from cqjax.kernels.qarrays import CQArray, RTNArray
-from cqjax.models import bert, gemma4, gemma4_vision, registry, transformer, whisper
+from cqjax.models import bert, gemma4, gemma4_audio, gemma4_multimodal, gemma4_vision, registry, transformer, whisper
 
 log = logging.getLogger(__name__)
 FORMAT = "cqjax-artifact"
@@ -86,8 +86,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 FORMATS: dict[str, type] = {"cq": CQArray, "rtn": RTNArray}
 #: Dataclasses a manifest config may name (nothing else is ever constructed).
 CONFIG_CLASSES: dict[str, type] = {c.__name__: c for c in (
-    transformer.DecoderConfig, gemma4.Gemma4Config, gemma4.Gemma4Layer, gemma4.Gemma4MultimodalConfig,
-    gemma4_vision.Gemma4VisionConfig, bert.BertConfig, whisper.WhisperConfig)}
+    transformer.DecoderConfig, gemma4.Gemma4Config, gemma4.Gemma4Layer, gemma4_multimodal.Gemma4MultimodalConfig,
+    gemma4_vision.Gemma4VisionConfig, gemma4_audio.Gemma4AudioConfig, bert.BertConfig, whisper.WhisperConfig)}
 SEP = "::"
 _CONVERT = "re-run quantization with this cqjax (cqjax.quantize or python -m cqjax) to convert the model"
 

@@ -1,13 +1,14 @@
 """Export a model out of cqjax: a dequantized Hugging Face checkpoint that transformers loads.
 
 The IR keeps every tensor's Hugging Face name (``meta.hf_name``) and the importer's layout
-change is a transpose for linears (:data:`cqjax.io.hf.TRANSPOSED_ROLES`), so the checkpoint
-is the IR read backwards: each quantized leaf decoded once (:func:`cqjax.quant_stats.dequantizer`,
-the function the runtime computes, input scales included), transposed back to ``[out, in]``
-and written under its name. GGUF-born weights were already converted to Hugging Face's
-conventions at import (:mod:`cqjax.io.gguf` undid llama.cpp's q/k permutation and Gemma's
-``w + 1`` norms), and cqjax applies Gemma's norm offset in the model, not to the weight, so
-nothing else is re-applied.
+change is a transpose for linears (:data:`cqjax.io.hf.TRANSPOSED_ROLES`) and an unfolding for
+convolutions, so the checkpoint is the IR read backwards: each quantized leaf decoded once
+(:func:`cqjax.quant_stats.dequantizer`, the function the runtime computes, input scales
+included), transposed back to ``[out, in]`` (a convolution folded back to ``[out, in, *window]``,
+:func:`checkpoint_layout`) and written under its name. GGUF-born weights were already converted
+to Hugging Face's conventions at import (:mod:`cqjax.io.gguf` undid llama.cpp's q/k permutation
+and Gemma's ``w + 1`` norms), and cqjax applies Gemma's norm offset in the model, not to the
+weight, so nothing else is re-applied.
 
 The weights file is written one tensor at a time (header first, then each tensor decoded and
 appended), so an export holds one decoded tensor at a time, and the directory appears
@@ -20,6 +21,7 @@ atomically (:func:`cqjax.io.atomic.replace_dir`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -42,18 +44,43 @@ COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", 
           "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
 
-def checkpoint_layout(path: str, role: str, array: np.ndarray) -> np.ndarray:
-    """A float leaf of the IR in its checkpoint layout: linears back to ``[..., out, in]``.
+def checkpoint_layout(path: str, role: str, array: np.ndarray, window: tuple[int, ...] | None = None) -> np.ndarray:
+    """A float leaf of the IR in its checkpoint layout: linears back to ``[..., out, in]``; a
+    convolution's kernel, the ``[window x in, out]`` linear of its unfolded input (window
+    position major, :func:`cqjax.io.hf.import_checkpoint`), folded back to ``[out, in, *window]``.
+
+    Args:
+      window: a convolution's window (:func:`conv_windows`), e.g. ``(3, 3)``.
 
     Raises:
-      CheckpointError: a role whose import is not a plain transpose (an unfolded convolution).
+      CheckpointError: a convolution without a window, or whose rows are not a multiple of it.
     """
     from cqjax.io.hf import TRANSPOSED_ROLES
 
     if role == "conv":
-        raise CheckpointError(f"{path}: a convolution (role 'conv') has no Hugging Face export yet; "
-                            "export supports linear, embedding and norm tensors")
+        size = math.prod(window or ())
+        if window is None or array.ndim != 2 or array.shape[0] % size:
+            raise CheckpointError(f"{path}: a convolution kernel {list(array.shape)} exports only as "
+                                  f"[window x in, out] with its window recorded by its module (window {window})")
+        n = len(window)
+        return np.transpose(array.reshape(*window, array.shape[0] // size, array.shape[1]), (n + 1, n, *range(n)))
     return np.swapaxes(array, -1, -2) if role in TRANSPOSED_ROLES and array.ndim >= 2 else array
+
+
+def conv_windows(ir: IR) -> dict[str, tuple[int, ...]]:
+    """``{IR path: window}`` of ``ir``'s convolutions whose module records one (``window`` in
+    the parameter's metadata beside ``role="conv"``, as
+    :class:`cqjax.models.gemma4_audio.Conv2d`); empty for a model without convolutions."""
+    if not any(m.role == "conv" for m in ir.meta.values()):
+        return {}
+    from flax import nnx
+
+    from cqjax.io.hf import abstract_model
+    from cqjax.models import registry
+
+    _, state = nnx.split(abstract_model(registry.FAMILIES[ir.family], ir.config))
+    return {"/".join(map(str, key)): tuple(var.get_metadata()["window"])
+            for key, var in nnx.to_flat_state(state) if "window" in var.get_metadata()}
 
 
 def hf_arrays(ir: IR, dtype: str = "float32") -> Iterator[tuple[str, np.ndarray]]:
@@ -62,11 +89,12 @@ def hf_arrays(ir: IR, dtype: str = "float32") -> Iterator[tuple[str, np.ndarray]
     from cqjax.kernels.qarrays import is_quantized
     from cqjax.quant_stats import dequantizer
 
-    decode = dequantizer()
+    decode, windows = dequantizer(), conv_windows(ir)
     for path, leaf in ir.params.items():
         meta = ir.meta[path]
         array = np.asarray(decode(leaf) if is_quantized(leaf) else materialize(leaf), np.float32)
-        yield meta.hf_name, np.ascontiguousarray(checkpoint_layout(path, meta.role, array)).astype(DTYPES[dtype])
+        array = checkpoint_layout(path, meta.role, array, windows.get(path))
+        yield meta.hf_name, np.ascontiguousarray(array).astype(DTYPES[dtype])
 
 
 def export_hf(ir: IR, out: str | os.PathLike, *, config_from: str | os.PathLike, dtype: str = "float32",
@@ -148,11 +176,12 @@ def checkpoint_shapes(ir: IR) -> dict[str, tuple[int, ...]]:
     """
     shapes: dict[str, tuple[int, ...]] = {}
     spans: dict[str, dict[int | None, list[tuple[int, int]]]] = {}
+    windows = conv_windows(ir)
     for path, meta in ir.meta.items():
         if not meta.hf_name:
             raise CheckpointError(f"{path}: has no Hugging Face name in the IR")
         name, expert, start = split_name(meta.hf_name)
-        shape = tuple(checkpoint_layout(path, meta.role, np.empty(meta.shape, np.uint8)).shape)
+        shape = tuple(checkpoint_layout(path, meta.role, np.empty(meta.shape, np.uint8), windows.get(path)).shape)
         if expert is None and start is None:
             if name in shapes:
                 raise CheckpointError(f"{path}: another IR tensor is also exported as {name!r}")

@@ -129,12 +129,25 @@ def open_shards(directory: Path) -> dict[str, SafetensorsFile]:
     return out
 
 
+#: Clamp bounds that may be infinite, on their own side only: ``-inf`` for a lower bound and
+#: ``+inf`` for an upper one mean "no clamp" (transformers initializes Gemma 4's
+#: ``Gemma4ClippableLinear`` bounds so, and a checkpoint saved without calibrating them keeps
+#: them; the model clamps to them as they are). Only scalars of role ``other`` under these
+#: names; NaN, or an infinity on the other side, is an error like anywhere else.
+OPEN_BOUNDS = {"input_min": -np.inf, "output_min": -np.inf, "input_max": np.inf, "output_max": np.inf}
+
+
 def check_finite(ir: IR, chunk: int = 1 << 22) -> None:
     """Raises :class:`CheckpointError` naming the first tensor (and its source) with a NaN or an
-    infinity; reads every tensor once, ``chunk`` values at a time."""
+    infinity, save an open clamp bound (:data:`OPEN_BOUNDS`); reads every tensor once, ``chunk``
+    values at a time."""
     for path, leaf in ir.params.items():
         lazy = isinstance(leaf, LazyTensor)
-        check_finite_array(leaf.reader() if lazy else leaf, path, leaf.source if lazy else path, chunk)
+        array, meta = leaf.reader() if lazy else leaf, ir.meta[path]
+        open_side = OPEN_BOUNDS.get(path.rpartition("/")[2])
+        if open_side is not None and meta.role == "other" and meta.shape == () and np.asarray(array) == open_side:
+            continue
+        check_finite_array(array, path, leaf.source if lazy else path, chunk)
 
 
 def check_finite_array(array: Any, path: str, source: str, chunk: int = 1 << 22) -> None:

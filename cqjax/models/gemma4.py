@@ -1,7 +1,6 @@
-"""The Gemma 4 text decoder (transformers' ``Gemma4ForCausalLM``, ``model_type`` ``gemma4_text``)
-and the multimodal model around it (``Gemma4ForConditionalGeneration``, ``model_type`` ``gemma4``:
-the decoder plus the vision tower of :mod:`cqjax.models.gemma4_vision`; an audio tower's tensors
-are skipped for now, see :class:`Gemma4ForConditionalGeneration`).
+"""The Gemma 4 text decoder (transformers' ``Gemma4ForCausalLM``, ``model_type`` ``gemma4_text``),
+and the ``gemma4`` family, which also imports the full model (``model_type`` ``gemma4``: the
+decoder with its vision and audio towers, :mod:`cqjax.models.gemma4_multimodal`).
 
 Gemma 4 departs from the shared :mod:`cqjax.models.transformer` decoder in ways that do not fit
 its switches, so it has its own modules built from :mod:`cqjax.models.layers`:
@@ -41,7 +40,7 @@ IR path                                     checkpoint tensor (``meta.hf_name``)
 ==========================================  ==================================================
 
 transformers saves the experts stacked, ``gate_up_proj [E, 2I, D]`` (gate rows first) and
-``down_proj [E, D, I]``; each expert is a lazy slice of them (:func:`gemma4_hf_name`), and
+``down_proj [E, D, I]``; each expert is a lazy slice of them (:func:`text_hf_name`), and
 :func:`cqjax.io.export.export_hf` writes the stacked tensors back. A per-expert checkpoint
 (``model.layers.N.experts.e.gate_proj.weight`` ...) imports too. The router
 (``router/proj``, role ``router``), ``router/scale`` and ``router/per_expert_scale`` stay float.
@@ -50,7 +49,6 @@ transformers saves the experts stacked, ``gate_up_proj [E, 2I, D]`` (gate rows f
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any
 
 import jax
@@ -58,7 +56,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cqjax.errors import ConfigError
-from cqjax.models import gemma4_vision, layers, registry
+from cqjax.models import layers, registry
 from cqjax.models.families import check_keys, expect
 from cqjax.models.layers import rms
 from cqjax.models.transformer import LAYER_TYPES, OutputHead, default_side
@@ -202,9 +200,11 @@ def _rope(raw: dict, source: str) -> dict[str, dict]:
 
 
 def parse_gemma4(raw: dict, source: str) -> Gemma4Config:
-    """transformers ``Gemma4TextConfig`` dict → :class:`Gemma4Config`; ConfigError names bad keys."""
+    """transformers ``Gemma4TextConfig`` dict → :class:`Gemma4Config` (a ``model_type: gemma4``
+    config: :func:`cqjax.models.gemma4_multimodal.parse_gemma4_multimodal`); ConfigError names
+    bad keys."""
     if raw.get("model_type") == "gemma4":
-        return parse_gemma4_multimodal(raw, source)
+        return gemma4_multimodal.parse_gemma4_multimodal(raw, source)
     check_keys(raw, GEMMA4_KEYS, source)
     raw = {**DEFAULTS, **raw}
     expect(raw, "use_bidirectional_attention", (None,), source)
@@ -290,14 +290,15 @@ class Attention(nnx.Module):
         self.inv_freq = tuple(layers.rope_inv_freq(cfg.rope_for(spec.layer_type), hd).tolist())
         self.window = cfg.sliding_window if spec.layer_type == "sliding_attention" else None
 
-    def __call__(self, x, positions, valid, cache=None, shared=None, blocks=None):
+    def __call__(self, x, positions, valid, cache=None, shared=None, spans=None):
         """Returns ``(output, cache, kv)``; ``kv = (k, v, k_pos, k_valid)`` for layers that share.
 
         ``shared`` is the stored ``kv`` of this layer's producer (KV-shared layers only).
-        ``blocks [B, T]`` (uncached calls only): on a sliding layer, a token of a block (>= 0:
-        an image's soft tokens, :func:`cqjax.models.gemma4_vision.image_blocks`) also sees the
-        block's later tokens (earlier ones stay bounded by the window), as transformers'
-        ``use_bidirectional_attention="vision"``.
+        ``spans [B, T, 2]``: on a sliding layer, a token of an image's soft tokens also sees the
+        keys at the positions of its image's later tokens (``[first, last]`` of the span,
+        :func:`cqjax.models.gemma4_vision.image_spans`; earlier ones stay bounded by the
+        window), as transformers' ``use_bidirectional_attention="vision"``; keys are matched by
+        position, so a prompt read into a KV cache gets the same mask.
         """
         b, t, _ = x.shape
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
@@ -316,11 +317,10 @@ class Attention(nnx.Module):
             else:
                 k, v = layers.kv_layout(k, v)
         mask = layers.attention_mask(positions, k_pos, k_valid, self.window)
-        if blocks is not None and self.window is not None:
-            if cache is not None:
-                raise ValueError("gemma4: bidirectional image blocks are computed without a KV cache only")
-            same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
-            mask |= same & k_valid[:, None, :] & (positions[:, :, None] - k_pos[:, None, :] < self.window)
+        if spans is not None and self.window is not None:
+            key = k_pos[:, None, :]
+            inside = (key >= spans[..., :1]) & (key <= spans[..., 1:])
+            mask |= inside & k_valid[:, None, :] & (positions[:, :, None] - key < self.window)
         out = layers.dot_product_attention(q, k, v, mask, scale=1.0)
         return self.o_proj(out.reshape(b, t, -1)), cache, (k, v, k_pos, k_valid)
 
@@ -386,8 +386,8 @@ class DecoderLayer(nnx.Module):
         self.layer_scalar = nnx.Param(jnp.zeros((1,), dtype), role="other")
         self.act, self.spec = cfg.act, spec
 
-    def __call__(self, x, per_layer_input, positions, valid, cache=None, shared=None, blocks=None):
-        h, cache, kv = self.self_attn(self.input_layernorm(x), positions, valid, cache, shared, blocks)
+    def __call__(self, x, per_layer_input, positions, valid, cache=None, shared=None, spans=None):
+        h, cache, kv = self.self_attn(self.input_layernorm(x), positions, valid, cache, shared, spans)
         x = x + self.post_attention_layernorm(h)
         h = self.mlp(self.pre_feedforward_layernorm(x))
         if self.moe:
@@ -448,138 +448,18 @@ class Gemma4ForCausalLM(OutputHead, nnx.Module):
         layer = self.layers[i] if layer is None else layer
         spec, ple = layer.spec, side["ple"]
         x, cache, kv = layer(x, None if ple is None else ple[:, :, i], side["positions"], side["valid"],
-                             cache, side["shared"].get(spec.layer_type), side.get("blocks"))
+                             cache, side["shared"].get(spec.layer_type), side.get("spans"))
         if spec.kv_sharing == "store":
             side = {**side, "shared": {**side["shared"], spec.layer_type: kv}}
         return x, side, cache
 
 
-# ---------------------------------------------------------------------------------------------
-# The multimodal model (transformers' Gemma4ForConditionalGeneration, model_type gemma4)
-# ---------------------------------------------------------------------------------------------
-
-_log = logging.getLogger(__name__)
-
-#: Top-level keys of a ``model_type: gemma4`` config besides the generic ones; the ``b*``/``e*``
-#: token ids and ``vision_soft_tokens_per_image`` are for the processor (the model never reads them).
-MULTIMODAL_KEYS = frozenset({
-    "text_config", "vision_config", "audio_config", "image_token_id", "video_token_id", "audio_token_id",
-    "boi_token_id", "eoi_token_id", "boa_token_id", "eoa_token_id", "eoa_token_index", "vision_soft_tokens_per_image"})
-#: Placeholder ids of transformers' Gemma4Config defaults: image, video, audio.
-PLACEHOLDER_DEFAULTS = {"image_token_id": 258_880, "video_token_id": 258_884, "audio_token_id": 258_881}
-#: Checkpoint tensors of the audio tower, which is not imported yet: skipped (with a logged note).
-AUDIO_PREFIXES = ("model.audio_tower.", "model.embed_audio.")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Gemma4MultimodalConfig(Gemma4Config):
-    """A ``model_type: gemma4`` config: the text decoder's fields from ``text_config`` (the head
-    tied as the top-level ``tie_word_embeddings`` says, default true; ``eos_token_id`` the
-    top-level one if given), plus:
-
-    Attributes:
-      vision: the vision tower (None: the checkpoint has none).
-      image_token_id: the placeholder of one image soft token.
-      placeholder_ids: the image, video and audio placeholders; the text model embeds them as
-        the pad token (as transformers does, soft tokens or not).
-      vision_bidirectional: ``text_config.use_bidirectional_attention == "vision"``: on sliding
-        layers an image's soft tokens also see each other's later tokens.
-    """
-
-    vision: gemma4_vision.Gemma4VisionConfig | None = None
-    image_token_id: int
-    placeholder_ids: tuple[int, ...]
-    vision_bidirectional: bool = False
-
-
-def parse_gemma4_multimodal(raw: dict, source: str) -> Gemma4MultimodalConfig:
-    """A ``model_type: gemma4`` config.json → :class:`Gemma4MultimodalConfig`. An
-    ``audio_config`` is noted in the log and its tower's tensors are skipped
-    (:data:`AUDIO_PREFIXES`): the model reads text and images."""
-    if not isinstance(raw.get("text_config"), dict):
-        raise ConfigError(f"{source}: config key 'text_config' is required: model_type 'gemma4' is the multimodal "
-                          "Gemma 4 (text_config, vision_config, audio_config); a text model's config has "
-                          "model_type 'gemma4_text'")
-    check_keys(raw, MULTIMODAL_KEYS, source)
-    text = {"model_type": "gemma4_text", **raw["text_config"]}
-    where = f"{source}: text_config"
-    expect(text, "model_type", ("gemma4_text",), where)
-    bidirectional = expect(text, "use_bidirectional_attention", (None, "vision"), where)
-    base = parse_gemma4({k: v for k, v in text.items() if k != "use_bidirectional_attention"}, where)
-    if base.pad_token_id is None:
-        raise ConfigError(f"{where}: config key 'pad_token_id' is required (image placeholders are embedded as it)")
-    vision = raw.get("vision_config")
-    if vision is not None:
-        vision = gemma4_vision.parse_vision_config(vision, f"{source}: vision_config")
-    if raw.get("audio_config") is not None:
-        _log.warning("%s: config key 'audio_config': the audio tower is not imported yet; its tensors (%s) are "
-                     "skipped, so the model reads text and images only", source,
-                     ", ".join(p + "*" for p in AUDIO_PREFIXES))
-    ids = {k: raw.get(k, default) for k, default in PLACEHOLDER_DEFAULTS.items()}
-    eos = raw.get("eos_token_id", base.eos_token_id)
-    text_fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(Gemma4Config)}
-    return Gemma4MultimodalConfig(
-        **{**text_fields, "tie_word_embeddings": bool(raw.get("tie_word_embeddings", True)),
-           "eos_token_id": tuple(eos) if isinstance(eos, list) else eos},
-        vision=vision, image_token_id=int(ids["image_token_id"]),
-        placeholder_ids=tuple(int(v) for v in ids.values() if v is not None),
-        vision_bidirectional=bidirectional == "vision")
-
-
-class Gemma4ForConditionalGeneration(Gemma4ForCausalLM):
-    """transformers' ``Gemma4ForConditionalGeneration``: the text decoder, at the same IR paths
-    as :class:`Gemma4ForCausalLM` (every text tool runs it unchanged), with the vision tower at
-    ``vision_tower/`` and its embedder at ``embed_vision/`` (:mod:`cqjax.models.gemma4_vision`).
-
-    ``model(tokens, mask)`` reads text; ``model(tokens, mask, pixel_values=...,
-    image_position_ids=...)`` a text+image prompt, whose ``image_token_id`` placeholders take
-    the images' soft tokens in order (:func:`cqjax.models.gemma4_vision.image_prompt_logits`
-    checks the counts and jits it). An audio tower attaches beside the vision tower, as
-    ``audio_tower`` / ``embed_audio`` with its soft tokens scattered the same way; until then its
-    checkpoint tensors are skipped (:data:`AUDIO_PREFIXES`).
-    """
-
-    def __init__(self, cfg: Gemma4MultimodalConfig, dtype=jnp.float32):
-        super().__init__(cfg, dtype)
-        v = cfg.vision
-        if v is not None:
-            self.vision_tower = gemma4_vision.Gemma4VisionModel(v, dtype)
-            self.embed_vision = gemma4_vision.MultimodalEmbedder(v.hidden_size, cfg.hidden_size, eps=v.rms_norm_eps,
-                                                                 dtype=dtype)
-
-    def image_features(self, pixel_values, image_position_ids):
-        """``(soft tokens [N, L, D] in the text model's width, valid [N, L])`` of the images."""
-        h, valid = self.vision_tower(pixel_values, image_position_ids)
-        return self.embed_vision(h), valid
-
-    def embed(self, tokens, mask=None, positions=None, pixel_values=None, image_position_ids=None):
-        """:meth:`Gemma4ForCausalLM.embed` with placeholders embedded as the pad token; with
-        images, their soft tokens replace the image placeholders (the per-layer inputs then see
-        them, and image blocks go into ``side`` if ``vision_bidirectional``)."""
-        cfg = self.config
-        text = jnp.where(jnp.isin(tokens, jnp.asarray(cfg.placeholder_ids)), cfg.pad_token_id, tokens)
-        x, side = super().embed(text, mask, positions)
-        if pixel_values is None:
-            return x, side
-        slots = tokens == cfg.image_token_id
-        x = gemma4_vision.scatter_soft_tokens(x, slots, *self.image_features(pixel_values, image_position_ids))
-        # the text-only per-layer inputs computed above are unused, so a jit drops them
-        side = {**side, "ple": self.per_layer_inputs(text, x) if cfg.hidden_size_per_layer_input else None}
-        if cfg.vision_bidirectional:
-            side["blocks"] = gemma4_vision.image_blocks(slots)
-        return x, side
-
-
 def build_gemma4(cfg: Gemma4Config, dtype=jnp.float32) -> Gemma4ForCausalLM:
-    """The model of a text config, or of a multimodal one."""
-    if isinstance(cfg, Gemma4MultimodalConfig):
-        return Gemma4ForConditionalGeneration(cfg, dtype)
+    """The model of a text config, or of a multimodal one
+    (:class:`cqjax.models.gemma4_multimodal.Gemma4ForConditionalGeneration`)."""
+    if isinstance(cfg, gemma4_multimodal.Gemma4MultimodalConfig):
+        return gemma4_multimodal.Gemma4ForConditionalGeneration(cfg, dtype)
     return Gemma4ForCausalLM(cfg, dtype)
-
-
-def gemma4_tower(path: str) -> str:
-    """``vision`` for the vision tower and its embedder, else ``text``."""
-    return "vision" if gemma4_vision.is_vision_path(path) else "text"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,7 +473,16 @@ EXPERT_STACKED = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_
 
 
 def gemma4_hf_name(path: str, cfg: Gemma4Config) -> str | list:
-    """``layers/0/self_attn/q_proj/kernel`` → ``model.layers.0.self_attn.q_proj.weight``.
+    """The checkpoint tensor of an IR path: :func:`text_hf_name` under ``model.``; in a
+    multimodal checkpoint :func:`cqjax.models.gemma4_multimodal.hf_name` (the text model's
+    tensors under ``model.language_model.``, the towers' under their own names)."""
+    if isinstance(cfg, gemma4_multimodal.Gemma4MultimodalConfig):
+        return gemma4_multimodal.hf_name(path, cfg)
+    return text_hf_name(path, cfg, "model.")
+
+
+def text_hf_name(path: str, cfg: Gemma4Config, prefix: str) -> str | list:
+    """``layers/0/self_attn/q_proj/kernel`` → ``{prefix}layers.0.self_attn.q_proj.weight``.
 
     ``router/scale``, ``router/per_expert_scale`` and ``layer_scalar`` keep their names (they
     are bare parameters in transformers, not ``.weight`` of a submodule). An expert's linear
@@ -603,17 +492,11 @@ def gemma4_hf_name(path: str, cfg: Gemma4Config) -> str | list:
     ``(…, (e, I, 2I))`` for ``up_proj`` and ``(model.layers.N.experts.down_proj, (e,))``; then a
     per-expert 2-D tensor ``model.layers.N.experts.e.gate_proj.weight``.
 
-    In a multimodal checkpoint the text model's tensors are under ``model.language_model.``
-    and the vision tower's are named by :func:`cqjax.models.gemma4_vision.hf_name`.
-
     >>> cfg = parse_gemma4({"model_type": "gemma4_text", "num_hidden_layers": 1, "enable_moe_block": True,
     ...     "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 8}, "config.json")
-    >>> gemma4_hf_name("layers/0/experts/3/up_proj/kernel", cfg)
+    >>> text_hf_name("layers/0/experts/3/up_proj/kernel", cfg, "model.")
     [('model.layers.0.experts.gate_up_proj', (3, 8, 16)), 'model.layers.0.experts.3.up_proj.weight']
     """
-    if gemma4_vision.is_vision_path(path):
-        return gemma4_vision.hf_name(path)
-    prefix = "model.language_model." if isinstance(cfg, Gemma4MultimodalConfig) else "model."
     parts = path.split("/")
     if parts[-1] in ("kernel", "embedding") or (parts[-1] == "scale" and parts[-2] != "router"):
         parts[-1] = "weight"
@@ -628,21 +511,26 @@ def gemma4_hf_name(path: str, cfg: Gemma4Config) -> str | list:
 
 
 def gemma4_ignorable(name: str, cfg: Gemma4Config) -> bool:
-    """A tied head, RoPE buffers, and k/v tensors of KV-shared layers (transformers drops them);
-    in a multimodal checkpoint, the audio tower's tensors (:data:`AUDIO_PREFIXES`, not imported yet)."""
+    """A tied head, RoPE buffers, and k/v tensors of KV-shared layers (transformers drops them)."""
     if (cfg.tie_word_embeddings and name == "lm_head.weight") or name.endswith("rotary_emb.inv_freq"):
         return True
-    if isinstance(cfg, Gemma4MultimodalConfig):
-        if name.startswith(AUDIO_PREFIXES):
-            return True
-        if name.startswith("model.language_model."):
-            name = "model." + name[len("model.language_model."):]
+    if isinstance(cfg, gemma4_multimodal.Gemma4MultimodalConfig) and name.startswith("model.language_model."):
+        name = "model." + name[len("model.language_model."):]
     parts = name.split(".")
     if len(parts) >= 5 and parts[:2] == ["model", "layers"] and parts[3] == "self_attn" and parts[2].isdigit():
         i = int(parts[2])
         return i < cfg.num_layers and cfg.layers[i].kv_sharing == "reuse" and parts[4] in KV_SHARED_ABSENT
     return False
 
+
+def gemma4_tower(path: str) -> str:
+    """:func:`cqjax.models.gemma4_multimodal.tower` (``text`` for every path of a text model)."""
+    return gemma4_multimodal.tower(path)
+
+
+# The multimodal model builds on the text model above (so it is imported after it); the family
+# registered below reads both.
+from cqjax.models import gemma4_multimodal  # noqa: E402
 
 registry.register(registry.Family(name="gemma4", model_types=("gemma4_text", "gemma4"),
                                   parse_config=parse_gemma4, build=build_gemma4,

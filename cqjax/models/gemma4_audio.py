@@ -1,5 +1,6 @@
 """Gemma 4's audio tower (transformers' ``Gemma4AudioModel``) and its embedder into the text model
-(``Gemma4MultimodalEmbedder``), ready for the multimodal Gemma 4 to hold as ``audio_tower`` and
+(``Gemma4MultimodalEmbedder``), held by the multimodal Gemma 4
+(:class:`cqjax.models.gemma4_multimodal.Gemma4ForConditionalGeneration`) as ``audio_tower`` and
 ``embed_audio``.
 
 :func:`audio_soft_tokens` computes what transformers' ``Gemma4Model.get_audio_features`` does:
@@ -179,10 +180,11 @@ def _clip(x: jax.Array, bound: float) -> jax.Array:
 class Conv2d(nnx.Module):
     """A 3x3 convolution with stride 2 and padding 1 and no bias over ``x [B, T, F, C]``, as the
     matmul of its unfolded input: ``kernel [3 x 3 x in, out]``, window position (row-major)
-    major."""
+    major. The kernel records its ``window``, ``(3, 3)``, by which the Hugging Face export folds
+    it back to ``[out, in, 3, 3]`` (:func:`cqjax.io.export.checkpoint_layout`)."""
 
     def __init__(self, in_ch: int, out_ch: int, dtype=jnp.float32):
-        self.kernel = nnx.Param(jnp.zeros((9 * in_ch, out_ch), dtype), role="conv")
+        self.kernel = nnx.Param(jnp.zeros((9 * in_ch, out_ch), dtype), role="conv", window=(3, 3))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[B, T, F, in]`` → ``[B, ceil(T / 2), ceil(F / 2), out]``."""
@@ -411,6 +413,13 @@ def audio_soft_tokens(model: nnx.Module, features: jax.Array, mask: jax.Array) -
     """
     hidden, mask = model.audio_tower(jnp.asarray(features), jnp.asarray(mask, bool))
     return model.embed_audio(hidden), mask
+
+
+def soft_token_counts(mask: np.ndarray) -> np.ndarray:
+    """Soft tokens per clip ``[C]`` of a features mask ``[C, frames]``: the real frames among those
+    the two stride-2 subsampling convolutions keep (every fourth, as :class:`SubSampleConvLayer`
+    subsamples the mask)."""
+    return np.asarray(mask, bool)[:, ::4].sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ multimodal embedder      ``embedding_projection(rms(h))`` into the text model's 
 =======================  ========================================================================
 
 An image of ``h×w`` patches gives ``h·w / k²`` soft tokens; the prompt holds that many
-``image_token_id`` placeholders for it (:class:`cqjax.models.gemma4.Gemma4ForConditionalGeneration`
+``image_token_id`` placeholders for it (:class:`cqjax.models.gemma4_multimodal.Gemma4ForConditionalGeneration`
 puts the soft tokens there, in order). IR paths follow transformers' module names (tower
 ``vision``):
 
@@ -307,18 +307,31 @@ class MultimodalEmbedder(nnx.Module):
 def scatter_soft_tokens(x: jax.Array, slots: jax.Array, features: jax.Array, valid: jax.Array) -> jax.Array:
     """``x [B, T, D]`` with the ``j``-th placeholder (``slots [B, T]``, row-major) replaced by the
     ``j``-th valid soft token of ``features [N, L, D]`` (``valid [N, L]``, image by image), as
-    transformers' ``masked_scatter``. The counts must agree (:func:`check_image_prompt`)."""
+    transformers' ``masked_scatter``; audio uses it too. The counts must agree (checked outside
+    the trace: :meth:`cqjax.models.gemma4_multimodal.Gemma4ForConditionalGeneration.prompt_inputs`)."""
     flat = features.reshape(-1, features.shape[-1])
     order = jnp.nonzero(valid.reshape(-1), size=flat.shape[0], fill_value=0)[0]
     rank = jnp.clip(jnp.cumsum(slots.reshape(-1)) - 1, 0, flat.shape[0] - 1)
     return jnp.where(slots[..., None], flat[order[rank]].reshape(x.shape).astype(x.dtype), x)
 
 
-def image_blocks(slots: jax.Array) -> jax.Array:
-    """``[B, T]``: the index of each run of placeholders in its row, -1 off them (transformers'
-    ``get_block_sequence_ids_for_mask``)."""
-    starts = slots & ~jnp.pad(slots[:, :-1], ((0, 0), (1, 0)))
-    return jnp.where(slots, jnp.cumsum(starts, axis=1) - 1, -1)
+def image_spans(slots: jax.Array, positions: jax.Array) -> jax.Array:
+    """int32 ``[B, T, 2]``: for each placeholder (``slots [B, T]``), the positions of the first
+    and last placeholder of its run (one image's soft tokens); the empty span ``(0, -1)`` off
+    them. transformers' ``get_block_sequence_ids_for_mask`` as position ranges, so that the
+    keys of a block are found by position in a KV cache too.
+
+    >>> slots = jnp.asarray([[False, True, True, False, True]])
+    >>> image_spans(slots, jnp.arange(5)[None] + 10)[0].tolist()
+    [[0, -1], [11, 12], [11, 12], [0, -1], [14, 14]]
+    """
+    t = slots.shape[1]
+    index = jnp.arange(t)
+    first = jax.lax.cummax(jnp.where(slots & ~jnp.pad(slots[:, :-1], ((0, 0), (1, 0))), index, 0), axis=1)
+    last = jax.lax.cummin(jnp.where(slots & ~jnp.pad(slots[:, 1:], ((0, 0), (0, 1))), index, t - 1), axis=1,
+                          reverse=True)
+    span = jnp.stack([jnp.take_along_axis(positions, first, 1), jnp.take_along_axis(positions, last, 1)], -1)
+    return jnp.where(slots[..., None], span, jnp.asarray([0, -1])).astype(jnp.int32)
 
 
 def soft_token_counts(image_position_ids: np.ndarray, pooling_kernel_size: int) -> np.ndarray:
@@ -329,7 +342,7 @@ def soft_token_counts(image_position_ids: np.ndarray, pooling_kernel_size: int) 
 
 def check_image_prompt(cfg, tokens: np.ndarray, pixel_values: np.ndarray, image_position_ids: np.ndarray) -> None:
     """Raises ValueError unless the images fit the vision tower of ``cfg`` (a
-    :class:`cqjax.models.gemma4.Gemma4MultimodalConfig`) and ``tokens`` holds one
+    :class:`cqjax.models.gemma4_multimodal.Gemma4MultimodalConfig`) and ``tokens`` holds one
     ``image_token_id`` placeholder per soft token they give."""
     v = cfg.vision
     if v is None:
@@ -373,9 +386,9 @@ def patchify(image: np.ndarray, patch_size: int, max_patches: int) -> tuple[np.n
     return pixel_values, positions
 
 
-def _jitted(model, fn):
+def jit_call(model, fn):
     """``fn(model, *arrays)`` as one jitted call, ``model``'s quantized leaves in their runtime
-    layout (:func:`cqjax.runtime.prepare`, under the current kernel mode)."""
+    layout (:func:`cqjax.runtime.prepare`, under the kernel mode current now)."""
     from cqjax.runtime import prepare
 
     graphdef, state = nnx.split(prepare(model))
@@ -386,35 +399,11 @@ def _jitted(model, fn):
 def image_soft_tokens(model, pixel_values: np.ndarray, image_position_ids: np.ndarray) -> np.ndarray:
     """The images' soft tokens in the text model's width, ``[n, D_text]``: every image's valid
     tokens, image after image (transformers' ``get_image_features(...).pooler_output``,
-    concatenated), jitted as :func:`image_prompt_logits`. ``model`` is a
-    :class:`cqjax.models.gemma4.Gemma4ForConditionalGeneration`."""
-    features, valid = _jitted(model, lambda m, pv, pos: m.image_features(pv, pos))(
+    concatenated), jitted by :func:`jit_call`. ``model`` is a
+    :class:`cqjax.models.gemma4_multimodal.Gemma4ForConditionalGeneration`."""
+    features, valid = jit_call(model, lambda m, pv, pos: m.image_features(pv, pos))(
         jnp.asarray(pixel_values, jnp.float32), jnp.asarray(image_position_ids, jnp.int32))
     return np.asarray(features)[np.asarray(valid)]
-
-
-def image_prompt_logits(model, tokens: np.ndarray, pixel_values: np.ndarray, image_position_ids: np.ndarray,
-                        mask: np.ndarray | None = None) -> np.ndarray:
-    """float32 logits ``[B, T, V]`` of a text+image prompt, compiled for this call, quantized
-    leaves in their runtime layout (:func:`cqjax.runtime.prepare`, under the current kernel mode).
-
-    Args:
-      model: a :class:`cqjax.models.gemma4.Gemma4ForConditionalGeneration` (float or quantized).
-      tokens: ``[B, T]`` ids holding one ``image_token_id`` per soft token of the images, in order.
-      pixel_values, image_position_ids: the images as transformers' ``Gemma4ImageProcessor``
-        gives them (or :func:`patchify`), ``[N, patches, 3·p²]`` and ``[N, patches, 2]``.
-      mask: ``[B, T]`` True on real tokens (default all).
-
-    Raises:
-      ValueError: the placeholders and the images' soft tokens do not agree, or the images do
-        not fit the tower (:func:`check_image_prompt`).
-    """
-    tokens = np.atleast_2d(np.asarray(tokens, np.int32))
-    check_image_prompt(model.config, tokens, pixel_values, image_position_ids)
-    mask = np.ones(tokens.shape, bool) if mask is None else np.asarray(mask, bool)
-    run = _jitted(model, lambda m, tokens, mask, pv, pos: m(tokens, mask, pixel_values=pv, image_position_ids=pos))
-    return np.asarray(run(tokens, mask, jnp.asarray(pixel_values, jnp.float32),
-                          jnp.asarray(image_position_ids, jnp.int32)))
 
 
 def hf_name(path: str) -> str:
