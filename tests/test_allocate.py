@@ -130,6 +130,12 @@ def test_damage_proxies():
     assert table == pytest.approx(row2, rel=1e-3)
     uniform = damage("hessian", w, w_hat, {"counts": np.zeros(8)}, "t")
     assert uniform == pytest.approx(damage("weight", w, w_hat, None, "t"))
+    # The Fisher of a gathered table: row 0 was read 4 times, the others never; each row gets
+    # one more occurrence at the mean Fisher per occurrence (F[0] / 4 = 0.25 per element).
+    counts = np.zeros(8)
+    counts[0] = 4
+    smoothed = damage("fisher", w, w_hat, {"fisher": F, "counts": counts}, "t")
+    assert smoothed == pytest.approx(0.5 * (1.25 * np.sum((w - w_hat)[0] ** 2) + 0.25 * np.sum((w - w_hat)[1:] ** 2)))
 
 
 def test_one_plan_serves_every_budget_and_choice_subset():

@@ -111,6 +111,32 @@ def test_quantized_tiny_encoder_runs_through_each_runtime(tiny, kernel):
     assert q.storage["bits_per_weight"]["quantized_tensors"] < 8
 
 
+def test_encoder_fisher_estimates_the_embeddings_gauss_newton_diagonal(tiny):
+    """The allocator's sensitivity for an encoder (``quant.bpw``): squared gradients of the
+    sentence embedding along random directions average to ``Σ_d (∂e_d/∂w)²``, computed here
+    exactly from the Jacobian."""
+    import jax
+    from flax import nnx
+
+    from cqjax.calib.fisher import embedding_loss, fisher_diag
+
+    path, _ = tiny
+    model = hf.to_model(hf.import_checkpoint(path))
+    row = np.random.default_rng(0).integers(1, TINY["vocab_size"], (1, 9)).astype(np.int32)
+    paths = ["layers/1/intermediate/kernel", "layers/0/attention/value/kernel"]
+    n = 600
+    directions = np.random.default_rng(1).standard_normal((n, TINY["hidden_size"])).astype(np.float32)
+    ours = fisher_diag(model, (np.repeat(row, n, axis=0), directions), paths, loss=embedding_loss, progress=False)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    jac = jax.jacrev(lambda p: nnx.merge(graphdef, p, rest).sentence_embedding(row, np.ones(row.shape, bool))[0])(params)
+    flat = {"/".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(jac)}
+    for p in paths:
+        exact = np.sum(np.square(np.asarray(flat[p])), axis=0)  # [D, *shape] -> the parameter's shape
+        assert ours[p].shape == exact.shape
+        assert abs(ours[p].sum() / exact.sum() - 1) < 0.15  # 600 single-direction probes
+        assert np.corrcoef(ours[p].ravel(), exact.ravel())[0, 1] > 0.9
+
+
 def test_retrieval_accuracy_and_batching():
     emb = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 0, 1, 3, 2]]  # questions 2 and 3 point at each other's paragraph
     assert embeddings.retrieval_accuracy(emb, 4) == 0.5

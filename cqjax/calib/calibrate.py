@@ -3,7 +3,8 @@
 A pass declares the statistics it reads from ``ctx.calibration`` in its
 :class:`cqjax.pipeline.Needs`: ``"hessian"`` (input second moments of every linear, from
 :func:`cqjax.calib.stats.collect`) and ``"fisher"`` (the diagonal Fisher of every eligible
-tensor, from :func:`cqjax.calib.fisher.fisher_diag`). :func:`calibrate` draws the token rows
+tensor, from :func:`cqjax.calib.fisher.fisher_diag`; a sentence encoder's of its embedding,
+a speech recognizer's of its transcripts). :func:`calibrate` draws the token rows
 once (:func:`cqjax.calib.sequences.calibration_tokens`), keeps them (``Calibration.rows``, for
 passes that need the rows themselves) and gathers only what is asked for, timing each step.
 """
@@ -13,7 +14,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from cqjax.calib.fisher import fisher_diag
+import numpy as np
+
+from cqjax.calib.fisher import embedding_loss, fisher_diag
 from cqjax.calib.sequences import calibration_tokens
 from cqjax.calib.stats import Calibration, collect
 from cqjax.ir import IR
@@ -61,7 +64,13 @@ def calibrate(model, ir: IR, tokenizer, needs: Iterable[str], *, source: str = "
     if "fisher" in needs:
         t = time.perf_counter()
         paths = [p for p, m in ir.meta.items() if is_eligible(p, m)]
-        for p, f in fisher_diag(model, tokens, paths, progress=progress).items():
+        if hasattr(model, "sentence_embedding"):  # a sentence encoder: no next token to predict
+            directions = np.random.default_rng(seed).standard_normal((len(tokens), ir.config.hidden_size))
+            fisher = fisher_diag(model, (tokens, directions.astype(np.float32)), paths, loss=embedding_loss,
+                                 progress=progress)
+        else:
+            fisher = fisher_diag(model, tokens, paths, progress=progress)
+        for p, f in fisher.items():
             stats.setdefault(p, {})["fisher"] = f
         timing["fisher_s"] = time.perf_counter() - t
     return Calibration(stats, source=source, tokens=int(tokens.size), seconds=time.perf_counter() - start,
@@ -75,8 +84,6 @@ def calibrate_speech(model, ir: IR, tokenizer, rows: int, *, needs: Iterable[str
     own text: Hessians of its kernels' inputs (:func:`cqjax.calib.stats.collect_speech`) and the
     diagonal Fisher of its eligible tensors (:func:`fisher_diag` of
     :func:`cqjax.calib.fisher.transcript_loss`)."""
-    import numpy as np
-
     from cqjax.calib.fisher import transcript_loss
     from cqjax.calib.stats import collect_speech
     from cqjax.eval.speech import calibration_sentences, clips, log_mel, teacher_tokens

@@ -2,7 +2,8 @@
 
 ``F[w] = mean over calibration rows s of (∂ L_s / ∂ w)²`` with ``L_s`` the mean next-token
 negative log-likelihood of row ``s`` (a speech recognizer's: of its transcript,
-:func:`transcript_loss`). On rows the model sampled itself (calibration source
+:func:`transcript_loss`; a sentence encoder's: its embedding along a random direction,
+:func:`embedding_loss`). On rows the model sampled itself (calibration source
 ``"self"``) the targets follow the model's own distribution, so this estimates the true Fisher,
 whose quadratic form ``½ Σ F δw²`` approximates the KL between the float model and one with
 weights ``w + δw``: the sensitivity proxy of :mod:`cqjax.passes.allocate`.
@@ -38,6 +39,16 @@ def transcript_loss(model: nnx.Module, features: jax.Array, tokens: jax.Array, m
     nll = -jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
     counted = mask[:, 1:].astype(jnp.float32)
     return jnp.sum(nll * counted) / jnp.maximum(jnp.sum(counted), 1.0)
+
+
+def embedding_loss(model: nnx.Module, tokens: jax.Array, direction: jax.Array) -> jax.Array:
+    """A sentence encoder's (``model.sentence_embedding``, e.g.
+    :class:`cqjax.models.bert.SentenceEncoder`) embedding ``e`` of ``tokens [B, T]`` (all real)
+    along ``direction [B, D]`` drawn from N(0, I). Its squared gradient has expectation
+    ``Σ_d (∂e_d / ∂w)²`` over the directions: the Gauss-Newton diagonal of the embedding, whose
+    quadratic form ``½ Σ F δw²`` approximates ``½ ‖δe‖² = 1 − cos(e, e + δe)`` for unit
+    embeddings — the cosine the encoder's evaluation reads."""
+    return jnp.sum(model.sentence_embedding(tokens, jnp.ones(tokens.shape, bool)) * direction)
 
 
 def fisher_diag(model: nnx.Module, rows: np.ndarray | tuple[np.ndarray, ...], paths: Sequence[str], *,

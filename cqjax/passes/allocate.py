@@ -14,7 +14,9 @@ measures
 proxy           estimated damage ``d_t(b)`` of quantizing ``t`` alone at ``b`` bits
 ==============  ===================================================================================
 ``fisher``      ``½ Σ F ⊙ (W − Ŵ_b)²`` with ``F`` the diagonal Fisher of the float model
-                (``calibration[path]["fisher"]``): a second-order estimate of the KL it causes
+                (``calibration[path]["fisher"]``): a second-order estimate of the KL it causes.
+                A gathered table with ``counts``: each row's ``F`` plus the mean Fisher of one
+                occurrence (add-one smoothing: rows unseen in calibration still count)
 ``hessian``     ``tr((W − Ŵ_b)ᵀ H (W − Ŵ_b)) / tr(Wᵀ H W)``: relative output error of the layer
                 on calibration inputs (``calibration[path]["hessian"]``); every layer weighs the same.
                 A gathered table (one-hot inputs): ``H = diag(p)``, ``p`` its add-one smoothed token
@@ -62,7 +64,14 @@ def damage(proxy: str, w: np.ndarray, w_hat: np.ndarray, stats: Mapping[str, Any
         raise KeyError(f"{path}: proxy {proxy!r} needs calibration[{path!r}][{proxy!r}] "
                        "(run calibration with it, or use proxy='weight')")
     if proxy == "fisher":
-        return float(0.5 * np.sum(np.asarray(stats["fisher"], np.float64) * d * d))
+        F = np.asarray(stats["fisher"], np.float64)
+        counts = stats.get("counts")
+        if counts is not None and F.ndim == 2 and len(counts) == F.shape[0]:
+            # A gathered table: rows the calibration never read have no gradient, yet other text
+            # reads them. Every row gets one more occurrence at the mean Fisher per occurrence
+            # (add-one smoothing, as the hessian proxy's counts).
+            F = F + F.sum(axis=0) / max(float(np.sum(counts)), 1.0)
+        return float(0.5 * np.sum(F * d * d))
     H = np.asarray(stats["hessian"], np.float64)
     wf = np.asarray(w, np.float64)
     if H.shape[0] != wf.shape[0]:  # a tied table [V, D] used as a head: rows are outputs
