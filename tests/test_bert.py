@@ -186,6 +186,7 @@ def test_packaged_minilm_matches_sentence_transformers_definition():
     assert np.abs(ours - theirs).max() < 1e-5
 
 
+@pytest.mark.slow  # ~65 s on 2 cores: the packaged model converted and evaluated through the CLI
 def test_cli_converts_and_evaluates_minilm(tmp_path):
     """The issue's command on the packaged model: report.json carries retrieval and cosine."""
     directory = _minilm()
@@ -215,6 +216,7 @@ def test_encoder_refuses_calibration_on_its_evaluation_text(tmp_path):
     assert proc.returncode != 0 and "calib.source='squad'" in proc.stderr
 
 
+@pytest.mark.slow  # ~30 s on 2 cores: the packaged model tuned block by block
 def test_tuning_an_encoder_runs_block_by_block_and_lowers_each_blocks_error():
     """cq-tune on an encoder: no end-to-end KL (no tokens are predicted), the block stage alone."""
     directory = _minilm()

@@ -250,6 +250,7 @@ def test_multirun_sweep_writes_summary_and_pareto(checkpoint, tmp_path):
         assert {t["bits"] for t in r["tensors"] if t["role"] == "linear"} == {bits}
 
 
+@pytest.mark.slow  # ~25 s on 2 cores: a sweep of CLI jobs in parallel processes
 def test_sweep_runs_jobs_in_parallel_processes_with_the_joblib_launcher(checkpoint, tmp_path):
     """``hydra/launcher=joblib``: each job in a worker process of its own (each holds its own
     models: the memory of n_jobs runs at once), the same reports and summary as in sequence."""

@@ -154,6 +154,7 @@ def _assert_same_gradients(chained, whole):
         np.testing.assert_allclose(chained[name], g, rtol=1e-3, atol=1e-4 * np.abs(g).max() + 1e-9, err_msg=str(name))
 
 
+@pytest.mark.slow  # ~40 s on 2 cores: two gradients of a whole model compiled and compared
 def test_the_end_to_end_gradient_block_by_block_is_the_whole_models(tmp_path):
     """Tied table: the head's and the lookup's shares of its gradient are summed."""
     cfg = {**CFG, "tie_word_embeddings": True, "num_hidden_layers": 3}

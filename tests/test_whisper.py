@@ -230,6 +230,7 @@ def _whisper():
     return directory
 
 
+@pytest.mark.slow  # ~25 s on 2 cores: the packaged model transcribes 8 clips three times
 def test_packaged_whisper_transcribes_and_8_bit_towers_keep_its_transcriptions():
     """tiny.en transcribes espeak-ng speech (WER well below 1); each tower at 8 bits (data-free
     CQ) keeps the word error rate within 5 points; the packed runtime (FFI kernels on CPU)
@@ -251,6 +252,7 @@ def test_packaged_whisper_transcribes_and_8_bit_towers_keep_its_transcriptions()
     assert speech.transcribe(runtime.prepare(hf.to_model(q)), tok, audio) == decoded
 
 
+@pytest.mark.slow  # ~75 s on 2 cores: the packaged model converted, evaluated and re-scored through the CLI
 def test_cli_converts_and_evaluates_whisper(tmp_path):
     """The issue's command on the packaged model (cq-ef, calibrated on spoken sentences the
     evaluation does not read): report.json carries the word error rate and the towers; mode=eval
