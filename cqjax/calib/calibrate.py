@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from cqjax.calib.fisher import embedding_loss, fisher_diag
+from cqjax.calib.fisher import embedding_loss, fisher_diag, next_token_loss, transcript_loss
 from cqjax.calib.sequences import calibration_tokens
 from cqjax.calib.stats import Calibration, collect
 from cqjax.ir import IR
@@ -44,12 +44,7 @@ def calibrate(model, ir: IR, tokenizer, needs: Iterable[str], *, source: str = "
     Raises:
       ValueError: an unknown statistic or source.
     """
-    from cqjax.quant_stats import is_eligible
-
-    needs = set(needs)
-    unknown = needs - set(STATS)
-    if unknown:
-        raise ValueError(f"calibration statistics {sorted(unknown)}: allowed {STATS}")
+    needs = _checked(needs)
     start = time.perf_counter()
     timing: dict[str, float] = {}
     t = time.perf_counter()
@@ -63,15 +58,11 @@ def calibrate(model, ir: IR, tokenizer, needs: Iterable[str], *, source: str = "
         timing["hessian_s"] = time.perf_counter() - t
     if "fisher" in needs:
         t = time.perf_counter()
-        paths = [p for p, m in ir.meta.items() if is_eligible(p, m)]
         if hasattr(model, "sentence_embedding"):  # a sentence encoder: no next token to predict
             directions = np.random.default_rng(seed).standard_normal((len(tokens), ir.config.hidden_size))
-            fisher = fisher_diag(model, (tokens, directions.astype(np.float32)), paths, loss=embedding_loss,
-                                 progress=progress)
+            _add_fisher(stats, model, ir, (tokens, directions.astype(np.float32)), embedding_loss, progress)
         else:
-            fisher = fisher_diag(model, tokens, paths, progress=progress)
-        for p, f in fisher.items():
-            stats.setdefault(p, {})["fisher"] = f
+            _add_fisher(stats, model, ir, tokens, next_token_loss, progress)
         timing["fisher_s"] = time.perf_counter() - t
     return Calibration(stats, source=source, tokens=int(tokens.size), seconds=time.perf_counter() - start,
                        timing=timing, rows=tokens)
@@ -84,14 +75,10 @@ def calibrate_speech(model, ir: IR, tokenizer, rows: int, *, needs: Iterable[str
     own text: Hessians of its kernels' inputs (:func:`cqjax.calib.stats.collect_speech`) and the
     diagonal Fisher of its eligible tensors (:func:`fisher_diag` of
     :func:`cqjax.calib.fisher.transcript_loss`)."""
-    from cqjax.calib.fisher import transcript_loss
     from cqjax.calib.stats import collect_speech
     from cqjax.eval.speech import calibration_sentences, clips, log_mel, teacher_tokens
-    from cqjax.quant_stats import is_eligible
 
-    needs = set(needs)
-    if needs - set(STATS):
-        raise ValueError(f"calibration statistics {sorted(needs - set(STATS))}: allowed {STATS}")
+    needs = _checked(needs)
     start = time.perf_counter()
     texts, audio = clips(calibration_sentences(rows, skip=skip), log=log)
     features = np.stack([log_mel(a, ir.config.num_mel_bins) for a in audio])
@@ -105,10 +92,25 @@ def calibrate_speech(model, ir: IR, tokenizer, rows: int, *, needs: Iterable[str
         timing["hessian_s"] = time.perf_counter() - t
     if "fisher" in needs:
         t = time.perf_counter()
-        paths = [p for p, m in ir.meta.items() if is_eligible(p, m)]
-        for p, f in fisher_diag(model, (features, tokens, mask), paths, loss=transcript_loss,
-                                progress=progress).items():
-            stats.setdefault(p, {})["fisher"] = f
+        _add_fisher(stats, model, ir, (features, tokens, mask), transcript_loss, progress)
         timing["fisher_s"] = time.perf_counter() - t
     return Calibration(stats, source=source, tokens=int(mask.sum()), seconds=time.perf_counter() - start,
                        rows=tokens, timing=timing)
+
+
+def _checked(needs: Iterable[str]) -> set[str]:
+    """``needs`` as a set; an unknown statistic is a ValueError naming the allowed ones."""
+    needs = set(needs)
+    if needs - set(STATS):
+        raise ValueError(f"calibration statistics {sorted(needs - set(STATS))}: allowed {STATS}")
+    return needs
+
+
+def _add_fisher(stats: dict[str, dict], model, ir: IR, rows, loss, progress: bool) -> None:
+    """Adds ``"fisher"`` (:func:`fisher_diag` of ``loss`` over ``rows``) to ``stats`` for every
+    eligible tensor of ``ir``."""
+    from cqjax.quant_stats import is_eligible
+
+    paths = [p for p, m in ir.meta.items() if is_eligible(p, m)]
+    for p, f in fisher_diag(model, rows, paths, loss=loss, progress=progress).items():
+        stats.setdefault(p, {})["fisher"] = f
