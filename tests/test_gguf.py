@@ -859,3 +859,22 @@ def test_wordpiece_tokenizer_of_minilm_gives_its_ids(tmp_path):
     tokens[-1] = "\u2581Paris"
     write_wordpiece_tokenizer({**meta, "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": cased}, tmp_path)
     assert AutoTokenizer.from_pretrained(str(tmp_path))("Paris")["input_ids"] == [101, len(tokens) - 1, 102]
+
+
+@pytest.mark.slow  # ~40 s on 2 cores: the packaged SmolLM2 GGUF converted and quantized through the CLI
+def test_the_command_line_imports_a_gguf_with_its_tokenizer(tmp_path):
+    """The README's `model.path=model.gguf` through `python -m cqjax`, which hides torch from its
+    process: transformers' GGUF tokenizer reader still gets it (it failed before)."""
+    from cqjax import data
+    from test_cli import cqjax as run_cli
+
+    try:
+        gguf_file = data.gguf_path("smollm2-135m")
+    except FileNotFoundError as e:
+        pytest.skip(f"packaged model not prepared (run `python -m cqjax.data setup`): {e}")
+    run = tmp_path / "run"
+    proc = run_cli(["+model=hf", f"model.path={gguf_file}", "pipeline=cq", "quant.bits=4", "eval.perplexity.enabled=false",
+                    "eval.tasks=[]", f"hydra.run.dir={run}"], tmp_path, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    converted = next((tmp_path / "cache" / "gguf").iterdir())
+    assert (converted / "tokenizer.json").is_file() and (run / "artifact" / "manifest.json").is_file()

@@ -702,15 +702,37 @@ def write_tokenizer(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) ->
     of the file's model config: that parse rejects gemma4's per-layer metadata arrays.
     """
     import gguf
-    from transformers import AutoTokenizer
 
     gguf_path = Path(gguf_path)
+    _unhide_torch(gguf_path)
+    from transformers import AutoTokenizer
+
     fields = gguf.GGUFReader(str(gguf_path)).fields
     arch, kind = (fields[k].contents() if k in fields else None
                   for k in ("general.architecture", "tokenizer.ggml.model"))
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                         tokenizer_type=_GEMMA4_TOKENIZER_TYPES.get(kind) if arch == "gemma4" else None)
     tok.save_pretrained(str(out_dir))
+
+
+def _unhide_torch(gguf_path: Path) -> None:
+    """transformers' GGUF reader imports torch, which the command line hides to spare its
+    start-up (:func:`cqjax.__main__._without_torch`): a (cached, one-time) conversion lifts that.
+
+    Raises:
+      CheckpointError: torch is not installed, naming the file whose tokenizer needs it.
+    """
+    import sys
+
+    from cqjax.errors import CheckpointError
+
+    if "torch" in sys.modules and sys.modules["torch"] is None:
+        del sys.modules["torch"]
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise CheckpointError(f"{gguf_path}: transformers reads a GGUF's tokenizer with torch, which is not "
+                              "installed (pip install torch; the CPU wheel is enough)") from None
 
 
 def write_wordpiece_tokenizer(meta: Mapping[str, Any], out_dir: str | os.PathLike, *, source: str = "<gguf>") -> None:
