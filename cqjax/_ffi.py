@@ -11,6 +11,8 @@ through ``jax.ffi.ffi_call``.
 |                 |                    | s1, s2, perm (a CQ weight, layout v1)  |                       |
 | cqjax_cq_gather | :func:`cq_gather`  | ids i32[...], codes, norms, codebooks, | bits, blocks, k,      |
 |                 |                    | s1, s2, perm                           | rotate                |
+| cqjax_attention | :func:`attention_bf16` | q f32[N, R, D], k u16[N, D, S],    | scale, softcap        |
+| _bf16           |                    | v u16[N, S, Dv] (bf16 bits), mask      |                       |
 
 The CQ kernels' scheme (int8 activations and int8 codebook levels, exact int32 block dots)
 and their SIMD paths are documented in ``xla_ext/include/cqjax/cq_kernel.h``; the path is
@@ -43,6 +45,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
 __all__ = [
     "TARGETS",
     "active_kernel_path",
+    "attention_bf16",
     "cpu_features",
     "cq_gather",
     "cq_matmul",
@@ -236,3 +239,26 @@ def cq_gather(ids, codes, norms, codebooks, s1, s2, perm, *, bits: int, blocks, 
         vmap_method="expand_dims",
     )
     return call(ids.astype(jnp.int32), *ops, k=np.int32(K), rotate=np.int32(bool(rotate)), **attrs)
+
+
+def attention_bf16(q, k, v, mask, *, scale: float, softcap: float | None = None):
+    """Grouped-query attention over a bfloat16 KV cache held as its ``uint16`` bits.
+
+    Args:
+      q: float32 ``[N, R, D]``: ``N = B·KV`` head groups, ``R = G·T`` rows (row ``r`` is the
+        query at new position ``r % T``).
+      k: uint16 ``[N, D, S]`` bfloat16 bits of the cached keys.
+      v: uint16 ``[N, S, Dv]`` bfloat16 bits of the cached values.
+      mask: bool ``[B, T, S]``: which cached slots each new position attends.
+      scale: the scores' factor; softcap: ``tanh(s / c) · c`` of the scaled scores, or None.
+
+    Returns:
+      float32 ``[N, R, Dv]``: softmax over the unmasked slots of the scores, times the values
+      (a row with no slot to attend averages every value, as the JAX reference does).
+    """
+    who = "cqjax_attention_bf16"
+    _check(k.dtype == jnp.uint16 and v.dtype == jnp.uint16, who, f"k, v must be uint16, got {k.dtype}, {v.dtype}")
+    call = jax.ffi.ffi_call(who, jax.ShapeDtypeStruct((q.shape[0], q.shape[1], v.shape[2]), jnp.float32))
+    return call(q.astype(jnp.float32), k, v, mask.astype(jnp.bool_), scale=np.float32(scale),
+                softcap=np.float32(0.0 if softcap is None else softcap))
+

@@ -323,7 +323,8 @@ class RuntimeConfig:
       threads: CPU cores for JAX and the CQ kernel (:func:`cqjax.runtime.set_threads`); null = all.
       kernel: ``auto`` (the C++ kernel on CPU, pure JAX elsewhere), ``ffi`` or ``jax``
         (:mod:`cqjax.kernels.backend`; ``auto`` defers to ``CQJAX_KERNEL`` when it is set).
-      kv_bits: the KV cache of generation: null (float32), 8 or 4 (:mod:`cqjax.kv_cache`).
+      kv_bits: the KV cache of generation: null (float32), 16 (bfloat16; read by the C++ kernel
+        when decoding on CPU), 8 or 4 (:mod:`cqjax.kv_cache`).
     """
 
     threads: Optional[int] = None
@@ -432,9 +433,9 @@ def _check_runtime(r: DictConfig) -> None:
     _allowed("runtime.kernel", r.kernel, MODES)
     _positive("runtime.threads", r.threads, optional=True)
     if r.kv_bits is not None:
-        from cqjax.kv_cache import KV_BITS
+        from cqjax.kv_cache import KV_WIDTHS
 
-        _allowed("runtime.kv_bits", r.kv_bits, KV_BITS)
+        _allowed("runtime.kv_bits", r.kv_bits, KV_WIDTHS)
     if r.threads is not None and r.threads > len(os.sched_getaffinity(0)):
         raise ConfigError(f"runtime.threads={r.threads}: this process may use {len(os.sched_getaffinity(0))} cores")
 

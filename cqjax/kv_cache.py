@@ -42,6 +42,9 @@ from cqjax.kernels.qarrays import select_levels
 
 #: The widths a quantized cache supports.
 KV_BITS = (4, 8)
+#: Every ``runtime.kv_bits`` but null (float32): 16 is a bfloat16 cache
+#: (:class:`cqjax.runtime.KVCache`), 8 and 4 the quantized caches of this module.
+KV_WIDTHS = (16, *KV_BITS)
 
 
 def _levels(P: int, bits: int) -> np.ndarray:

@@ -1,6 +1,7 @@
 """The quantized KV cache (runtime.kv_bits): its codes are the CQ reference quantizer's on the
 rotated head vectors (odd head dims padded), attention through it matches the float cache
-within what its width allows, decoding runs through it, and models that cannot read it say so."""
+within what its width allows, decoding runs through it, and models that cannot read it say so;
+a bfloat16 cache (kv_bits=16) is read by the C++ kernel, checked against the JAX attention."""
 
 from __future__ import annotations
 
@@ -53,15 +54,68 @@ def test_attention_through_the_cache_matches_the_float_model(model):
     tokens = np.random.default_rng(1).integers(0, 37, (2, 40)).astype(np.int32)
     ref = model(tokens)
     np.testing.assert_allclose(np.asarray(runtime.cached_logits(model, tokens)), np.asarray(ref), atol=1e-4)
+    kl16 = _kl(ref, runtime.cached_logits(model, tokens, kv_bits=16))
     kl8 = _kl(ref, runtime.cached_logits(model, tokens, kv_bits=8))
     kl4 = _kl(ref, runtime.cached_logits(model, tokens, kv_bits=4))
-    assert kl8 < 1e-4 and kl8 < kl4 < 2e-2, (kl8, kl4)
+    assert 0 < kl16 < 1e-4 and kl8 < 1e-4 and kl8 < kl4 < 2e-2, (kl16, kl8, kl4)
+
+
+@pytest.mark.parametrize("s, dv, softcap", [(37, 40, None), (83, 72, None), (83, 72, 2.0)])
+def test_the_bfloat16_cache_kernel_is_the_reference_attention(s, dv, softcap):
+    """cqjax_attention_bf16 on every kernel path this CPU runs against the pure-JAX attention on
+    the widened cache: odd sizes (slots and value widths past 64- and 16-wide column blocks),
+    two new positions, grouped heads, a ragged mask with a row that attends nothing (padding)."""
+    from cqjax import _ffi
+    from cqjax.models import layers
+
+    rng = np.random.default_rng(5)
+    b, kv, g, t, d = 2, 3, 3, 2, 24
+    qg = jnp.asarray(rng.standard_normal((b * kv, g * t, d)), jnp.float32)
+    bits = lambda shape: jax.lax.bitcast_convert_type(  # noqa: E731
+        jnp.asarray(rng.standard_normal(shape) * 2, jnp.bfloat16), jnp.uint16)
+    k, v = bits((b * kv, d, s)), bits((b * kv, s, dv))
+    mask = rng.random((b, t, s)) < 0.6
+    mask[1, 0] = False
+    mask = jnp.asarray(mask)
+    ref = layers._attend(qg, mask, k, v, 0.2, softcap)  # widened to float32
+    paths = [p for p, ok in _ffi.kernel_paths().items() if ok]
+    try:
+        for path in paths:
+            _ffi.set_kernel_path(path)
+            got = _ffi.attention_bf16(qg, k, v, mask, scale=0.2, softcap=softcap)
+            np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-5, atol=2e-5, err_msg=path)
+    finally:
+        _ffi.set_kernel_path(None)
+    assert "ref" in paths
+
+
+def test_a_bfloat16_cache_decodes_in_place(model):
+    """kv_bits=16: a decode step reads every layer's keys and values in the kernel and writes
+    the new entry in place (no copy or widening of a whole cache in the compiled step)."""
+    import re
+
+    from cqjax.kernels import backend
+
+    with backend.use_kernel("ffi"):
+        dec = runtime.Decoder(model, batch=1, max_len=20, kv_bits=16)
+        nxt = dec.prefill(np.arange(1, 9, dtype=np.int32)[None])
+        args = (dec._leaves, dec.caches, nxt[:, None], np.ones((1, 1), bool), np.full((1, 1), 8, np.int32), dec._key)
+        hlo = dec._step.lower(*args).compile().as_text()
+    shapes = {"u16[%s]" % ",".join(map(str, c.shape)) for cache in dec.caches for c in (cache.k, cache.v)}
+    whole = [line for line in hlo.splitlines() if re.search(r"= (\S+)\{[^}]*\} (copy|convert)\(", line)
+             and re.search(r"= (\S+)\{", line).group(1).replace("f32", "u16") in shapes]
+    assert hlo.count('custom_call_target="cqjax_attention_bf16"') == len(dec.caches) and not whole, whole
 
 
 def test_decoding_reads_the_quantized_cache(model):
     prompt = np.random.default_rng(2).integers(0, 37, (1, 12)).astype(np.int32)
     plain = runtime.generate(model, prompt, max_new_tokens=8)
     assert np.array_equal(runtime.generate(model, prompt, max_new_tokens=8, kv_bits=8), plain)
+    from cqjax.kernels import backend
+
+    for mode in ("ffi", "jax"):  # a bfloat16 cache, read by the kernel and in pure JAX
+        with backend.use_kernel(mode):
+            assert np.array_equal(runtime.generate(model, prompt, max_new_tokens=8, kv_bits=16), plain)
     dec = runtime.Decoder(model, batch=1, max_len=20, kv_bits=4)
     dec.prefill(prompt)
     per_token = cache_bytes_per_token(dec.caches)

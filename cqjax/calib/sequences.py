@@ -34,7 +34,7 @@ def self_generated(model, *, n: int, length: int, bos_token_id: int, seed: int =
                    kv_bits: int | None = None) -> np.ndarray:
     """``n`` sequences of ``length`` tokens sampled by ``model`` from ``[BOS]`` (with a progress
     line on stderr every 10 s if ``progress``). Each batch of rows decodes with a KV cache:
-    float32, or quantized to ``kv_bits`` (:mod:`cqjax.kv_cache`; a 1.5B model's float32 cache
+    float32, bfloat16 (``kv_bits=16``), or quantized to ``kv_bits`` (:mod:`cqjax.kv_cache`; a 1.5B model's float32 cache
     of 16 rows x 512 tokens is 470 MB)."""
     from cqjax import runtime
     from cqjax.progress import Progress

@@ -191,3 +191,20 @@ def take_rows(q, ids, jax_fn):
 
     return _pick(mode, jnp.asarray(ids).astype(jnp.int32), ffi_fn,
                  lambda i: jax_fn(i).astype(jnp.float32))
+
+
+def attention_bf16(qg, k, v, mask, *, scale: float, softcap: float | None, jax_fn):
+    """Attention of ``qg [B·KV, R, D]`` over a bfloat16 cache held as ``uint16`` bits (``k [B·KV,
+    D, S]``, ``v [B·KV, S, Dv]``) with ``mask [B, T, S]``: the C++ kernel where it runs, else
+    ``jax_fn(qg, mask, k, v, scale, softcap)``."""
+    mode = kernel_mode()
+    if mode == "jax" or not ffi_available():
+        if mode == "ffi":
+            raise RuntimeError("CQJAX_KERNEL=ffi but the compiled extension cqjax._xla_ext is missing")
+        return jax_fn(qg, mask, k, v, scale, softcap)
+
+    def ffi_fn(x):
+        return _ffi_mod().attention_bf16(x, k, v, mask, scale=scale, softcap=softcap)
+
+    return _pick(mode, qg.astype(jnp.float32), ffi_fn, lambda x: jax_fn(x, mask, k, v, scale, softcap))
+

@@ -255,19 +255,48 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     in-place update was then duplicated into the dot's operand), and keys stored ``[S, D]``
     a repacking of every key per step (YNNPACK's dot wants them ``[D, S]``).
     Fully masked query rows (padding) give finite values, never NaN.
+
+    A bfloat16 cache (``runtime.kv_bits=16``) arrives as its ``uint16`` bits
+    (:class:`cqjax.runtime.KVCache`): a step of at most :data:`KERNEL_ATTENTION_ROWS` query
+    rows per head group (decoding) reads it in the C++ kernel (``cqjax_attention_bf16``), where
+    the kernel runs; elsewhere, and for a prompt, it is widened to float32 here.
     """
     b, t, h, d = q.shape
     kv = k.shape[0] // b
-    g, s = h // kv, k.shape[2]
+    g = h // kv
     qg = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, g * t, d).astype(jnp.float32)
-    scores = jnp.einsum("nqd,nds->nqs", qg, k.astype(jnp.float32)).reshape(b, kv, g, t, s) * scale
+    if k.dtype == jnp.uint16 and g * t <= KERNEL_ATTENTION_ROWS:
+        out = backend.attention_bf16(qg, k, v, mask, scale=scale, softcap=softcap, jax_fn=_attend)
+    else:
+        out = _attend(qg, mask, k, v, scale, softcap)
+    dv = v.shape[-1]
+    return out.reshape(b, kv, g, t, dv).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dv).astype(q.dtype)
+
+
+#: Query rows per head group (``H/KV`` heads × new positions) up to which a bfloat16 cache is
+#: read by the C++ kernel; a prompt's many rows go through XLA's matmuls instead.
+KERNEL_ATTENTION_ROWS = 16
+
+
+def _widened(cache: jax.Array) -> jax.Array:
+    """Cached keys or values as float32 (``uint16``: a bfloat16 cache's bits)."""
+    if cache.dtype == jnp.uint16:
+        cache = jax.lax.bitcast_convert_type(cache, jnp.bfloat16)
+    return cache.astype(jnp.float32)
+
+
+def _attend(qg, mask, k, v, scale, softcap):
+    """Attention of grouped queries ``qg [B·KV, G·T, D]`` over cached ``k [B·KV, D, S]``,
+    ``v [B·KV, S, Dv]`` (widened to float32) with ``mask [B, T, S]``: ``[B·KV, G·T, Dv]``."""
+    b, t, s = mask.shape
+    n, rows, _ = qg.shape
+    kv, g = n // b, rows // t
+    scores = jnp.einsum("nqd,nds->nqs", qg, _widened(k)).reshape(b, kv, g, t, s) * scale
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).reshape(b * kv, g * t, s)
-    out = jnp.einsum("nqs,nsd->nqd", probs, v.astype(jnp.float32))
-    dv = v.shape[-1]
-    return out.reshape(b, kv, g, t, dv).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dv).astype(q.dtype)
+    probs = jax.nn.softmax(scores, axis=-1).reshape(n, rows, s)
+    return jnp.einsum("nqs,nsd->nqd", probs, _widened(v))
 
 
 def kv_layout(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -14,6 +14,7 @@
 
 #include "cqjax/cq_kernel.h"
 #include "cqjax/ffi_handlers.h"
+#include "cqjax/parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -31,46 +32,6 @@ int EnvThreads() {
     return s ? std::max(0, std::atoi(s)) : 0;
   }();
   return v;
-}
-
-// Runs fn(i) for i in [0, ntasks) on the caller plus up to nthreads-1 pool
-// tasks. The pool does not wake sleeping workers on Schedule, so the caller
-// never waits for a task to start: it claims work from the same atomic
-// counter and only waits for chunks that a helper has already claimed.
-template <typename F>
-void ParallelFor(ffi::ThreadPool* pool, int nthreads, int ntasks, const F& fn) {
-  if (!pool || nthreads <= 1 || ntasks <= 1) {
-    for (int i = 0; i < ntasks; ++i) fn(i);
-    return;
-  }
-  struct State {
-    std::atomic<int> next{0};
-    std::atomic<int> done{0};
-  };
-  auto st = std::make_shared<State>();
-  const F* f = &fn;
-  auto work = [st, ntasks, f]() {
-    int i;
-    while ((i = st->next.fetch_add(1, std::memory_order_relaxed)) < ntasks) {
-      (*f)(i);  // only reached while the caller waits below, so fn is alive
-      st->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int helpers = std::min(nthreads, ntasks) - 1;
-  for (int t = 0; t < helpers; ++t) {
-    auto task = work;
-    pool->Schedule(std::move(task));
-  }
-  work();
-  while (st->done.load(std::memory_order_acquire) < ntasks) std::this_thread::yield();
-}
-
-int Threads(ffi::ThreadPool& pool) {
-  int n = static_cast<int>(pool.num_threads());
-  n = std::max(n, 1);
-  int cap = g_max_threads.load();
-  if (cap <= 0) cap = EnvThreads();
-  return cap > 0 ? std::min(n, cap) : n;
 }
 
 std::shared_ptr<const Plan> CachedPlan(int bits, ffi::Span<const int64_t> blocks, int K, Path path,
@@ -186,7 +147,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   Prepared* pp = &tl_prep;
   PrepareCodebooks(p, reinterpret_cast<const uint16_t*>(codebooks.typed_data()), cm.path, pp);
   ResizePrepared(p, M, pp);
-  const int nthreads = Threads(pool);
+  const int nthreads = PoolThreads(pool);
   const int8_t* r1 = rotate ? s1.typed_data() : nullptr;
   const float* xp = x.typed_data();
   const int mtile = 8;

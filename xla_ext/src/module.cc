@@ -44,6 +44,7 @@ PYBIND11_MODULE(_xla_ext, m) {
         d["cqjax_scale"] = EncapsulateHandler(CqjaxScale);
         d["cqjax_cq_matmul"] = EncapsulateHandler(CqjaxCqMatmul);
         d["cqjax_cq_gather"] = EncapsulateHandler(CqjaxCqGather);
+        d["cqjax_attention_bf16"] = EncapsulateHandler(CqjaxAttentionBf16);
         return d;
       },
       "Returns {target_name: PyCapsule(XLA_FFI_Handler*)} for every handler.");

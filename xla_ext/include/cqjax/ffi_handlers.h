@@ -12,6 +12,8 @@
 // |               | bits, blocks, rotate | y f32[..., N] = (R x) . W^T |
 // | cqjax_cq_gather | ids s32[...], codes, norms, codebooks, s1, s2, perm |
 // |               | bits, blocks, k, rotate | f32[..., k] decoded rows |
+// | cqjax_attention_bf16 | q f32[N, R, D], k u16[N, D, S], v u16[N, S, Dv] (bf16 bits), |
+// |               | mask pred[B, T, S] | scale, softcap | f32[N, R, Dv] attention |
 #ifndef CQJAX_FFI_HANDLERS_H_
 #define CQJAX_FFI_HANDLERS_H_
 
@@ -21,6 +23,7 @@ extern "C" {
 XLA_FFI_Error* CqjaxScale(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* CqjaxCqMatmul(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* CqjaxCqGather(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* CqjaxAttentionBf16(XLA_FFI_CallFrame* call_frame);
 }
 
 namespace cqjax {
