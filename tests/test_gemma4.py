@@ -20,7 +20,7 @@ from test_parity import assert_matches, write_checkpoint  # noqa: E402
 
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from cqjax import api  # noqa: E402
+from cqjax import api, runtime  # noqa: E402
 from cqjax.errors import ConfigError  # noqa: E402
 from cqjax.io import export, hf  # noqa: E402
 from cqjax.kernels import backend  # noqa: E402
@@ -202,6 +202,11 @@ def test_kv_shared_layers_have_no_kv_weights(tmp_path):
     assert "layers/2/self_attn/k_proj/kernel" in ir.params
     assert not any(p.startswith(("layers/3/self_attn/k", "layers/3/self_attn/v")) for p in ir.params)
     assert ir.meta["layers/4/self_attn/q_proj/kernel"].shape == (64, 4 * 32)
+    # the layers that reuse another layer's keys read them from its cache, bfloat16 ones too
+    model = hf.to_model(ir)
+    prompt = np.asarray([[3, 9, 27, 11, 5]], np.int32)
+    plain = runtime.generate(model, prompt, max_new_tokens=6)
+    assert np.array_equal(runtime.generate(model, prompt, max_new_tokens=6, kv_bits=16), plain)
 
 
 def _raw_config(tmp_path, **changes):
