@@ -19,6 +19,7 @@
 
 #include "cqjax/cq_kernel.h"
 #include "cqjax/ffi_handlers.h"
+#include "cqjax/ffi_util.h"
 #include "cqjax/parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -206,12 +207,6 @@ GroupFn Pick(std::string* error) {
   return GroupGeneric;
 }
 
-std::string Dims(ffi::Span<const int64_t> d) {
-  std::string s = "[";
-  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
-  return s + "]";
-}
-
 ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U16> k,
                          ffi::Buffer<ffi::U16> v, ffi::Buffer<ffi::PRED> mask, float scale,
                          float softcap, ffi::ResultBuffer<ffi::F32> out) {
@@ -220,8 +215,8 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
   auto od = out->dimensions();
   if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || md.size() != 3 || od.size() != 3) {
     return ffi::Error::InvalidArgument(std::string(who) + ": expected q [N, R, D], k [N, D, S], v [N, S, Dv], "
-                                       "mask [B, T, S], out [N, R, Dv]; got q " + Dims(qd) + ", k " +
-                                       Dims(kd) + ", v " + Dims(vd) + ", mask " + Dims(md));
+                                       "mask [B, T, S], out [N, R, Dv]; got q " + DimsStr(qd) + ", k " +
+                                       DimsStr(kd) + ", v " + DimsStr(vd) + ", mask " + DimsStr(md));
   }
   Shape sh{static_cast<int>(qd[0]), static_cast<int>(qd[1]), static_cast<int>(qd[2]),
            static_cast<int>(vd[2]), static_cast<int>(kd[2]), static_cast<int>(md[1]), 0, scale,
@@ -231,9 +226,9 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
                   kd[1] == sh.D && vd[0] == sh.N && vd[1] == sh.S && md[2] == sh.S &&
                   od[0] == sh.N && od[1] == sh.R && od[2] == sh.Dv;
   if (!ok) {
-    return ffi::Error::InvalidArgument(std::string(who) + ": inconsistent shapes q " + Dims(qd) + ", k " +
-                                       Dims(kd) + ", v " + Dims(vd) + ", mask " + Dims(md) + ", out " +
-                                       Dims(od));
+    return ffi::Error::InvalidArgument(std::string(who) + ": inconsistent shapes q " + DimsStr(qd) + ", k " +
+                                       DimsStr(kd) + ", v " + DimsStr(vd) + ", mask " + DimsStr(md) + ", out " +
+                                       DimsStr(od));
   }
   sh.kv = sh.N / B;
   std::string err;

@@ -14,6 +14,7 @@
 
 #include "cqjax/cq_kernel.h"
 #include "cqjax/ffi_handlers.h"
+#include "cqjax/ffi_util.h"
 #include "cqjax/parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -49,12 +50,6 @@ std::shared_ptr<const Plan> CachedPlan(int bits, ffi::Span<const int64_t> blocks
   if (cache.size() > 4096) cache.clear();
   cache.emplace(key, plan);
   return plan;
-}
-
-std::string DimsStr(ffi::Span<const int64_t> d) {
-  std::string s = "[";
-  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
-  return s + "]";
 }
 
 // Checks dims == [1..., expect...] (leading size-1 dims come from vmap's
